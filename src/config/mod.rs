@@ -1,0 +1,4 @@
+pub mod diagnostic;
+pub mod yaml;
+pub mod env;
+pub mod raw;

@@ -1,0 +1,604 @@
+//! The route-file model exactly as authors write it: a serde + schemars mirror
+//! of the YAML of SPEC §3.
+//!
+//! Every `///` comment here becomes a description in
+//! `schemas/route-file.schema.json`, which editors show while typing, so they
+//! are written for route authors. Nothing here is validated beyond shape:
+//! `config::compile` turns these into types that cannot hold bad states.
+//! "Exactly one of" blocks are structs of `Option`s with min/max one property.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer};
+
+/// One route file. All files under the routes directory are loaded together.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+#[schemars(title = "cognigy-gateway route file")]
+pub struct RouteFile {
+    /// Bots that call the gateway; each is served at `POST /webhooks/{id}`.
+    pub bots: Vec<Bot>,
+    /// Routes: which downstream call to make for which bot and intent.
+    pub routes: Vec<Route>,
+    /// Defaults for every route (at most one file may hold this block).
+    pub defaults: Option<Defaults>,
+}
+
+/// A bot: a path, a secret, a payload schema.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Bot {
+    /// Unique bot id; the bot posts to `/webhooks/{id}`. Letters, digits, `-`, `_`, `.`.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"))]
+    pub id: String,
+    /// How the bot proves who it is: exactly one of the modes.
+    pub auth: InboundAuth,
+    /// JSON Schema every payload of this bot must satisfy; path relative to this file.
+    pub schema: Option<String>,
+    /// JSON Pointer to the intent in the payload (default `/intent`).
+    pub intent_path: Option<String>,
+    /// JSON Pointer to the intent score in the payload (default `/intentScore`).
+    pub score_path: Option<String>,
+}
+
+/// Inbound authentication: exactly one mode.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct InboundAuth {
+    /// A static key in a header (Cognigy's `X-API-Key` or `Authorization: ApiKey …` options).
+    pub api_key: Option<ApiKeyAuth>,
+    /// `Authorization: Bearer <token>`.
+    pub bearer: Option<BearerInAuth>,
+    /// HTTP Basic authentication.
+    pub basic: Option<BasicAuth>,
+    /// Hex HMAC-SHA256 of the raw body in a header; a `sha256=` prefix is accepted.
+    pub hmac: Option<HmacAuth>,
+    /// Standard Webhooks signatures (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
+    pub standard_webhooks: Option<StandardWebhooksAuth>,
+    /// No authentication: an explicit opt-out.
+    pub none: Option<Empty>,
+}
+
+/// An empty block, `{}`.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyAuth {
+    /// Header carrying the key (default `X-API-Key`). With `Authorization`, `ApiKey <key>` is accepted too.
+    pub header: Option<String>,
+    /// Accepted keys; several allow rotation. Use `${VAR}` rather than literal secrets.
+    #[schemars(length(min = 1))]
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BearerInAuth {
+    /// Accepted bearer tokens; several allow rotation.
+    #[schemars(length(min = 1))]
+    pub tokens: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    /// Expected user name.
+    pub username: String,
+    /// Expected password (use `${VAR}`).
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HmacAuth {
+    /// Shared secrets; a signature made with any one is accepted.
+    #[schemars(length(min = 1))]
+    pub secrets: Vec<String>,
+    /// Header carrying the hex signature (default `X-Cognigy-Signature`).
+    pub header: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StandardWebhooksAuth {
+    /// Signing secrets, `whsec_` followed by base64.
+    #[schemars(length(min = 1))]
+    pub secrets: Vec<String>,
+    /// How far `webhook-timestamp` may be from now, either way (default 5m).
+    pub tolerance: Option<Dur>,
+}
+
+/// A route: one downstream call for a bot's intent.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Unique route name; shown in metrics, logs and the admin API.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"))]
+    pub name: String,
+    /// The bot this route serves. Omit both `bot` and `bots` for every bot.
+    pub bot: Option<String>,
+    /// The bots this route serves.
+    pub bots: Option<Vec<String>>,
+    /// Intent this route handles (exact match); `"*"` makes it the bot's default route, which
+    /// gets every intent no other route matches, and null, absent or empty intents.
+    pub intent: String,
+    /// Minimum intent score (number or numeric string at the bot's `score_path`); below it the
+    /// call goes to the default route.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_score: Option<f64>,
+    /// Extra JSON Schema for this route's payloads, checked after the bot's; relative to this file.
+    pub schema: Option<String>,
+    /// `sync` answers the bot with the downstream's answer; `async` stores the call and answers 202.
+    pub mode: Option<Mode>,
+    /// Sync: total time budget for all tries (default 7s, under Cognigy's 8s timeout).
+    pub deadline: Option<Dur>,
+    /// Template of an idempotency key: inbound duplicates are answered once, and the value is sent
+    /// downstream as `Idempotency-Key` (unless the route sets that header).
+    pub idempotency_key: Option<String>,
+    /// When true, a template reading a field the payload lacks is an error instead of `""`.
+    pub strict: Option<bool>,
+    /// The call to make.
+    pub downstream: Downstream,
+    /// Handlebars template of the JSON request body; `{{x}}` is escaped for the inside of a JSON
+    /// string, `{{json x}}` writes any value as JSON.
+    pub body: Option<String>,
+    /// Sync: the answer to the bot (default: the downstream's status and JSON body).
+    pub response: Option<ResponseSpec>,
+    /// Retry policy.
+    pub retry: Option<Retry>,
+    /// Circuit breaker.
+    pub breaker: Option<Breaker>,
+    /// Sync: the answer while the route is open or paused (default 503 with Retry-After).
+    pub fallback: Option<Fallback>,
+    /// Sync: `respond` (default) answers the failure; `queue` stores the call for async delivery
+    /// when the route is open or paused or tries run out, and answers 202 (or the fallback).
+    pub on_failure: Option<OnFailure>,
+    /// Example payloads with the request they should produce; checked by `gateway validate`.
+    pub examples: Option<Vec<Example>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Sync,
+    Async,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    Respond,
+    Queue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+pub enum Method {
+    GET,
+    POST,
+    PUT,
+    PATCH,
+    DELETE,
+}
+
+/// The downstream call.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Downstream {
+    /// HTTP method (default POST).
+    pub method: Option<Method>,
+    /// URL template. Scheme, host and port are fixed by the file; each `{{…}}` in the path or
+    /// query is percent-encoded as one segment or value.
+    pub url: String,
+    /// Timeout of one try (default 5s).
+    pub timeout: Option<Dur>,
+    /// Extra request headers; values are templates. CR, LF or NUL in a rendered value is refused.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Downstream authentication: exactly one mode (default none).
+    pub auth: Option<OutboundAuth>,
+    /// Statuses that count as delivered, e.g. `[2xx, 409]` (default `[2xx]`).
+    pub success: Option<Vec<StatusPattern>>,
+    /// Bulkhead: most calls in flight at once; over it the call is answered 503 at once (default 64).
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_in_flight: Option<u32>,
+}
+
+/// `downstream` settings a `defaults:` block may give (everything but the URL).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamDefaults {
+    /// HTTP method (default POST).
+    pub method: Option<Method>,
+    /// Timeout of one try (default 5s).
+    pub timeout: Option<Dur>,
+    /// Headers added to every route's request (a route's own header of the same name wins).
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Downstream authentication for routes that set none.
+    pub auth: Option<OutboundAuth>,
+    /// Statuses that count as delivered.
+    pub success: Option<Vec<StatusPattern>>,
+    /// Bulkhead size.
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_in_flight: Option<u32>,
+}
+
+/// Downstream authentication: exactly one mode.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct OutboundAuth {
+    /// OAuth2 client-credentials grant; tokens are cached and refreshed before they expire.
+    pub oauth2: Option<OAuth2>,
+    /// A static bearer token.
+    pub bearer: Option<BearerOutAuth>,
+    /// No authentication.
+    pub none: Option<Empty>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2 {
+    /// Token endpoint URL.
+    pub token_url: String,
+    /// Client id.
+    pub client_id: String,
+    /// Client secret (use `${VAR}`).
+    pub client_secret: String,
+    /// Scopes to request.
+    pub scopes: Option<Vec<String>>,
+    /// How the client authenticates at the token endpoint: `basic` (default) or `body`.
+    pub client_auth: Option<ClientAuth>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Basic,
+    Body,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BearerOutAuth {
+    /// The token (use `${VAR}`).
+    pub token: String,
+}
+
+/// The answer to the bot for a sync route.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseSpec {
+    /// Status to answer with (default: the downstream's).
+    #[schemars(range(min = 100, max = 599))]
+    pub status: Option<u16>,
+    /// JSON template; its root is `{downstream: {status, headers, body}, request: <payload>}`.
+    pub body: Option<String>,
+}
+
+/// Retry policy.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Sync: total tries, the first included (default 3).
+    #[schemars(range(min = 1, max = 20))]
+    pub attempts: Option<u32>,
+    /// Exponential backoff with full jitter between sync tries.
+    pub backoff: Option<Backoff>,
+    /// Cap on an honoured `Retry-After` (429, 503); default 30s.
+    pub retry_after_max: Option<Dur>,
+    /// Async: waits between tries; 1 + its length tries in all.
+    pub schedule: Option<Vec<Dur>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// First wait's upper bound (default 200ms).
+    pub initial: Option<Dur>,
+    /// Largest wait (default 2s).
+    pub max: Option<Dur>,
+}
+
+/// Circuit breaker, one per route.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Breaker {
+    /// Sliding time window of outcomes (default 60s).
+    pub window: Option<Dur>,
+    /// No rate decision below this many calls in the window (default 10).
+    #[schemars(range(min = 1, max = 1000000))]
+    pub min_calls: Option<u32>,
+    /// Open when the share of failures in the window is at least this (default 0.5).
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub failure_rate: Option<f64>,
+    /// Or open after this many failures in a row (default 5).
+    #[schemars(range(min = 1, max = 1000000))]
+    pub consecutive_failures: Option<u32>,
+    /// Slow calls: latency above `threshold`; open when their share is at least `rate`.
+    pub slow_call: Option<SlowCall>,
+    /// First open period (default 30s); doubles on each re-open from half-open.
+    pub open_for: Option<Dur>,
+    /// Cap of the open period (default 5m).
+    pub open_for_max: Option<Dur>,
+    /// Concurrent trial calls while half-open (default 3).
+    #[schemars(range(min = 1, max = 1000))]
+    pub half_open_probes: Option<u32>,
+    /// Successful probes that close the breaker (default 3).
+    #[schemars(range(min = 1, max = 1000))]
+    pub close_after: Option<u32>,
+    /// Optional health probe (GET) run only while open; a success moves to half-open early.
+    pub health: Option<Health>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlowCall {
+    /// Latency above which a call is slow.
+    pub threshold: Dur,
+    /// Open when the share of slow calls is at least this.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub rate: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// URL to GET (no templates).
+    pub url: String,
+    /// Time between probes (default 10s).
+    pub interval: Option<Dur>,
+}
+
+/// Answer while the route is open or paused.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    /// Status (default 200).
+    #[schemars(range(min = 100, max = 599))]
+    pub status: Option<u16>,
+    /// JSON template; its root is `{request: <payload>, retry_after: <seconds>}`.
+    pub body: Option<String>,
+}
+
+/// Defaults for every route.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Downstream settings for every route (not the URL).
+    pub downstream: Option<DownstreamDefaults>,
+    /// Retry policy for every route; a route's own fields win one by one.
+    pub retry: Option<Retry>,
+    /// Breaker settings for every route; a route's own fields win one by one.
+    pub breaker: Option<Breaker>,
+    /// Default sync deadline.
+    pub deadline: Option<Dur>,
+}
+
+/// An example run by `gateway validate`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Example {
+    /// Name shown in diagnostics.
+    pub name: String,
+    /// Payload: a JSON file path relative to this file, or the payload inline.
+    pub payload: ExamplePayload,
+    /// Inbound headers for the `header` helper.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// What the route should send.
+    pub expect: Option<Expect>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ExamplePayload {
+    /// Path of a JSON file, relative to the route file.
+    Path(String),
+    /// The payload itself.
+    Inline(serde_json::Map<String, serde_json::Value>),
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Expected method.
+    pub method: Option<Method>,
+    /// Expected URL, exactly.
+    pub url: Option<String>,
+    /// Expected headers (names case-insensitive); others may be present.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Expected body: every key given must be present with this value (subset match).
+    pub body: Option<serde_json::Value>,
+    /// Set to true when the route should refuse this payload (e.g. schema violation).
+    pub error: Option<bool>,
+}
+
+/// A duration: `250ms`, `5s`, `2m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+pub const DURATION_PATTERN: &str = r"^[0-9]+(ms|s|m|h)$";
+
+impl Dur {
+    pub fn parse(s: &str) -> Option<Duration> {
+        let split = s.find(|c: char| !c.is_ascii_digit())?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().ok()?;
+        let secs = match unit {
+            "ms" => return Some(Duration::from_millis(n)),
+            "s" => n,
+            "m" => n.checked_mul(60)?,
+            "h" => n.checked_mul(3600)?,
+            _ => return None,
+        };
+        Some(Duration::from_secs(secs))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Dur::parse(&s)
+            .map(Dur)
+            .ok_or_else(|| serde::de::Error::custom("expected a duration like 250ms, 5s, 2m or 1h"))
+    }
+}
+
+impl JsonSchema for Dur {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "description": "A duration: a whole number and a unit, ms, s, m or h (250ms, 5s, 2m, 1h).",
+        })
+    }
+}
+
+/// A status or a status class: `409`, `2xx`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusPattern {
+    Exact(u16),
+    Class(u8),
+}
+
+pub const STATUS_CLASS_PATTERN: &str = r"^([1-5]xx|[1-5][0-9][0-9])$";
+
+impl StatusPattern {
+    pub fn parse(s: &str) -> Option<Self> {
+        if let Some(c) = s.strip_suffix("xx") {
+            let d: u8 = c.parse().ok()?;
+            return (1..=5).contains(&d).then_some(StatusPattern::Class(d));
+        }
+        let n: u16 = s.parse().ok()?;
+        (100..=599).contains(&n).then_some(StatusPattern::Exact(n))
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let s = match &v {
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            _ => String::new(),
+        };
+        StatusPattern::parse(&s).ok_or_else(|| serde::de::Error::custom("expected a status like 409 or a class like 2xx"))
+    }
+}
+
+impl JsonSchema for StatusPattern {
+    fn schema_name() -> Cow<'static, str> {
+        "Status".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "An HTTP status (409) or a status class (2xx).",
+            "anyOf": [
+                { "type": "integer", "minimum": 100, "maximum": 599 },
+                { "type": "string", "pattern": STATUS_CLASS_PATTERN }
+            ]
+        })
+    }
+}
+
+/// The JSON Schema of route files, as `gateway schema` prints it.
+pub fn route_file_schema() -> serde_json::Value {
+    let mut settings = schemars::generate::SchemaSettings::draft2020_12();
+    settings.meta_schema = Some("https://json-schema.org/draft/2020-12/schema".into());
+    let schema = settings.into_generator().into_root_schema_for::<RouteFile>();
+    let mut v = serde_json::to_value(schema).expect("schema serializes");
+    strip_null(&mut v);
+    v
+}
+
+/// An omitted key means "use the default"; an explicit null is refused. Removing
+/// the `null` alternatives schemars adds for `Option` also means an error inside an
+/// optional block is reported at its own key, not as "matches no anyOf" on the block.
+fn strip_null(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(map) = v else {
+        if let Value::Array(items) = v {
+            items.iter_mut().for_each(strip_null);
+        }
+        return;
+    };
+    if let Some(Value::Array(types)) = map.get_mut("type") {
+        types.retain(|t| t != "null");
+        if types.len() == 1 {
+            let only = types.remove(0);
+            map.insert("type".into(), only);
+        }
+    }
+    if let Some(Value::Array(alts)) = map.get("anyOf") {
+        let non_null: Vec<Value> = alts.iter().filter(|a| a.get("type").is_none_or(|t| t != "null")).cloned().collect();
+        if non_null.len() == 1 && alts.len() == 2 {
+            map.remove("anyOf");
+            if let Value::Object(inner) = &non_null[0] {
+                for (k, val) in inner {
+                    map.entry(k.clone()).or_insert_with(|| val.clone());
+                }
+            }
+        }
+    }
+    map.values_mut().for_each(strip_null);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(Dur::parse("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(Dur::parse("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(Dur::parse("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(Dur::parse("1h"), Some(Duration::from_secs(3600)));
+        for bad in ["", "5", "s", "5 s", "1.5s", "-1s", "5sec", "5d"] {
+            assert_eq!(Dur::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(StatusPattern::parse("2xx"), Some(StatusPattern::Class(2)));
+        assert_eq!(StatusPattern::parse("409"), Some(StatusPattern::Exact(409)));
+        for bad in ["6xx", "0xx", "99", "600", "2XX", "abc"] {
+            assert_eq!(StatusPattern::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_property_has_a_description() {
+        fn walk(v: &serde_json::Value, at: &str, missing: &mut Vec<String>) {
+            if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+                for (k, p) in props {
+                    if p.get("description").is_none() && p.get("$ref").is_none() {
+                        missing.push(format!("{at}.{k}"));
+                    }
+                    walk(p, &format!("{at}.{k}"), missing);
+                }
+            }
+            if let Some(defs) = v.get("$defs").and_then(|p| p.as_object()) {
+                for (k, d) in defs {
+                    walk(d, k, missing);
+                }
+            }
+        }
+        let mut missing = vec![];
+        walk(&route_file_schema(), "", &mut missing);
+        assert!(missing.is_empty(), "undocumented fields: {missing:?}");
+    }
+}
+#[cfg(test)]
+#[test]
+fn dump_schema() {
+    std::fs::write("/tmp/rf.json", serde_json::to_string_pretty(&route_file_schema()).unwrap()).unwrap();
+}

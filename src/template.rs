@@ -1,0 +1,508 @@
+//! Handlebars templates as SPEC §3 defines them: what `{{x}}` means in a JSON
+//! body, a URL and a header, the helpers, strictness, and which payload fields
+//! a template reads (for `validate`'s template-vs-schema check).
+//!
+//! Owns compiling and rendering. Never does I/O. Per-request data the helpers
+//! need (`bot`, `route`, `header`, `now`) is passed in a [`RenderMeta`], set for
+//! the duration of one synchronous render (rendering never awaits).
+
+use std::cell::RefCell;
+use std::sync::LazyLock;
+use std::time::SystemTime;
+
+use handlebars::template::{HelperTemplate, Parameter, TemplateElement};
+use handlebars::{
+    Context, Handlebars, Helper, HelperDef, HelperResult, Output, RenderContext, RenderError,
+    RenderErrorReason, Renderable, ScopedJson, StringOutput,
+};
+use serde_json::Value;
+
+/// Where a template's output goes, which decides what `{{x}}` escapes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A JSON document: `{{x}}` is escaped for the inside of a JSON string; the
+    /// result must parse as JSON; triple-stash is refused.
+    Json,
+    /// A URL: each `{{x}}` is percent-encoded as one path segment or query value.
+    Url,
+    /// A header value or idempotency key: written as is; CR/LF/NUL are refused by the caller.
+    Text,
+}
+
+/// A compiled template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    kind: Kind,
+    strict: bool,
+    inner: handlebars::Template,
+}
+
+/// A template that does not compile, with its 1-based line and column inside the template text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompileError {
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+/// A payload field a template reads, e.g. `slots.customerId.0.keyphrase`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldRef {
+    pub path: Vec<String>,
+    /// 1-based line and column of the expression inside the template text.
+    pub line: usize,
+    pub col: usize,
+}
+
+/// Per-request data for helpers.
+#[derive(Debug, Clone)]
+pub struct RenderMeta {
+    pub bot: String,
+    pub route: String,
+    /// Inbound headers, lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub now: SystemTime,
+}
+
+impl RenderMeta {
+    pub fn new(bot: &str, route: &str) -> Self {
+        RenderMeta { bot: bot.into(), route: route.into(), headers: Vec::new(), now: SystemTime::now() }
+    }
+}
+
+thread_local! {
+    static META: RefCell<Option<RenderMeta>> = const { RefCell::new(None) };
+}
+
+/// Compiles `source` as a template of `kind`.
+pub fn compile(source: &str, kind: Kind, strict: bool) -> Result<Template, CompileError> {
+    let inner = handlebars::Template::compile(source).map_err(|e| {
+        let (line, col) = e.pos().unwrap_or((1, 1));
+        CompileError { line, col, message: format!("template does not compile: {}", e.reason()) }
+    })?;
+    let t = Template { kind, strict, inner };
+    if kind != Kind::Text {
+        if let Some((line, col)) = t.find_raw_expression() {
+            return Err(CompileError {
+                line,
+                col,
+                message: match kind {
+                    Kind::Url => "triple-stash `{{{…}}}` would skip percent-encoding; use `{{…}}`".into(),
+                    _ => "triple-stash `{{{…}}}` would write unescaped text into JSON; use `{{…}}` inside quotes or `{{json …}}`".into(),
+                },
+            });
+        }
+    }
+    if let Some((line, col, name)) = t.find_partial() {
+        return Err(CompileError { line, col, message: format!("partials (`{{{{> {name}}}}}`) are not supported") });
+    }
+    Ok(t)
+}
+
+impl Template {
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Renders with `data` as the root. For `Kind::Json` the caller parses the result.
+    pub fn render(&self, data: &Context, meta: &RenderMeta) -> Result<String, String> {
+        let reg = registry(self.kind, self.strict);
+        META.with(|m| *m.borrow_mut() = Some(meta.clone()));
+        let mut rc = RenderContext::new(None);
+        let mut out = StringOutput::new();
+        let result = self.inner.render(reg, data, &mut rc, &mut out);
+        META.with(|m| *m.borrow_mut() = None);
+        result.map_err(|e| render_error_message(&e))?;
+        out.into_string().map_err(|e| e.to_string())
+    }
+
+    /// Payload fields read at the top level of the template (inside `#if`/`#unless` too,
+    /// but not inside `#each`/`#with`, where paths are relative to another value).
+    pub fn field_refs(&self) -> Vec<FieldRef> {
+        let mut out = Vec::new();
+        collect_refs(&self.inner, None, &mut out);
+        out
+    }
+
+    fn find_raw_expression(&self) -> Option<(usize, usize)> {
+        find_element(&self.inner, None, &|e| matches!(e, TemplateElement::HtmlExpression(_)))
+    }
+
+    fn find_partial(&self) -> Option<(usize, usize, String)> {
+        let pos = find_element(&self.inner, None, &|e| {
+            matches!(e, TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_))
+        })?;
+        Some((pos.0, pos.1, "partial".into()))
+    }
+}
+
+fn find_element(
+    t: &handlebars::Template,
+    outer: Option<(usize, usize)>,
+    pred: &dyn Fn(&TemplateElement) -> bool,
+) -> Option<(usize, usize)> {
+    for (i, e) in t.elements.iter().enumerate() {
+        let pos = t.mapping.get(i).map(|m| (m.0, m.1)).or(outer);
+        if pred(e) {
+            return Some(pos.unwrap_or((1, 1)));
+        }
+        if let TemplateElement::HelperBlock(h) = e {
+            for sub in [&h.template, &h.inverse].into_iter().flatten() {
+                if let Some(p) = find_element(sub, pos, pred) {
+                    return Some(p);
+                }
+            }
+        }
+    }
+    None
+}
+
+const BUILTIN_HELPERS: &[&str] = &[
+    "if", "unless", "each", "with", "lookup", "raw", "log", "eq", "ne", "gt", "gte", "lt", "lte",
+    "and", "or", "not", "len", "json", "now", "uuid", "bot", "route", "header", "default",
+];
+
+fn collect_refs(t: &handlebars::Template, outer: Option<(usize, usize)>, out: &mut Vec<FieldRef>) {
+    for (i, e) in t.elements.iter().enumerate() {
+        let (line, col) = t.mapping.get(i).map(|m| (m.0, m.1)).or(outer).unwrap_or((1, 1));
+        match e {
+            TemplateElement::Expression(h) | TemplateElement::HtmlExpression(h) => {
+                helper_refs(h, line, col, out);
+            }
+            TemplateElement::HelperBlock(h) => {
+                helper_refs(h, line, col, out);
+                let name = h.name.as_name().unwrap_or_default();
+                if matches!(name, "if" | "unless") {
+                    for sub in [&h.template, &h.inverse].into_iter().flatten() {
+                        collect_refs(sub, Some((line, col)), out);
+                    }
+                } else if let Some(inv) = &h.inverse {
+                    // `{{else}}` of #each/#with runs in the outer context
+                    collect_refs(inv, Some((line, col)), out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn helper_refs(h: &HelperTemplate, line: usize, col: usize, out: &mut Vec<FieldRef>) {
+    let is_helper_call = !h.params.is_empty() || !h.hash.is_empty() || h.block;
+    match &h.name {
+        Parameter::Path(p) if !is_helper_call => push_path_ref(p, line, col, out),
+        Parameter::Name(n) if !is_helper_call && !BUILTIN_HELPERS.contains(&n.as_str()) => {
+            push_raw_ref(n, line, col, out)
+        }
+        _ => {}
+    }
+    for p in h.params.iter().chain(h.hash.values()) {
+        param_refs(p, line, col, out);
+    }
+}
+
+fn param_refs(p: &Parameter, line: usize, col: usize, out: &mut Vec<FieldRef>) {
+    match p {
+        Parameter::Path(path) => push_path_ref(path, line, col, out),
+        Parameter::Name(n) if !BUILTIN_HELPERS.contains(&n.as_str()) => push_raw_ref(n, line, col, out),
+        Parameter::Subexpression(s) => {
+            for p in s.params().into_iter().flatten() {
+                param_refs(p, line, col, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn push_path_ref(p: &handlebars::Path, line: usize, col: usize, out: &mut Vec<FieldRef>) {
+    if let handlebars::Path::Relative((_, raw)) = p {
+        push_raw_ref(raw, line, col, out);
+    }
+}
+
+fn push_raw_ref(raw: &str, line: usize, col: usize, out: &mut Vec<FieldRef>) {
+    let raw = raw.strip_prefix("@root.").or_else(|| raw.strip_prefix("@root/")).unwrap_or(raw);
+    if raw.starts_with('@') || raw.starts_with("..") || raw == "this" || raw.starts_with("this.") || raw.starts_with("./") {
+        return;
+    }
+    let path: Vec<String> = split_path(raw);
+    if !path.is_empty() {
+        out.push(FieldRef { path, line, col });
+    }
+}
+
+/// `a.b.[c d].0` → ["a", "b", "c d", "0"].
+fn split_path(raw: &str) -> Vec<String> {
+    let mut segs = Vec::new();
+    let mut cur = String::new();
+    let mut in_bracket = false;
+    for c in raw.chars() {
+        match c {
+            '[' if !in_bracket => in_bracket = true,
+            ']' if in_bracket => in_bracket = false,
+            '.' | '/' if !in_bracket => {
+                if !cur.is_empty() {
+                    segs.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        segs.push(cur);
+    }
+    segs
+}
+
+fn render_error_message(e: &RenderError) -> String {
+    match e.reason() {
+        RenderErrorReason::MissingVariable(Some(path)) => format!("field `{path}` is missing from the payload (strict)"),
+        RenderErrorReason::MissingVariable(None) => "a field is missing from the payload (strict)".into(),
+        other => other.to_string(),
+    }
+}
+
+// ---------- registries and helpers ----------
+
+fn registry(kind: Kind, strict: bool) -> &'static Handlebars<'static> {
+    static REGS: LazyLock<[Handlebars<'static>; 6]> = LazyLock::new(|| {
+        [
+            build_registry(Kind::Json, false),
+            build_registry(Kind::Json, true),
+            build_registry(Kind::Url, false),
+            build_registry(Kind::Url, true),
+            build_registry(Kind::Text, false),
+            build_registry(Kind::Text, true),
+        ]
+    });
+    let i = match kind {
+        Kind::Json => 0,
+        Kind::Url => 2,
+        Kind::Text => 4,
+    } + usize::from(strict);
+    &REGS[i]
+}
+
+fn build_registry(kind: Kind, strict: bool) -> Handlebars<'static> {
+    let mut r = Handlebars::new();
+    r.set_strict_mode(strict);
+    match kind {
+        Kind::Json => r.register_escape_fn(json_string_escape),
+        Kind::Url => r.register_escape_fn(url_segment_escape),
+        Kind::Text => r.register_escape_fn(handlebars::no_escape),
+    }
+    r.register_helper("json", Box::new(JsonHelper { raw_output: kind == Kind::Json }));
+    r.register_helper("now", Box::new(MetaHelper::Now));
+    r.register_helper("uuid", Box::new(MetaHelper::Uuid));
+    r.register_helper("bot", Box::new(MetaHelper::Bot));
+    r.register_helper("route", Box::new(MetaHelper::Route));
+    r.register_helper("header", Box::new(MetaHelper::Header));
+    r.register_helper("default", Box::new(DefaultHelper));
+    r
+}
+
+/// Escapes `s` for the inside of a JSON string literal.
+pub fn json_string_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Everything but RFC 3986 unreserved characters is encoded, so a value can
+/// never add a path segment, a query parameter, a fragment or user info.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Percent-encodes `s` as one URL path segment or query value. `.` and `..`
+/// are encoded too, so a value cannot climb out of its path.
+pub fn url_segment_escape(s: &str) -> String {
+    if s == "." || s == ".." {
+        return s.replace('.', "%2E");
+    }
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+struct JsonHelper {
+    /// In JSON templates the helper writes JSON; elsewhere its output is escaped like `{{x}}`.
+    raw_output: bool,
+}
+
+impl HelperDef for JsonHelper {
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        r: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+        out: &mut dyn Output,
+    ) -> HelperResult {
+        let p = h.param(0).ok_or_else(|| RenderErrorReason::ParamNotFoundForIndex("json", 0))?;
+        if p.is_value_missing() && r.strict_mode() {
+            return Err(RenderErrorReason::MissingVariable(p.relative_path().cloned()).into());
+        }
+        let text = if p.is_value_missing() { "null".to_string() } else { p.value().to_string() };
+        if self.raw_output {
+            out.write(&text)?;
+        } else {
+            out.write(&r.get_escape_fn()(&text))?;
+        }
+        Ok(())
+    }
+}
+
+enum MetaHelper {
+    Now,
+    Uuid,
+    Bot,
+    Route,
+    Header,
+}
+
+impl HelperDef for MetaHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        let s = META.with(|m| {
+            let m = m.borrow();
+            let meta = m.as_ref();
+            match self {
+                MetaHelper::Now => humantime::format_rfc3339_millis(meta.map(|m| m.now).unwrap_or_else(SystemTime::now)).to_string(),
+                MetaHelper::Uuid => uuid::Uuid::new_v4().to_string(),
+                MetaHelper::Bot => meta.map(|m| m.bot.clone()).unwrap_or_default(),
+                MetaHelper::Route => meta.map(|m| m.route.clone()).unwrap_or_default(),
+                MetaHelper::Header => {
+                    let name = h.param(0).and_then(|p| p.value().as_str()).unwrap_or_default().to_ascii_lowercase();
+                    meta.and_then(|m| m.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone()))
+                        .unwrap_or_default()
+                }
+            }
+        });
+        Ok(ScopedJson::Derived(Value::String(s)))
+    }
+}
+
+/// `default a b`: `a` unless it is missing, null or `""`; then `b`.
+struct DefaultHelper;
+
+impl HelperDef for DefaultHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        let a = h.param(0).ok_or_else(|| RenderErrorReason::ParamNotFoundForIndex("default", 0))?;
+        let b = h.param(1).ok_or_else(|| RenderErrorReason::ParamNotFoundForIndex("default", 1))?;
+        let empty = a.is_value_missing() || a.value().is_null() || a.value().as_str() == Some("");
+        Ok(ScopedJson::Derived(if empty { b.value().clone() } else { a.value().clone() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn render(src: &str, kind: Kind, strict: bool, data: Value) -> Result<String, String> {
+        let t = compile(src, kind, strict).map_err(|e| e.message)?;
+        let mut meta = RenderMeta::new("support-bot", "crm-upsert");
+        meta.headers.push(("x-trace".into(), "abc\"def".into()));
+        meta.now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        t.render(&Context::from(data), &meta)
+    }
+
+    #[test]
+    fn json_escaping_keeps_strings_strings() {
+        let out = render(r#"{"a": "{{x}}"}"#, Kind::Json, false, json!({"x": "q\"uote\\ \n }, \"evil\": 1"})).unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v, json!({"a": "q\"uote\\ \n }, \"evil\": 1"}));
+    }
+
+    #[test]
+    fn json_helper_writes_any_value_and_null_for_missing() {
+        let out = render(r#"{"n": {{json notes}}, "m": {{json missing}}, "o": {{json obj}}}"#, Kind::Json, false,
+            json!({"notes": "a\"b", "obj": {"k": [1, true]}})).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!({"n": "a\"b", "m": null, "o": {"k": [1, true]}}));
+    }
+
+    #[test]
+    fn missing_renders_empty_unless_strict() {
+        assert_eq!(render("[{{a.b}}]", Kind::Text, false, json!({})).unwrap(), "[]");
+        let e = render("[{{a.b}}]", Kind::Text, true, json!({})).unwrap_err();
+        assert!(e.contains("a.b"), "{e}");
+        let e = render("{{json a.b}}", Kind::Json, true, json!({})).unwrap_err();
+        assert!(e.contains("a.b"), "{e}");
+    }
+
+    #[test]
+    fn helpers() {
+        let out = render(r#"{{bot}} {{route}} {{header "X-Trace"}} {{now}} {{default a "dflt"}} {{default b "dflt"}}"#,
+            Kind::Text, false, json!({"b": "set"})).unwrap();
+        assert_eq!(out, "support-bot crm-upsert abc\"def 2023-11-14T22:13:20.000Z dflt set");
+        let u = render("{{uuid}}", Kind::Text, false, json!({})).unwrap();
+        assert_eq!(u.len(), 36);
+        // header values are escaped in JSON
+        let out = render(r#"{"t": "{{header "x-trace"}}"}"#, Kind::Json, false, json!({})).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["t"], "abc\"def");
+    }
+
+    #[test]
+    fn url_values_are_single_segments() {
+        let src = "https://crm.example.com/c/{{id}}?q={{q}}";
+        for (id, enc) in [("../admin", "..%2Fadmin"), ("..", "%2E%2E"), ("a/b", "a%2Fb"), ("x?y#z", "x%3Fy%23z"),
+            ("@evil.com", "%40evil.com"), ("%2F", "%252F"), ("C-1001", "C-1001"), ("ü", "%C3%BC")] {
+            let out = render(src, Kind::Url, false, json!({"id": id, "q": "a&b=c"})).unwrap();
+            assert_eq!(out, format!("https://crm.example.com/c/{enc}?q=a%26b%3Dc"), "{id}");
+        }
+        // json helper output is encoded too
+        let out = render("https://h/{{json o}}", Kind::Url, false, json!({"o": {"a": "/"}})).unwrap();
+        assert_eq!(out, "https://h/%7B%22a%22%3A%22%2F%22%7D");
+    }
+
+    #[test]
+    fn triple_stash_refused_in_json_and_url_only() {
+        let e = compile("{\n  \"a\": {{{x}}}\n}", Kind::Json, false).unwrap_err();
+        assert_eq!((e.line, e.col), (2, 8));
+        assert!(compile("https://h/{{{x}}}", Kind::Url, false).is_err());
+        assert!(compile("{{{x}}}", Kind::Text, false).is_ok());
+        // nested in a block
+        assert!(compile("{{#if a}}{{{x}}}{{/if}}", Kind::Json, false).is_err());
+    }
+
+    #[test]
+    fn compile_errors_have_positions() {
+        let e = compile("{\n  \"a\": \"{{x\"\n}", Kind::Json, false).unwrap_err();
+        assert!(e.line >= 2, "{e:?}");
+        assert!(e.message.starts_with("template does not compile"), "{e:?}");
+    }
+
+    #[test]
+    fn field_refs_found_with_positions() {
+        let t = compile("{\n \"a\": \"{{slots.customerId.0.keyphrase}}\",\n \"b\": {{json data.notes}},\n \"c\": \"{{default data.x \"y\"}}\"{{#if intent}}{{intentScore}}{{/if}}{{#each slots.DATE}}{{start}}{{/each}}\n}", Kind::Json, false).unwrap();
+        let refs: Vec<String> = t.field_refs().iter().map(|r| r.path.join(".")).collect();
+        assert_eq!(refs, ["slots.customerId.0.keyphrase", "data.notes", "data.x", "intent", "intentScore", "slots.DATE"]);
+        let r = &t.field_refs()[0];
+        assert_eq!((r.line, r.col), (2, 8));
+        let names: Vec<String> = compile("{{now}} {{bot}} {{@root.a}}", Kind::Text, false).unwrap().field_refs().iter().map(|r| r.path.join(".")).collect();
+        assert_eq!(names, ["a"]);
+    }
+}
