@@ -189,7 +189,8 @@ fn collect_refs(t: &handlebars::Template, outer: Option<(usize, usize)>, out: &m
 fn helper_refs(h: &HelperTemplate, line: usize, col: usize, out: &mut Vec<FieldRef>) {
     let is_helper_call = !h.params.is_empty() || !h.hash.is_empty() || h.block;
     match &h.name {
-        Parameter::Path(p) if !is_helper_call => push_path_ref(p, line, col, out),
+        // `{{now}}` parses as a path: helper names are not fields
+        Parameter::Path(p) if !is_helper_call && !is_helper_name(p) => push_path_ref(p, line, col, out),
         Parameter::Name(n) if !is_helper_call && !BUILTIN_HELPERS.contains(&n.as_str()) => {
             push_raw_ref(n, line, col, out)
         }
@@ -211,6 +212,10 @@ fn param_refs(p: &Parameter, line: usize, col: usize, out: &mut Vec<FieldRef>) {
         }
         _ => {}
     }
+}
+
+fn is_helper_name(p: &handlebars::Path) -> bool {
+    matches!(p, handlebars::Path::Relative((_, raw)) if BUILTIN_HELPERS.contains(&raw.as_str()))
 }
 
 fn push_path_ref(p: &handlebars::Path, line: usize, col: usize, out: &mut Vec<FieldRef>) {
