@@ -1,2 +1,7 @@
+pub mod auth;
+pub mod cli;
 pub mod config;
+pub mod downstream;
+pub mod payload;
+pub mod render;
 pub mod template;

@@ -1,1 +1,5 @@
-fn main() {}
+//! `gateway`: see `cli` for the commands.
+
+fn main() -> std::process::ExitCode {
+    cognigy_gateway::cli::run()
+}

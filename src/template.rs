@@ -66,7 +66,12 @@ pub struct RenderMeta {
 
 impl RenderMeta {
     pub fn new(bot: &str, route: &str) -> Self {
-        RenderMeta { bot: bot.into(), route: route.into(), headers: Vec::new(), now: SystemTime::now() }
+        RenderMeta {
+            bot: bot.into(),
+            route: route.into(),
+            headers: Vec::new(),
+            now: SystemTime::now(),
+        }
     }
 }
 
@@ -78,12 +83,21 @@ thread_local! {
 pub fn compile(source: &str, kind: Kind, strict: bool) -> Result<Template, CompileError> {
     let inner = handlebars::Template::compile(source).map_err(|e| {
         let (line, col) = e.pos().unwrap_or((1, 1));
-        CompileError { line, col, message: format!("template does not compile: {}", e.reason()) }
+        CompileError {
+            line,
+            col,
+            message: format!("template does not compile: {}", e.reason()),
+        }
     })?;
-    let t = Template { kind, strict, inner };
-    if kind != Kind::Text {
-        if let Some((line, col)) = t.find_raw_expression() {
-            return Err(CompileError {
+    let t = Template {
+        kind,
+        strict,
+        inner,
+    };
+    if kind != Kind::Text
+        && let Some((line, col)) = t.find_raw_expression()
+    {
+        return Err(CompileError {
                 line,
                 col,
                 message: match kind {
@@ -91,10 +105,13 @@ pub fn compile(source: &str, kind: Kind, strict: bool) -> Result<Template, Compi
                     _ => "triple-stash `{{{…}}}` would write unescaped text into JSON; use `{{…}}` inside quotes or `{{json …}}`".into(),
                 },
             });
-        }
     }
     if let Some((line, col, name)) = t.find_partial() {
-        return Err(CompileError { line, col, message: format!("partials (`{{{{> {name}}}}}`) are not supported") });
+        return Err(CompileError {
+            line,
+            col,
+            message: format!("partials (`{{{{> {name}}}}}`) are not supported"),
+        });
     }
     Ok(t)
 }
@@ -125,12 +142,17 @@ impl Template {
     }
 
     fn find_raw_expression(&self) -> Option<(usize, usize)> {
-        find_element(&self.inner, None, &|e| matches!(e, TemplateElement::HtmlExpression(_)))
+        find_element(&self.inner, None, &|e| {
+            matches!(e, TemplateElement::HtmlExpression(_))
+        })
     }
 
     fn find_partial(&self) -> Option<(usize, usize, String)> {
         let pos = find_element(&self.inner, None, &|e| {
-            matches!(e, TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_))
+            matches!(
+                e,
+                TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_)
+            )
         })?;
         Some((pos.0, pos.1, "partial".into()))
     }
@@ -164,7 +186,12 @@ const BUILTIN_HELPERS: &[&str] = &[
 
 fn collect_refs(t: &handlebars::Template, outer: Option<(usize, usize)>, out: &mut Vec<FieldRef>) {
     for (i, e) in t.elements.iter().enumerate() {
-        let (line, col) = t.mapping.get(i).map(|m| (m.0, m.1)).or(outer).unwrap_or((1, 1));
+        let (line, col) = t
+            .mapping
+            .get(i)
+            .map(|m| (m.0, m.1))
+            .or(outer)
+            .unwrap_or((1, 1));
         match e {
             TemplateElement::Expression(h) | TemplateElement::HtmlExpression(h) => {
                 helper_refs(h, line, col, out);
@@ -190,7 +217,9 @@ fn helper_refs(h: &HelperTemplate, line: usize, col: usize, out: &mut Vec<FieldR
     let is_helper_call = !h.params.is_empty() || !h.hash.is_empty() || h.block;
     match &h.name {
         // `{{now}}` parses as a path: helper names are not fields
-        Parameter::Path(p) if !is_helper_call && !is_helper_name(p) => push_path_ref(p, line, col, out),
+        Parameter::Path(p) if !is_helper_call && !is_helper_name(p) => {
+            push_path_ref(p, line, col, out)
+        }
         Parameter::Name(n) if !is_helper_call && !BUILTIN_HELPERS.contains(&n.as_str()) => {
             push_raw_ref(n, line, col, out)
         }
@@ -204,7 +233,9 @@ fn helper_refs(h: &HelperTemplate, line: usize, col: usize, out: &mut Vec<FieldR
 fn param_refs(p: &Parameter, line: usize, col: usize, out: &mut Vec<FieldRef>) {
     match p {
         Parameter::Path(path) => push_path_ref(path, line, col, out),
-        Parameter::Name(n) if !BUILTIN_HELPERS.contains(&n.as_str()) => push_raw_ref(n, line, col, out),
+        Parameter::Name(n) if !BUILTIN_HELPERS.contains(&n.as_str()) => {
+            push_raw_ref(n, line, col, out)
+        }
         Parameter::Subexpression(s) => {
             for p in s.params().into_iter().flatten() {
                 param_refs(p, line, col, out);
@@ -225,8 +256,16 @@ fn push_path_ref(p: &handlebars::Path, line: usize, col: usize, out: &mut Vec<Fi
 }
 
 fn push_raw_ref(raw: &str, line: usize, col: usize, out: &mut Vec<FieldRef>) {
-    let raw = raw.strip_prefix("@root.").or_else(|| raw.strip_prefix("@root/")).unwrap_or(raw);
-    if raw.starts_with('@') || raw.starts_with("..") || raw == "this" || raw.starts_with("this.") || raw.starts_with("./") {
+    let raw = raw
+        .strip_prefix("@root.")
+        .or_else(|| raw.strip_prefix("@root/"))
+        .unwrap_or(raw);
+    if raw.starts_with('@')
+        || raw.starts_with("..")
+        || raw == "this"
+        || raw.starts_with("this.")
+        || raw.starts_with("./")
+    {
         return;
     }
     let path: Vec<String> = split_path(raw);
@@ -260,8 +299,12 @@ fn split_path(raw: &str) -> Vec<String> {
 
 fn render_error_message(e: &RenderError) -> String {
     match e.reason() {
-        RenderErrorReason::MissingVariable(Some(path)) => format!("field `{path}` is missing from the payload (strict)"),
-        RenderErrorReason::MissingVariable(None) => "a field is missing from the payload (strict)".into(),
+        RenderErrorReason::MissingVariable(Some(path)) => {
+            format!("field `{path}` is missing from the payload (strict)")
+        }
+        RenderErrorReason::MissingVariable(None) => {
+            "a field is missing from the payload (strict)".into()
+        }
         other => other.to_string(),
     }
 }
@@ -295,7 +338,12 @@ fn build_registry(kind: Kind, strict: bool) -> Handlebars<'static> {
         Kind::Url => r.register_escape_fn(url_segment_escape),
         Kind::Text => r.register_escape_fn(handlebars::no_escape),
     }
-    r.register_helper("json", Box::new(JsonHelper { raw_output: kind == Kind::Json }));
+    r.register_helper(
+        "json",
+        Box::new(JsonHelper {
+            raw_output: kind == Kind::Json,
+        }),
+    );
     r.register_helper("now", Box::new(MetaHelper::Now));
     r.register_helper("uuid", Box::new(MetaHelper::Uuid));
     r.register_helper("bot", Box::new(MetaHelper::Bot));
@@ -355,11 +403,17 @@ impl HelperDef for JsonHelper {
         _: &mut RenderContext<'reg, 'rc>,
         out: &mut dyn Output,
     ) -> HelperResult {
-        let p = h.param(0).ok_or_else(|| RenderErrorReason::ParamNotFoundForIndex("json", 0))?;
+        let p = h
+            .param(0)
+            .ok_or_else(|| RenderErrorReason::ParamNotFoundForIndex("json", 0))?;
         if p.is_value_missing() && r.strict_mode() {
             return Err(RenderErrorReason::MissingVariable(p.relative_path().cloned()).into());
         }
-        let text = if p.is_value_missing() { "null".to_string() } else { p.value().to_string() };
+        let text = if p.is_value_missing() {
+            "null".to_string()
+        } else {
+            p.value().to_string()
+        };
         if self.raw_output {
             out.write(&text)?;
         } else {
@@ -389,14 +443,26 @@ impl HelperDef for MetaHelper {
             let m = m.borrow();
             let meta = m.as_ref();
             match self {
-                MetaHelper::Now => humantime::format_rfc3339_millis(meta.map(|m| m.now).unwrap_or_else(SystemTime::now)).to_string(),
+                MetaHelper::Now => humantime::format_rfc3339_millis(
+                    meta.map(|m| m.now).unwrap_or_else(SystemTime::now),
+                )
+                .to_string(),
                 MetaHelper::Uuid => uuid::Uuid::new_v4().to_string(),
                 MetaHelper::Bot => meta.map(|m| m.bot.clone()).unwrap_or_default(),
                 MetaHelper::Route => meta.map(|m| m.route.clone()).unwrap_or_default(),
                 MetaHelper::Header => {
-                    let name = h.param(0).and_then(|p| p.value().as_str()).unwrap_or_default().to_ascii_lowercase();
-                    meta.and_then(|m| m.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone()))
+                    let name = h
+                        .param(0)
+                        .and_then(|p| p.value().as_str())
                         .unwrap_or_default()
+                        .to_ascii_lowercase();
+                    meta.and_then(|m| {
+                        m.headers
+                            .iter()
+                            .find(|(k, _)| *k == name)
+                            .map(|(_, v)| v.clone())
+                    })
+                    .unwrap_or_default()
                 }
             }
         });
@@ -415,10 +481,18 @@ impl HelperDef for DefaultHelper {
         _: &'rc Context,
         _: &mut RenderContext<'reg, 'rc>,
     ) -> Result<ScopedJson<'rc>, RenderError> {
-        let a = h.param(0).ok_or_else(|| RenderErrorReason::ParamNotFoundForIndex("default", 0))?;
-        let b = h.param(1).ok_or_else(|| RenderErrorReason::ParamNotFoundForIndex("default", 1))?;
+        let a = h
+            .param(0)
+            .ok_or_else(|| RenderErrorReason::ParamNotFoundForIndex("default", 0))?;
+        let b = h
+            .param(1)
+            .ok_or_else(|| RenderErrorReason::ParamNotFoundForIndex("default", 1))?;
         let empty = a.is_value_missing() || a.value().is_null() || a.value().as_str() == Some("");
-        Ok(ScopedJson::Derived(if empty { b.value().clone() } else { a.value().clone() }))
+        Ok(ScopedJson::Derived(if empty {
+            b.value().clone()
+        } else {
+            a.value().clone()
+        }))
     }
 }
 
@@ -437,21 +511,38 @@ mod tests {
 
     #[test]
     fn json_escaping_keeps_strings_strings() {
-        let out = render(r#"{"a": "{{x}}"}"#, Kind::Json, false, json!({"x": "q\"uote\\ \n }, \"evil\": 1"})).unwrap();
+        let out = render(
+            r#"{"a": "{{x}}"}"#,
+            Kind::Json,
+            false,
+            json!({"x": "q\"uote\\ \n }, \"evil\": 1"}),
+        )
+        .unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v, json!({"a": "q\"uote\\ \n }, \"evil\": 1"}));
     }
 
     #[test]
     fn json_helper_writes_any_value_and_null_for_missing() {
-        let out = render(r#"{"n": {{json notes}}, "m": {{json missing}}, "o": {{json obj}}}"#, Kind::Json, false,
-            json!({"notes": "a\"b", "obj": {"k": [1, true]}})).unwrap();
-        assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!({"n": "a\"b", "m": null, "o": {"k": [1, true]}}));
+        let out = render(
+            r#"{"n": {{json notes}}, "m": {{json missing}}, "o": {{json obj}}}"#,
+            Kind::Json,
+            false,
+            json!({"notes": "a\"b", "obj": {"k": [1, true]}}),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap(),
+            json!({"n": "a\"b", "m": null, "o": {"k": [1, true]}})
+        );
     }
 
     #[test]
     fn missing_renders_empty_unless_strict() {
-        assert_eq!(render("[{{a.b}}]", Kind::Text, false, json!({})).unwrap(), "[]");
+        assert_eq!(
+            render("[{{a.b}}]", Kind::Text, false, json!({})).unwrap(),
+            "[]"
+        );
         let e = render("[{{a.b}}]", Kind::Text, true, json!({})).unwrap_err();
         assert!(e.contains("a.b"), "{e}");
         let e = render("{{json a.b}}", Kind::Json, true, json!({})).unwrap_err();
@@ -462,24 +553,54 @@ mod tests {
     fn helpers() {
         let out = render(r#"{{bot}} {{route}} {{header "X-Trace"}} {{now}} {{default a "dflt"}} {{default b "dflt"}}"#,
             Kind::Text, false, json!({"b": "set"})).unwrap();
-        assert_eq!(out, "support-bot crm-upsert abc\"def 2023-11-14T22:13:20.000Z dflt set");
+        assert_eq!(
+            out,
+            "support-bot crm-upsert abc\"def 2023-11-14T22:13:20.000Z dflt set"
+        );
         let u = render("{{uuid}}", Kind::Text, false, json!({})).unwrap();
         assert_eq!(u.len(), 36);
         // header values are escaped in JSON
-        let out = render(r#"{"t": "{{header "x-trace"}}"}"#, Kind::Json, false, json!({})).unwrap();
-        assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["t"], "abc\"def");
+        let out = render(
+            r#"{"t": "{{header "x-trace"}}"}"#,
+            Kind::Json,
+            false,
+            json!({}),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap()["t"],
+            "abc\"def"
+        );
     }
 
     #[test]
     fn url_values_are_single_segments() {
         let src = "https://crm.example.com/c/{{id}}?q={{q}}";
-        for (id, enc) in [("../admin", "..%2Fadmin"), ("..", "%2E%2E"), ("a/b", "a%2Fb"), ("x?y#z", "x%3Fy%23z"),
-            ("@evil.com", "%40evil.com"), ("%2F", "%252F"), ("C-1001", "C-1001"), ("ü", "%C3%BC")] {
+        for (id, enc) in [
+            ("../admin", "..%2Fadmin"),
+            ("..", "%2E%2E"),
+            ("a/b", "a%2Fb"),
+            ("x?y#z", "x%3Fy%23z"),
+            ("@evil.com", "%40evil.com"),
+            ("%2F", "%252F"),
+            ("C-1001", "C-1001"),
+            ("ü", "%C3%BC"),
+        ] {
             let out = render(src, Kind::Url, false, json!({"id": id, "q": "a&b=c"})).unwrap();
-            assert_eq!(out, format!("https://crm.example.com/c/{enc}?q=a%26b%3Dc"), "{id}");
+            assert_eq!(
+                out,
+                format!("https://crm.example.com/c/{enc}?q=a%26b%3Dc"),
+                "{id}"
+            );
         }
         // json helper output is encoded too
-        let out = render("https://h/{{json o}}", Kind::Url, false, json!({"o": {"a": "/"}})).unwrap();
+        let out = render(
+            "https://h/{{json o}}",
+            Kind::Url,
+            false,
+            json!({"o": {"a": "/"}}),
+        )
+        .unwrap();
         assert_eq!(out, "https://h/%7B%22a%22%3A%22%2F%22%7D");
     }
 
@@ -504,10 +625,25 @@ mod tests {
     fn field_refs_found_with_positions() {
         let t = compile("{\n \"a\": \"{{slots.customerId.0.keyphrase}}\",\n \"b\": {{json data.notes}},\n \"c\": \"{{default data.x \"y\"}}\"{{#if intent}}{{intentScore}}{{/if}}{{#each slots.DATE}}{{start}}{{/each}}\n}", Kind::Json, false).unwrap();
         let refs: Vec<String> = t.field_refs().iter().map(|r| r.path.join(".")).collect();
-        assert_eq!(refs, ["slots.customerId.0.keyphrase", "data.notes", "data.x", "intent", "intentScore", "slots.DATE"]);
+        assert_eq!(
+            refs,
+            [
+                "slots.customerId.0.keyphrase",
+                "data.notes",
+                "data.x",
+                "intent",
+                "intentScore",
+                "slots.DATE"
+            ]
+        );
         let r = &t.field_refs()[0];
         assert_eq!((r.line, r.col), (2, 8));
-        let names: Vec<String> = compile("{{now}} {{bot}} {{@root.a}}", Kind::Text, false).unwrap().field_refs().iter().map(|r| r.path.join(".")).collect();
+        let names: Vec<String> = compile("{{now}} {{bot}} {{@root.a}}", Kind::Text, false)
+            .unwrap()
+            .field_refs()
+            .iter()
+            .map(|r| r.path.join("."))
+            .collect();
         assert_eq!(names, ["a"]);
     }
 }

@@ -80,7 +80,12 @@ impl Diagnostic {
         } else {
             format!("{}: {}", self.path, self.message)
         };
-        format!("::{} {}::{}", self.severity.as_str(), props, gh_escape_data(&msg))
+        format!(
+            "::{} {}::{}",
+            self.severity.as_str(),
+            props,
+            gh_escape_data(&msg)
+        )
     }
 }
 
@@ -146,7 +151,9 @@ pub fn display_path(file: &Path, base: &Path) -> String {
 }
 
 fn gh_escape_data(s: &str) -> String {
-    s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
 }
 
 fn gh_escape_prop(s: &str) -> String {
@@ -156,14 +163,16 @@ fn gh_escape_prop(s: &str) -> String {
 /// Sorts diagnostics by file, position and severity so output is stable.
 pub fn sort(diags: &mut [Diagnostic]) {
     diags.sort_by(|a, b| {
-        (&a.file, a.line, a.col, a.severity, &a.message).cmp(&(
-            &b.file, b.line, b.col, b.severity, &b.message,
-        ))
+        (&a.file, a.line, a.col, a.severity, &a.message)
+            .cmp(&(&b.file, b.line, b.col, b.severity, &b.message))
     });
 }
 
 /// "did you mean `x`?" when some candidate is close to `wrong`.
-pub fn did_you_mean<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    wrong: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(wrong, c), c))
@@ -207,7 +216,10 @@ mod tests {
 
     #[test]
     fn did_you_mean_picks_closest() {
-        assert_eq!(did_you_mean("retyr", ["retry", "breaker", "body"]), Some("retry"));
+        assert_eq!(
+            did_you_mean("retyr", ["retry", "breaker", "body"]),
+            Some("retry")
+        );
         assert_eq!(did_you_mean("zzz", ["retry", "breaker"]), None);
     }
 }

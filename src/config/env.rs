@@ -21,18 +21,24 @@ pub struct Expansion {
 pub struct EnvSyntaxError(pub String);
 
 /// Expands one string.
-pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Expansion, EnvSyntaxError> {
+pub fn expand(
+    s: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Expansion, EnvSyntaxError> {
     if !s.contains('$') {
-        return Ok(Expansion { value: s.to_owned(), ..Default::default() });
+        return Ok(Expansion {
+            value: s.to_owned(),
+            ..Default::default()
+        });
     }
     let mut out = Expansion::default();
     let mut rest = s;
     while let Some(i) = rest.find('$') {
         out.value.push_str(&rest[..i]);
         let after = &rest[i..];
-        if after.starts_with("$${") {
+        if let Some(r) = after.strip_prefix("$${") {
             out.value.push_str("${");
-            rest = &after[3..];
+            rest = r;
             continue;
         }
         if !after.starts_with("${") {
@@ -48,7 +54,10 @@ pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Expans
             Some(j) => (&inner[..j], Some(&inner[j + 2..])),
             None => (inner, None),
         };
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || name.starts_with(|c: char| c.is_ascii_digit()) {
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || name.starts_with(|c: char| c.is_ascii_digit())
+        {
             return Err(EnvSyntaxError(format!(
                 "`${{{inner}}}` is not a valid variable reference: expected ${{NAME}} or ${{NAME:-default}} with NAME made of A-Z, 0-9 and _"
             )));
@@ -102,7 +111,12 @@ pub fn expand_document(doc: &mut Value, lookup: &dyn Fn(&str) -> Option<String>)
     acc
 }
 
-fn walk(v: &mut Value, pointer: &mut String, lookup: &dyn Fn(&str) -> Option<String>, acc: &mut DocExpansion) {
+fn walk(
+    v: &mut Value,
+    pointer: &mut String,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    acc: &mut DocExpansion,
+) {
     match v {
         Value::String(s) => match expand(s, lookup) {
             Ok(e) => {
@@ -111,13 +125,19 @@ fn walk(v: &mut Value, pointer: &mut String, lookup: &dyn Fn(&str) -> Option<Str
                 }
                 if !e.missing.is_empty() {
                     acc.unresolved.push(pointer.clone());
-                    acc.problems.push(EnvProblem { pointer: pointer.clone(), kind: EnvProblemKind::Missing(e.missing) });
+                    acc.problems.push(EnvProblem {
+                        pointer: pointer.clone(),
+                        kind: EnvProblemKind::Missing(e.missing),
+                    });
                 }
                 *s = e.value;
             }
             Err(EnvSyntaxError(m)) => {
                 acc.unresolved.push(pointer.clone());
-                acc.problems.push(EnvProblem { pointer: pointer.clone(), kind: EnvProblemKind::Syntax(m) });
+                acc.problems.push(EnvProblem {
+                    pointer: pointer.clone(),
+                    kind: EnvProblemKind::Syntax(m),
+                });
             }
         },
         Value::Array(items) => {
@@ -192,7 +212,8 @@ mod tests {
 
     #[test]
     fn document_expansion_tracks_pointers() {
-        let mut doc = serde_json::json!({"a": {"t": "${TOKEN}", "n": 5, "l": ["${NOPE}"]}, "${HOST}": "k"});
+        let mut doc =
+            serde_json::json!({"a": {"t": "${TOKEN}", "n": 5, "l": ["${NOPE}"]}, "${HOST}": "k"});
         let r = expand_document(&mut doc, &env);
         assert_eq!(doc["a"]["t"], "s3cr3t");
         assert_eq!(r.from_env, vec!["/a/t".to_string()]);

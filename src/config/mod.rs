@@ -1,4 +1,8 @@
+pub mod compile;
 pub mod diagnostic;
-pub mod yaml;
 pub mod env;
+pub mod load;
+pub mod model;
 pub mod raw;
+pub mod shape;
+pub mod yaml;

@@ -490,7 +490,9 @@ impl<'de> Deserialize<'de> for StatusPattern {
             serde_json::Value::String(s) => s.clone(),
             _ => String::new(),
         };
-        StatusPattern::parse(&s).ok_or_else(|| serde::de::Error::custom("expected a status like 409 or a class like 2xx"))
+        StatusPattern::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom("expected a status like 409 or a class like 2xx")
+        })
     }
 }
 
@@ -513,7 +515,9 @@ impl JsonSchema for StatusPattern {
 pub fn route_file_schema() -> serde_json::Value {
     let mut settings = schemars::generate::SchemaSettings::draft2020_12();
     settings.meta_schema = Some("https://json-schema.org/draft/2020-12/schema".into());
-    let schema = settings.into_generator().into_root_schema_for::<RouteFile>();
+    let schema = settings
+        .into_generator()
+        .into_root_schema_for::<RouteFile>();
     let mut v = serde_json::to_value(schema).expect("schema serializes");
     strip_null(&mut v);
     v
@@ -538,7 +542,11 @@ fn strip_null(v: &mut serde_json::Value) {
         }
     }
     if let Some(Value::Array(alts)) = map.get("anyOf") {
-        let non_null: Vec<Value> = alts.iter().filter(|a| a.get("type").is_none_or(|t| t != "null")).cloned().collect();
+        let non_null: Vec<Value> = alts
+            .iter()
+            .filter(|a| a.get("type").is_none_or(|t| t != "null"))
+            .cloned()
+            .collect();
         if non_null.len() == 1 && alts.len() == 2 {
             map.remove("anyOf");
             if let Value::Object(inner) = &non_null[0] {
@@ -600,5 +608,9 @@ mod tests {
 #[cfg(test)]
 #[test]
 fn dump_schema() {
-    std::fs::write("/tmp/rf.json", serde_json::to_string_pretty(&route_file_schema()).unwrap()).unwrap();
+    std::fs::write(
+        "/tmp/rf.json",
+        serde_json::to_string_pretty(&route_file_schema()).unwrap(),
+    )
+    .unwrap();
 }

@@ -43,7 +43,10 @@ impl SpanIndex {
 
     /// Position of the mapping key whose value is at `pointer` (falls back to the value).
     pub fn key(&self, pointer: &str) -> Pos {
-        self.keys.get(pointer).copied().unwrap_or_else(|| self.value(pointer))
+        self.keys
+            .get(pointer)
+            .copied()
+            .unwrap_or_else(|| self.value(pointer))
     }
 }
 
@@ -64,9 +67,15 @@ pub fn parse(text: &str) -> Result<(Value, SpanIndex), SyntaxError> {
     let node: Node = serde_saphyr::from_str_with_options(text, opts).map_err(|e| {
         let pos = e
             .location()
-            .map(|l| Pos { line: l.line() as u32, col: l.column() as u32 })
+            .map(|l| Pos {
+                line: l.line() as u32,
+                col: l.column() as u32,
+            })
             .unwrap_or_default();
-        SyntaxError { pos, message: syntax_message(&e) }
+        SyntaxError {
+            pos,
+            message: syntax_message(&e),
+        }
     })?;
     let mut index = SpanIndex::default();
     let mut pointer = String::new();
@@ -85,8 +94,16 @@ fn syntax_message(e: &serde_saphyr::Error) -> String {
         (true, Some(i)) => &first[i + 2..],
         _ => first,
     };
-    let what = what.split(", set DuplicateKeyPolicy").next().unwrap_or(what).trim();
-    if what.is_empty() { "invalid YAML".to_string() } else { format!("invalid YAML: {what}") }
+    let what = what
+        .split(", set DuplicateKeyPolicy")
+        .next()
+        .unwrap_or(what)
+        .trim();
+    if what.is_empty() {
+        "invalid YAML".to_string()
+    } else {
+        format!("invalid YAML: {what}")
+    }
 }
 
 /// One parsed YAML node with its position.
@@ -114,7 +131,9 @@ impl Node {
             NodeValue::Bool(b) => Value::Bool(b),
             NodeValue::Int(i) => Value::from(i),
             NodeValue::UInt(u) => Value::from(u),
-            NodeValue::Float(f) => serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null),
+            NodeValue::Float(f) => serde_json::Number::from_f64(f)
+                .map(Value::Number)
+                .unwrap_or(Value::Null),
             NodeValue::Str(s) => Value::String(s),
             NodeValue::Seq(items) => {
                 let len = pointer.len();
@@ -162,8 +181,14 @@ impl NodeValue {
 impl<'de> Deserialize<'de> for Node {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s: Spanned<NodeValue> = Spanned::deserialize(d)?;
-        let pos = Pos { line: s.referenced.line() as u32, col: s.referenced.column() as u32 };
-        Ok(Node { pos, value: s.value })
+        let pos = Pos {
+            line: s.referenced.line() as u32,
+            col: s.referenced.column() as u32,
+        };
+        Ok(Node {
+            pos,
+            value: s.value,
+        })
     }
 }
 
@@ -200,10 +225,14 @@ impl<'de> Visitor<'de> for NodeVisitor {
         Ok(NodeValue::UInt(v))
     }
     fn visit_i128<E: de::Error>(self, v: i128) -> Result<NodeValue, E> {
-        Ok(i64::try_from(v).map(NodeValue::Int).unwrap_or(NodeValue::Float(v as f64)))
+        Ok(i64::try_from(v)
+            .map(NodeValue::Int)
+            .unwrap_or(NodeValue::Float(v as f64)))
     }
     fn visit_u128<E: de::Error>(self, v: u128) -> Result<NodeValue, E> {
-        Ok(u64::try_from(v).map(NodeValue::UInt).unwrap_or(NodeValue::Float(v as f64)))
+        Ok(u64::try_from(v)
+            .map(NodeValue::UInt)
+            .unwrap_or(NodeValue::Float(v as f64)))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<NodeValue, E> {
         Ok(NodeValue::Float(v))
@@ -239,7 +268,10 @@ mod tests {
     fn positions_of_values_and_keys() {
         let (v, idx) = parse("routes:\n  - name: a\n    retry:\n      attempts: 3\n").unwrap();
         assert_eq!(v["routes"][0]["retry"]["attempts"], 3);
-        assert_eq!(idx.value("/routes/0/retry/attempts"), Pos { line: 4, col: 17 });
+        assert_eq!(
+            idx.value("/routes/0/retry/attempts"),
+            Pos { line: 4, col: 17 }
+        );
         assert_eq!(idx.key("/routes/0/retry/attempts"), Pos { line: 4, col: 7 });
         assert_eq!(idx.value("/routes/0/name"), Pos { line: 2, col: 11 });
         // unknown pointer falls back to the closest known ancestor
@@ -269,6 +301,9 @@ mod tests {
     #[test]
     fn scalars_keep_their_types() {
         let (v, _) = parse("a: 1\nb: 1.5\nc: true\nd: ~\ne: \"5\"\nf: 5s\n").unwrap();
-        assert_eq!(v, serde_json::json!({"a": 1, "b": 1.5, "c": true, "d": null, "e": "5", "f": "5s"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"a": 1, "b": 1.5, "c": true, "d": null, "e": "5", "f": "5s"})
+        );
     }
 }

@@ -1,0 +1,219 @@
+//! The compiled configuration: what `config::compile` produces and the runtime
+//! consumes. Types here cannot hold bad states (durations are durations,
+//! templates are compiled, schemas are compiled, references resolve), so
+//! runtime code never re-checks configuration.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::auth::InboundAuth;
+use crate::payload::PayloadSchema;
+use crate::template::Template;
+
+pub use super::raw::{ClientAuth, Mode, OnFailure};
+
+/// One immutable configuration generation.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub bots: BTreeMap<String, Arc<Bot>>,
+    pub routes: BTreeMap<String, Arc<Route>>,
+    /// SHA-256 (hex) over every route file and referenced schema file, path and content.
+    pub hash: String,
+    /// Route files that were read.
+    pub files: Vec<PathBuf>,
+    /// Schema files that were read (their directories are watched too).
+    pub schema_files: Vec<PathBuf>,
+}
+
+impl Config {
+    /// The route for `intent` (and `score`) on `bot`: exact intent unless the score is below the
+    /// route's `min_score`, else the bot's default (`*`) route.
+    pub fn route_for(
+        &self,
+        bot: &Bot,
+        intent: Option<&str>,
+        score: Option<f64>,
+    ) -> Option<&Arc<Route>> {
+        if let Some(name) = intent.and_then(|i| bot.routes.get(i)) {
+            let route = &self.routes[name];
+            let below = matches!((route.min_score, score), (Some(min), Some(s)) if s < min)
+                || (route.min_score.is_some() && score.is_none());
+            if !below {
+                return Some(route);
+            }
+        }
+        bot.default_route.as_ref().map(|name| &self.routes[name])
+    }
+}
+
+/// Where something was defined, for messages and the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub file: PathBuf,
+    pub line: u32,
+}
+
+#[derive(Debug)]
+pub struct Bot {
+    pub id: String,
+    pub auth: InboundAuth,
+    pub schema: Option<Arc<PayloadSchema>>,
+    pub intent_path: String,
+    pub score_path: String,
+    /// intent → route name (exact-intent routes of this bot).
+    pub routes: BTreeMap<String, String>,
+    /// The `*` route.
+    pub default_route: Option<String>,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    Exact(String),
+    /// `*`: the bot's default route.
+    Default,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    /// Bots served; every bot when the route named none.
+    pub bots: Vec<String>,
+    pub intent: Intent,
+    pub min_score: Option<f64>,
+    pub schema: Option<Arc<PayloadSchema>>,
+    pub mode: Mode,
+    pub deadline: Duration,
+    pub idempotency_key: Option<Template>,
+    pub strict: bool,
+    pub downstream: Downstream,
+    pub body: Option<Template>,
+    pub response: Option<ResponseSpec>,
+    pub retry: RetrySettings,
+    pub breaker: BreakerSettings,
+    pub fallback: Option<FallbackSpec>,
+    pub on_failure: OnFailure,
+    pub examples: Vec<Example>,
+    pub source: Source,
+}
+
+#[derive(Debug)]
+pub struct Downstream {
+    pub method: http::Method,
+    pub url: Template,
+    /// `scheme://host[:port]` fixed by the file; a rendered URL always starts with it.
+    pub origin: String,
+    pub timeout: Duration,
+    pub headers: Vec<HeaderSpec>,
+    pub auth: OutboundAuth,
+    pub success: StatusSet,
+    pub max_in_flight: u32,
+}
+
+#[derive(Debug)]
+pub struct HeaderSpec {
+    pub name: http::HeaderName,
+    pub value: Template,
+    /// The value came from the environment: masked by `gateway render`.
+    pub secret: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum OutboundAuth {
+    None,
+    Bearer(SecretString),
+    OAuth2(OAuth2Settings),
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuth2Settings {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub scopes: Vec<String>,
+    pub client_auth: ClientAuth,
+}
+
+/// A set of HTTP statuses (100–599).
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    pub fn insert(&mut self, status: u16) {
+        if status < 640 {
+            self.0[(status / 64) as usize] |= 1 << (status % 64);
+        }
+    }
+    pub fn insert_class(&mut self, class: u8) {
+        for s in (class as u16 * 100)..(class as u16 * 100 + 100) {
+            self.insert(s);
+        }
+    }
+    pub fn contains(&self, status: u16) -> bool {
+        status < 640 && self.0[(status / 64) as usize] & (1 << (status % 64)) != 0
+    }
+}
+
+impl std::fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set()
+            .entries((100..600).filter(|s| self.contains(*s)))
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+pub struct ResponseSpec {
+    pub status: Option<u16>,
+    pub body: Option<Template>,
+}
+
+#[derive(Debug)]
+pub struct FallbackSpec {
+    pub status: u16,
+    pub body: Option<Template>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrySettings {
+    /// Sync: total tries, first included.
+    pub attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub retry_after_max: Duration,
+    /// Async: waits between tries.
+    pub schedule: Vec<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerSettings {
+    pub window: Duration,
+    pub min_calls: u32,
+    pub failure_rate: f64,
+    pub consecutive_failures: u32,
+    pub slow_call: Option<(Duration, f64)>,
+    pub open_for: Duration,
+    pub open_for_max: Duration,
+    pub half_open_probes: u32,
+    pub close_after: u32,
+    pub health: Option<HealthSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub url: String,
+    pub interval: Duration,
+}
+
+/// A route example, checked by `validate`.
+#[derive(Debug)]
+pub struct Example {
+    pub name: String,
+    pub payload: serde_json::Value,
+    pub headers: Vec<(String, String)>,
+    pub expect: Option<super::raw::Expect>,
+}

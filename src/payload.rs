@@ -1,0 +1,309 @@
+//! Bot payloads: the nesting-depth limit, JSON Schema validation with every
+//! violation's JSON pointer, and reading the intent and its score.
+//!
+//! Owns compiled payload schemas. Never fetches anything over the network:
+//! `$ref`s resolve only to files inside the directory of the schema that
+//! refers to them. Violation messages never quote payload values.
+
+use std::path::{Path, PathBuf};
+
+use jsonschema::error::{TypeKind, ValidationErrorKind};
+use serde_json::Value;
+
+/// A compiled payload schema.
+pub struct PayloadSchema {
+    pub path: PathBuf,
+    /// The schema document, for `validate`'s template-vs-schema check.
+    pub json: Value,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for PayloadSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayloadSchema")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One schema violation: where in the payload, and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    pub path: String,
+    pub message: String,
+}
+
+/// Most violations reported in one answer.
+pub const MAX_VIOLATIONS: usize = 20;
+
+impl PayloadSchema {
+    /// Reads and compiles the schema at `path`.
+    pub fn load(path: &Path) -> Result<PayloadSchema, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => "schema file not found".to_string(),
+            _ => format!("schema file cannot be read: {e}"),
+        })?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("schema file is not valid JSON: {e}"))?;
+        Self::compile(path, json)
+    }
+
+    /// Compiles `json` as if it were read from `path` (relative `$ref`s resolve next to it).
+    pub fn compile(path: &Path, json: Value) -> Result<PayloadSchema, String> {
+        let abs = std::path::absolute(path).map_err(|e| e.to_string())?;
+        let root = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = url::Url::from_file_path(&abs)
+            .map_err(|_| "schema path cannot be a URL".to_string())?;
+        let validator = jsonschema::options()
+            .with_base_uri(base.to_string())
+            .with_retriever(LocalRetriever { root })
+            .with_pattern_options(jsonschema::PatternOptions::regex())
+            .build(&json)
+            .map_err(|e| format!("JSON Schema does not compile: {e}"))?;
+        Ok(PayloadSchema {
+            path: path.to_path_buf(),
+            json,
+            validator,
+        })
+    }
+
+    /// Every violation of `payload` (at most [`MAX_VIOLATIONS`]).
+    pub fn violations(&self, payload: &Value) -> Vec<Violation> {
+        self.validator
+            .iter_errors(payload)
+            .take(MAX_VIOLATIONS)
+            .map(|e| {
+                let mut path = e.instance_path().as_str().to_string();
+                let message = match e.kind() {
+                    ValidationErrorKind::Required { property } => {
+                        let name = property.as_str().unwrap_or_default();
+                        path.push('/');
+                        path.push_str(&name.replace('~', "~0").replace('/', "~1"));
+                        "is required".to_string()
+                    }
+                    kind => describe(kind, e.instance()),
+                };
+                Violation { path, message }
+            })
+            .collect()
+    }
+
+    pub fn is_valid(&self, payload: &Value) -> bool {
+        self.validator.is_valid(payload)
+    }
+}
+
+fn describe(kind: &ValidationErrorKind, instance: &Value) -> String {
+    match kind {
+        ValidationErrorKind::Type { kind } => {
+            let expected = match kind {
+                TypeKind::Single(t) => t.to_string(),
+                TypeKind::Multiple(ts) => ts
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+            };
+            format!("expected {expected}, got {}", json_type(instance))
+        }
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            format!("unexpected properties: {}", unexpected.join(", "))
+        }
+        ValidationErrorKind::Enum { .. } => "is not one of the allowed values".into(),
+        ValidationErrorKind::Constant { .. } => "is not the expected constant".into(),
+        ValidationErrorKind::Pattern { pattern } => {
+            format!("does not match the pattern `{pattern}`")
+        }
+        ValidationErrorKind::MinLength { limit } => {
+            format!("must be at least {limit} characters long")
+        }
+        ValidationErrorKind::MaxLength { limit } => {
+            format!("must be at most {limit} characters long")
+        }
+        ValidationErrorKind::Minimum { limit } => format!("must be at least {limit}"),
+        ValidationErrorKind::Maximum { limit } => format!("must be at most {limit}"),
+        ValidationErrorKind::ExclusiveMinimum { limit } => format!("must be greater than {limit}"),
+        ValidationErrorKind::ExclusiveMaximum { limit } => format!("must be less than {limit}"),
+        ValidationErrorKind::MinItems { limit } => format!("must have at least {limit} items"),
+        ValidationErrorKind::MaxItems { limit } => format!("must have at most {limit} items"),
+        ValidationErrorKind::Format { format } => format!("is not a valid {format}"),
+        ValidationErrorKind::AnyOf { .. } | ValidationErrorKind::OneOfNotValid { .. } => {
+            "does not match any of the allowed shapes".into()
+        }
+        ValidationErrorKind::OneOfMultipleValid { .. } => {
+            "matches more than one of the allowed shapes".into()
+        }
+        other => format!("is invalid ({})", kind_name(other)),
+    }
+}
+
+fn kind_name(kind: &ValidationErrorKind) -> String {
+    let dbg = format!("{kind:?}");
+    dbg.split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_f64() => "number",
+        Value::Number(_) => "integer",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Resolves `$ref`s to files under `root` only; refuses the network and other directories.
+struct LocalRetriever {
+    root: PathBuf,
+}
+
+impl jsonschema::Retrieve for LocalRetriever {
+    fn retrieve(
+        &self,
+        uri: &jsonschema::Uri<String>,
+    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let s = uri.as_str();
+        let url = url::Url::parse(s).map_err(|_| format!("cannot resolve `{s}`"))?;
+        if url.scheme() != "file" {
+            return Err(format!("`{s}` is not a local file: remote $refs are not fetched").into());
+        }
+        let path = url
+            .to_file_path()
+            .map_err(|_| format!("cannot resolve `{s}`"))?;
+        let canon = path
+            .canonicalize()
+            .map_err(|_| format!("referenced schema `{}` not found", path.display()))?;
+        let root = self
+            .root
+            .canonicalize()
+            .unwrap_or_else(|_| self.root.clone());
+        if !canon.starts_with(&root) {
+            return Err(format!(
+                "`{}` is outside the schema directory `{}`",
+                path.display(),
+                root.display()
+            )
+            .into());
+        }
+        let text = std::fs::read_to_string(&canon)?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+/// Checks that `body` nests no deeper than `limit` arrays/objects, without parsing it.
+/// Returns the depth reached when over the limit.
+pub fn check_depth(body: &[u8], limit: usize) -> Result<(), usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return Err(depth);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The intent at `pointer`: `None` when null, absent, empty or not a string.
+pub fn intent<'a>(payload: &'a Value, pointer: &str) -> Option<&'a str> {
+    payload
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// The intent score at `pointer`: a number or a numeric string (Cognigy sends both).
+pub fn score(payload: &Value, pointer: &str) -> Option<f64> {
+    match payload.pointer(pointer)? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn depth_limit_ignores_brackets_in_strings() {
+        assert_eq!(check_depth(br#"{"a": [[1]]}"#, 3), Ok(()));
+        assert_eq!(check_depth(br#"{"a": [[1]]}"#, 2), Err(3));
+        assert_eq!(check_depth(br#"{"a": "[[[[\"[[["}"#, 1), Ok(()));
+        assert_eq!(check_depth(&[b'['; 100], 64), Err(65));
+    }
+
+    #[test]
+    fn intent_and_score() {
+        let p = json!({"intent": "x", "intentScore": "0.7", "e": "", "n": null, "s": 0.5});
+        assert_eq!(intent(&p, "/intent"), Some("x"));
+        assert_eq!(intent(&p, "/e"), None);
+        assert_eq!(intent(&p, "/n"), None);
+        assert_eq!(intent(&p, "/missing"), None);
+        assert_eq!(score(&p, "/intentScore"), Some(0.7));
+        assert_eq!(score(&p, "/s"), Some(0.5));
+        assert_eq!(score(&p, "/intent"), None);
+    }
+
+    #[test]
+    fn violations_have_pointers_and_no_values() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("defs.json"),
+            r#"{"$defs": {"id": {"type": "string", "minLength": 3}}}"#,
+        )
+        .unwrap();
+        let schema = json!({
+            "type": "object",
+            "required": ["sessionId", "slots"],
+            "properties": {
+                "sessionId": {"$ref": "defs.json#/$defs/id"},
+                "slots": {"type": "object"},
+                "intentScore": {"type": ["number", "string"]}
+            }
+        });
+        let s = PayloadSchema::compile(&dir.path().join("main.json"), schema).unwrap();
+        let v = s.violations(&json!({"sessionId": "ab", "intentScore": ["secret-value"]}));
+        let paths: Vec<&str> = v.iter().map(|v| v.path.as_str()).collect();
+        assert!(paths.contains(&"/slots"), "{v:?}");
+        assert!(paths.contains(&"/sessionId"), "{v:?}");
+        assert!(paths.contains(&"/intentScore"), "{v:?}");
+        assert!(
+            v.iter().all(|v| !v.message.contains("secret-value")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn remote_and_outside_refs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = json!({"$ref": "https://example.com/schema.json"});
+        let e = PayloadSchema::compile(&dir.path().join("a.json"), remote).unwrap_err();
+        assert!(e.contains("not a local file"), "{e}");
+        let outside = json!({"$ref": "../../../etc/passwd"});
+        assert!(PayloadSchema::compile(&dir.path().join("a.json"), outside).is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! Renders the downstream request a route makes for a payload: method, URL,
+//! headers and JSON body. Shared by `serve`, `validate`'s examples and
+//! `gateway render`, so what validate checks is what serve sends.
+//!
+//! Owns SPEC §3's rendering rules: the body must parse as JSON, the URL keeps
+//! the file's origin, header values carry no CR/LF/NUL, and the idempotency key
+//! is sent as `Idempotency-Key` unless the route sets that header. Never
+//! performs I/O; downstream auth is added by the caller at send time.
+
+use handlebars::Context;
+use http::{HeaderName, HeaderValue};
+
+use crate::config::model::Route;
+use crate::template::RenderMeta;
+
+/// The request a route would send (without downstream auth).
+#[derive(Debug, Clone)]
+pub struct OutboundRequest {
+    pub method: http::Method,
+    pub url: String,
+    /// Headers with a flag telling whether the value is secret (from the environment).
+    pub headers: Vec<(HeaderName, HeaderValue, bool)>,
+    /// Rendered JSON body (validated to parse).
+    pub body: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// Why a request could not be rendered; names the route and the part.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("route `{route}`: {part}: {message}")]
+pub struct RenderFailure {
+    pub route: String,
+    pub part: &'static str,
+    pub message: String,
+}
+
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Renders `route`'s request for the payload in `ctx`.
+pub fn build(
+    route: &Route,
+    ctx: &Context,
+    meta: &RenderMeta,
+) -> Result<OutboundRequest, RenderFailure> {
+    let fail = |part: &'static str, message: String| RenderFailure {
+        route: route.name.clone(),
+        part,
+        message,
+    };
+    let ds = &route.downstream;
+
+    let url = ds.url.render(ctx, meta).map_err(|m| fail("url", m))?;
+    if !url.starts_with(&ds.origin)
+        || !matches!(
+            url.as_bytes().get(ds.origin.len()),
+            None | Some(b'/' | b'?' | b'#')
+        )
+    {
+        return Err(fail(
+            "url",
+            "rendered URL leaves the configured origin".into(),
+        ));
+    }
+    url::Url::parse(&url).map_err(|e| fail("url", format!("rendered URL is invalid: {e}")))?;
+
+    let idempotency_key = match &route.idempotency_key {
+        Some(t) => {
+            let k = t
+                .render(ctx, meta)
+                .map_err(|m| fail("idempotency_key", m))?;
+            if k.is_empty() {
+                return Err(fail("idempotency_key", "rendered to an empty key".into()));
+            }
+            Some(k)
+        }
+        None => None,
+    };
+
+    let mut headers = Vec::with_capacity(ds.headers.len() + 2);
+    for h in &ds.headers {
+        let v = h
+            .value
+            .render(ctx, meta)
+            .map_err(|m| fail("headers", format!("{}: {m}", h.name)))?;
+        headers.push((
+            h.name.clone(),
+            header_value(&v).map_err(|m| fail("headers", format!("{}: {m}", h.name)))?,
+            h.secret,
+        ));
+    }
+    if let Some(k) = &idempotency_key
+        && !headers.iter().any(|(n, _, _)| *n == IDEMPOTENCY_KEY)
+    {
+        let v = header_value(k).map_err(|m| fail("idempotency_key", m))?;
+        headers.push((IDEMPOTENCY_KEY, v, false));
+    }
+
+    let body = match &route.body {
+        Some(t) => {
+            let text = t.render(ctx, meta).map_err(|m| fail("body", m))?;
+            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+                return Err(fail("body", format!("rendered body is not JSON: {e}")));
+            }
+            if !headers
+                .iter()
+                .any(|(n, _, _)| *n == http::header::CONTENT_TYPE)
+            {
+                headers.push((
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                    false,
+                ));
+            }
+            Some(text)
+        }
+        None => None,
+    };
+
+    Ok(OutboundRequest {
+        method: ds.method.clone(),
+        url,
+        headers,
+        body,
+        idempotency_key,
+    })
+}
+
+/// A header value with no CR, LF or NUL (and otherwise valid).
+pub fn header_value(v: &str) -> Result<HeaderValue, String> {
+    if v.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        return Err("rendered value contains CR, LF or NUL".into());
+    }
+    HeaderValue::from_str(v).map_err(|_| "rendered value is not a valid header value".into())
+}
