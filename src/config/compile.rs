@@ -23,6 +23,8 @@ use super::raw::{self, Dur, StatusPattern};
 use super::yaml::{Pos, SpanIndex};
 use super::{env, load as walk, shape, yaml};
 use crate::auth::{InboundAuth, StandardWebhooksSecret};
+use crate::breaker::{BreakerConfig, BreakerSettings, SlowCall};
+use crate::downstream::retry::{Backoff, RetryPolicy};
 use crate::payload::PayloadSchema;
 use crate::template::{self, Kind};
 
@@ -822,7 +824,8 @@ impl Compiler<'_> {
             body,
             response,
             retry: retry?,
-            breaker: breaker?,
+            breaker: breaker.as_ref()?.0.clone(),
+            health: breaker?.1,
             fallback,
             on_failure,
             examples,
@@ -1063,7 +1066,7 @@ impl Compiler<'_> {
         at: &At,
         r: Option<&raw::Retry>,
         d: Option<&raw::Retry>,
-    ) -> Option<RetrySettings> {
+    ) -> Option<RetryPolicy> {
         let pick = |f: fn(&raw::Retry) -> Option<Dur>| {
             r.and_then(f).or_else(|| d.and_then(f)).map(|x| x.0)
         };
@@ -1073,8 +1076,8 @@ impl Compiler<'_> {
             .unwrap_or(3);
         let initial = pick(|r| r.backoff.as_ref().and_then(|b| b.initial))
             .unwrap_or(Duration::from_millis(200));
-        let max =
-            pick(|r| r.backoff.as_ref().and_then(|b| b.max)).unwrap_or(Duration::from_secs(2));
+        let max = pick(|r| r.backoff.as_ref().and_then(|b| b.max))
+            .unwrap_or(Duration::from_secs(2).max(initial));
         let retry_after_max = pick(|r| r.retry_after_max).unwrap_or(Duration::from_secs(30));
         let schedule = r
             .and_then(|r| r.schedule.clone())
@@ -1086,31 +1089,19 @@ impl Compiler<'_> {
                     .map(Duration::from_secs)
                     .collect()
             });
-        let mut ok = true;
-        if initial.is_zero() {
-            self.error(
-                &at.child("backoff").child("initial"),
-                "must be greater than 0",
-            );
-            ok = false;
+        match Backoff::try_new(initial, max) {
+            Ok(backoff) => Some(RetryPolicy {
+                attempts,
+                backoff,
+                retry_after_max,
+                schedule,
+            }),
+            Err(m) => {
+                let key = if initial.is_zero() { "initial" } else { "max" };
+                self.error(&at.child("backoff").child(key), m.to_string());
+                None
+            }
         }
-        if max < initial {
-            self.error(
-                &at.child("backoff").child("max"),
-                format!(
-                    "must be at least `initial` ({})",
-                    humantime::format_duration(initial)
-                ),
-            );
-            ok = false;
-        }
-        ok.then_some(RetrySettings {
-            attempts,
-            backoff_initial: initial,
-            backoff_max: max,
-            retry_after_max,
-            schedule,
-        })
     }
 
     fn compile_breaker(
@@ -1118,68 +1109,39 @@ impl Compiler<'_> {
         at: &At,
         b: Option<&raw::Breaker>,
         d: Option<&raw::Breaker>,
-    ) -> Option<BreakerSettings> {
+    ) -> Option<(BreakerConfig, Option<HealthSettings>)> {
         let dur = |f: fn(&raw::Breaker) -> Option<Dur>| {
             b.and_then(f).or_else(|| d.and_then(f)).map(|x| x.0)
         };
         let num = |f: fn(&raw::Breaker) -> Option<u32>| b.and_then(f).or_else(|| d.and_then(f));
-        let window = dur(|b| b.window).unwrap_or(Duration::from_secs(60));
-        let open_for = dur(|b| b.open_for).unwrap_or(Duration::from_secs(30));
-        let open_for_max =
-            dur(|b| b.open_for_max).unwrap_or(Duration::from_secs(300).max(open_for));
-        let failure_rate = b
-            .and_then(|b| b.failure_rate)
-            .or(d.and_then(|d| d.failure_rate))
-            .unwrap_or(0.5);
-        let slow = b
-            .and_then(|b| b.slow_call.clone())
-            .or_else(|| d.and_then(|d| d.slow_call.clone()));
-        let health = b
-            .and_then(|b| b.health.clone())
-            .or_else(|| d.and_then(|d| d.health.clone()));
+        let dflt = BreakerSettings::default();
+        let open_for = dur(|b| b.open_for).unwrap_or(dflt.open_for);
+        let settings = BreakerSettings {
+            window: dur(|b| b.window).unwrap_or(dflt.window),
+            min_calls: num(|b| b.min_calls).unwrap_or(dflt.min_calls),
+            failure_rate: b
+                .and_then(|b| b.failure_rate)
+                .or(d.and_then(|d| d.failure_rate))
+                .unwrap_or(dflt.failure_rate),
+            consecutive_failures: num(|b| b.consecutive_failures)
+                .unwrap_or(dflt.consecutive_failures),
+            slow_call: b
+                .and_then(|b| b.slow_call.clone())
+                .or_else(|| d.and_then(|d| d.slow_call.clone()))
+                .map(|s| SlowCall {
+                    threshold: s.threshold.0,
+                    rate: s.rate,
+                }),
+            open_for,
+            open_for_max: dur(|b| b.open_for_max).unwrap_or(dflt.open_for_max.max(open_for)),
+            half_open_probes: num(|b| b.half_open_probes).unwrap_or(dflt.half_open_probes),
+            close_after: num(|b| b.close_after).unwrap_or(dflt.close_after),
+        };
         let mut ok = true;
-        if window < Duration::from_secs(1) {
-            self.error(&at.child("window"), "must be at least 1s");
-            ok = false;
-        }
-        if open_for.is_zero() {
-            self.error(&at.child("open_for"), "must be greater than 0");
-            ok = false;
-        }
-        if open_for_max < open_for {
-            self.error(
-                &at.child("open_for_max"),
-                format!(
-                    "must be at least `open_for` ({})",
-                    humantime::format_duration(open_for)
-                ),
-            );
-            ok = false;
-        }
-        if failure_rate <= 0.0 {
-            self.error(
-                &at.child("failure_rate"),
-                "must be greater than 0 (0 would open on every window)",
-            );
-            ok = false;
-        }
-        if let Some(s) = &slow {
-            if s.rate <= 0.0 {
-                self.error(
-                    &at.child("slow_call").child("rate"),
-                    "must be greater than 0",
-                );
-                ok = false;
-            }
-            if s.threshold.0.is_zero() {
-                self.error(
-                    &at.child("slow_call").child("threshold"),
-                    "must be greater than 0",
-                );
-                ok = false;
-            }
-        }
-        let health = match health {
+        let health = match b
+            .and_then(|b| b.health.clone())
+            .or_else(|| d.and_then(|d| d.health.clone()))
+        {
             Some(h) => {
                 let h_at = at.child("health").child("url");
                 if !self.unresolved(&h_at)
@@ -1197,18 +1159,20 @@ impl Compiler<'_> {
             }
             None => None,
         };
-        ok.then(|| BreakerSettings {
-            window,
-            min_calls: num(|b| b.min_calls).unwrap_or(10),
-            failure_rate,
-            consecutive_failures: num(|b| b.consecutive_failures).unwrap_or(5),
-            slow_call: slow.map(|s| (s.threshold.0, s.rate)),
-            open_for,
-            open_for_max,
-            half_open_probes: num(|b| b.half_open_probes).unwrap_or(3),
-            close_after: num(|b| b.close_after).unwrap_or(3),
-            health,
-        })
+        match BreakerConfig::try_new(settings) {
+            Ok(cfg) => ok.then_some((cfg, health)),
+            Err(errors) => {
+                for e in errors {
+                    // field is the key under `breaker:`, e.g. `slow_call.rate`
+                    let mut e_at = at.clone();
+                    for seg in e.field.split('.') {
+                        e_at = e_at.child(seg);
+                    }
+                    self.error(&e_at, e.message);
+                }
+                None
+            }
+        }
     }
 
     // ---------- template fields vs payload schema ----------

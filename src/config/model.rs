@@ -11,6 +11,8 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use crate::auth::InboundAuth;
+use crate::breaker::BreakerConfig;
+use crate::downstream::retry::RetryPolicy;
 use crate::payload::PayloadSchema;
 use crate::template::Template;
 
@@ -93,8 +95,10 @@ pub struct Route {
     pub downstream: Downstream,
     pub body: Option<Template>,
     pub response: Option<ResponseSpec>,
-    pub retry: RetrySettings,
-    pub breaker: BreakerSettings,
+    pub retry: RetryPolicy,
+    pub breaker: BreakerConfig,
+    /// Health probe run while the breaker is open.
+    pub health: Option<HealthSettings>,
     pub fallback: Option<FallbackSpec>,
     pub on_failure: OnFailure,
     pub examples: Vec<Example>,
@@ -176,31 +180,6 @@ pub struct ResponseSpec {
 pub struct FallbackSpec {
     pub status: u16,
     pub body: Option<Template>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RetrySettings {
-    /// Sync: total tries, first included.
-    pub attempts: u32,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    pub retry_after_max: Duration,
-    /// Async: waits between tries.
-    pub schedule: Vec<Duration>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct BreakerSettings {
-    pub window: Duration,
-    pub min_calls: u32,
-    pub failure_rate: f64,
-    pub consecutive_failures: u32,
-    pub slow_call: Option<(Duration, f64)>,
-    pub open_for: Duration,
-    pub open_for_max: Duration,
-    pub half_open_probes: u32,
-    pub close_after: u32,
-    pub health: Option<HealthSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
