@@ -73,7 +73,7 @@ pub fn run(args: ServeArgs) -> u8 {
         return 2;
     }
     let loaded = load(
-        &[args.routes.clone()],
+        std::slice::from_ref(&args.routes),
         &LoadOptions {
             env: &super::process_env,
             require_env: true,
