@@ -61,7 +61,18 @@ pub fn build(
             "rendered URL leaves the configured origin".into(),
         ));
     }
-    url::Url::parse(&url).map_err(|e| fail("url", format!("rendered URL is invalid: {e}")))?;
+    let parsed =
+        url::Url::parse(&url).map_err(|e| fail("url", format!("rendered URL is invalid: {e}")))?;
+    // URL parsers treat `.`/`..` segments, even percent-encoded (`%2E%2E`), as dot
+    // segments and remove them. Refuse any rendered path that would be normalized.
+    let rest = &url[ds.origin.len()..];
+    let path = rest.split(['?', '#']).next().unwrap_or("");
+    if parsed.path() != if path.is_empty() { "/" } else { path } {
+        return Err(fail(
+            "url",
+            "a value renders a `.` or `..` path segment, which would change the path".into(),
+        ));
+    }
 
     let idempotency_key = match &route.idempotency_key {
         Some(t) => {

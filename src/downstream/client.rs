@@ -233,6 +233,17 @@ pub async fn call(
             {
                 return CallResult::Refused { answer, tries };
             }
+            (Decision::GiveUp(_), _) if last_status == Some(429) => {
+                // The route is paused by this 429: answer like any paused call (SPEC §5 step 9).
+                let now = Instant::now();
+                let retry_after = state
+                    .paused_until(now)
+                    .map_or(Duration::from_secs(1), |t| t - now);
+                return CallResult::Unavailable {
+                    retry_after,
+                    why: "paused",
+                };
+            }
             (Decision::GiveUp(_), _) => {
                 return CallResult::Failed {
                     status: last_status,

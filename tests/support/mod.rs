@@ -1,0 +1,423 @@
+//! Test support: a real local downstream (`TestDownstream`, with a token
+//! endpoint) and a real gateway (`TestGateway`) on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use cognigy_gateway::config::compile::{LoadOptions, load};
+use cognigy_gateway::http::Gateway;
+use cognigy_gateway::runtime::{Limits, Runtime, Shared};
+
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// One request the downstream received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query exactly as sent (still percent-encoded).
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("downstream body is JSON")
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+}
+
+/// A scripted answer.
+#[derive(Debug, Clone)]
+pub struct Scripted {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub delay: Duration,
+    /// Close the connection without answering.
+    pub drop: bool,
+}
+
+impl Scripted {
+    pub fn status(status: u16) -> Self {
+        Scripted {
+            status,
+            headers: vec![],
+            body: r#"{"id":"crm-1"}"#.into(),
+            delay: Duration::ZERO,
+            drop: false,
+        }
+    }
+    pub fn body(mut self, b: &str) -> Self {
+        self.body = b.into();
+        self
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.delay = d;
+        self
+    }
+    pub fn dropped() -> Self {
+        Scripted {
+            drop: true,
+            ..Scripted::status(0)
+        }
+    }
+}
+
+#[derive(Default)]
+struct DsState {
+    requests: Mutex<Vec<Recorded>>,
+    script: Mutex<VecDeque<Scripted>>,
+    default: Mutex<Option<Scripted>>,
+    token_script: Mutex<VecDeque<Scripted>>,
+    grants: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// A real HTTP downstream on 127.0.0.1 that records what it receives.
+/// `POST /token` is an OAuth2 token endpoint issuing `tok-1`, `tok-2`, …
+pub struct TestDownstream {
+    pub addr: SocketAddr,
+    state: Arc<DsState>,
+}
+
+impl TestDownstream {
+    pub async fn start() -> Self {
+        let state = Arc::new(DsState::default());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TestDownstream { addr, state }
+    }
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    /// Answers for the next requests, in order (then the default).
+    pub fn push(&self, s: Scripted) {
+        self.state.script.lock().unwrap().push_back(s);
+    }
+    pub fn set_default(&self, s: Scripted) {
+        *self.state.default.lock().unwrap() = Some(s);
+    }
+    pub fn push_token(&self, s: Scripted) {
+        self.state.token_script.lock().unwrap().push_back(s);
+    }
+    /// Requests received (token requests excluded).
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.uri != "/token")
+            .cloned()
+            .collect()
+    }
+    pub fn token_requests(&self) -> Vec<Recorded> {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.uri == "/token")
+            .cloned()
+            .collect()
+    }
+    pub fn grants(&self) -> usize {
+        self.state.grants.load(Ordering::SeqCst)
+    }
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+async fn handle(State(st): State<Arc<DsState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let uri = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    st.requests.lock().unwrap().push(Recorded {
+        method: parts.method.to_string(),
+        uri: uri.clone(),
+        headers: parts.headers,
+        body,
+    });
+    let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _guard = Decrement(&st.in_flight);
+    if uri == "/token" {
+        let scripted = st.token_script.lock().unwrap().pop_front();
+        if let Some(s) = scripted {
+            return answer(s).await;
+        }
+        let n = st.grants.fetch_add(1, Ordering::SeqCst) + 1;
+        // a little latency so concurrent callers overlap
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            format!(r#"{{"access_token":"tok-{n}","token_type":"Bearer","expires_in":3600}}"#),
+        )
+            .into_response();
+    }
+    let next = st.script.lock().unwrap().pop_front();
+    let s = next
+        .or_else(|| st.default.lock().unwrap().clone())
+        .unwrap_or_else(|| Scripted::status(200));
+    answer(s).await
+}
+
+struct Decrement<'a>(&'a AtomicUsize);
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn answer(s: Scripted) -> Response {
+    if !s.delay.is_zero() {
+        tokio::time::sleep(s.delay).await;
+    }
+    if s.drop {
+        // Ends the connection task without an answer (resume_unwind skips the panic hook).
+        std::panic::resume_unwind(Box::new("dropped by script"));
+    }
+    let mut resp = (StatusCode::from_u16(s.status).unwrap(), s.body).into_response();
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    for (k, v) in s.headers {
+        resp.headers_mut().insert(
+            axum::http::HeaderName::try_from(k).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    resp
+}
+
+/// The body of a response as JSON (reqwest is built without its `json` feature).
+pub async fn json(resp: reqwest::Response) -> serde_json::Value {
+    let text = resp.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"))
+}
+
+/// Sends a raw HTTP/1.1 request and returns the status line's code.
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A gateway on 127.0.0.1:0 with the given route files.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub gw: Arc<Gateway>,
+    pub client: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+pub struct GatewayBuilder {
+    files: Vec<(String, String)>,
+    env: HashMap<String, String>,
+    limits: Limits,
+    admin_token: Option<String>,
+}
+
+impl TestGateway {
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder {
+            files: vec![],
+            env: HashMap::new(),
+            limits: Limits::default(),
+            admin_token: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// POSTs `body` to `/webhooks/{bot}` with `headers`.
+    pub async fn post(
+        &self,
+        bot: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .post(self.url(&format!("/webhooks/{bot}")))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(body).send().await.expect("gateway answers")
+    }
+
+    /// POSTs JSON with the test bot's key.
+    pub async fn send(
+        &self,
+        bot: &str,
+        payload: &serde_json::Value,
+    ) -> (u16, HeaderMap, serde_json::Value) {
+        let resp = self
+            .post(bot, &[("x-api-key", "test-key")], payload.to_string())
+            .await;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("gateway answer is JSON: {text:?}"));
+        (status, headers, body)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl GatewayBuilder {
+    pub fn file(mut self, name: &str, content: &str) -> Self {
+        self.files.push((name.into(), content.into()));
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.insert(k.into(), v.into());
+        self
+    }
+    pub fn limits(mut self, l: Limits) -> Self {
+        self.limits = l;
+        self
+    }
+    pub fn admin_token(mut self, t: &str) -> Self {
+        self.admin_token = Some(t.into());
+        self
+    }
+
+    pub async fn start(self) -> TestGateway {
+        init();
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content) in &self.files {
+            let p = dir.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        let routes: PathBuf = dir.path().to_path_buf();
+        let env = self.env.clone();
+        let lookup = move |k: &str| env.get(k).cloned();
+        let loaded = load(
+            std::slice::from_ref(&routes),
+            &LoadOptions {
+                env: &lookup,
+                require_env: true,
+                check_examples: false,
+            },
+        );
+        let base = std::path::Path::new("/");
+        let config = loaded.config.unwrap_or_else(|| {
+            panic!(
+                "test routes are invalid:\n{}",
+                cognigy_gateway::config::diagnostic::render(
+                    &loaded.diagnostics,
+                    cognigy_gateway::config::diagnostic::Format::Text,
+                    base
+                )
+            )
+        });
+        let runtime = Runtime::build(Arc::new(config), None, tokio::time::Instant::now());
+        let gw = Arc::new(Gateway::new(
+            runtime,
+            Shared::new(self.limits),
+            self.admin_token.map(Into::into),
+            routes,
+        ));
+        let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cognigy_gateway::http::run(
+            public,
+            admin,
+            gw.clone(),
+            async move {
+                let _ = rx.await;
+            },
+            Duration::from_secs(5),
+        ));
+        TestGateway {
+            addr,
+            admin: admin_addr,
+            gw,
+            client: reqwest::Client::new(),
+            dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+}
+
+/// A bot with `api_key` auth (`test-key`) and a light schema.
+pub fn bot_file(id: &str) -> String {
+    format!(
+        r#"bots:
+  - id: {id}
+    auth: {{ api_key: {{ keys: ["test-key", "rotated-key"] }} }}
+    schema: schemas/payload.json
+"#
+    )
+}
+
+pub const PAYLOAD_SCHEMA: &str = r#"{
+  "type": "object",
+  "required": ["sessionId"],
+  "properties": {
+    "sessionId": {"type": "string"},
+    "intent": {"type": ["string", "null"]},
+    "slots": {"type": "object"}
+  }
+}"#;
