@@ -41,7 +41,10 @@ static SCHEMA: LazyLock<RouteFileSchema> = LazyLock::new(|| {
 /// `unresolved` pointers (missing variables, reported elsewhere) are dropped.
 pub fn check(doc: &Value, original: &Value, unresolved: &[String]) -> Vec<ShapeError> {
     let mut out = Vec::new();
-    if !doc.is_object() && !doc.is_null() {
+    if doc.is_null() {
+        return out; // an empty file (or one holding only comments) is a valid, empty route file
+    }
+    if !doc.is_object() {
         out.push(ShapeError {
             pointer: String::new(),
             at_key: false,

@@ -1,0 +1,286 @@
+//! The real `gateway serve` binary: start-up refusal, admin token rules,
+//! reload on SIGHUP, and graceful shutdown on SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use support::{Scripted, TestDownstream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+
+struct Proc {
+    child: Child,
+    listen: String,
+    admin: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn routes_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for (n, c) in files {
+        std::fs::write(d.path().join(n), c).unwrap();
+    }
+    d
+}
+
+fn command(dir: &std::path::Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    let admin = if extra.contains(&"--admin-listen") {
+        &[][..]
+    } else {
+        &["--admin-listen", "127.0.0.1:0"][..]
+    };
+    c.args(["serve", "--routes"])
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(admin)
+        .args(extra);
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+/// Starts the binary and waits for its "gateway serving" line (bounded).
+fn start(mut cmd: Command) -> Proc {
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("gateway starts and logs");
+        if line.contains("gateway serving") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            return Proc {
+                child,
+                listen: v["listen"].as_str().unwrap().into(),
+                admin: v["admin"].as_str().unwrap().into(),
+                lines: rx,
+            };
+        }
+    }
+}
+
+fn kill(p: &Child, sig: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, &p.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+fn route_file(url: &str, path: &str) -> String {
+    format!(
+        "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"k\"] }} }}\nroutes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"{url}{path}\" }}\n"
+    )
+}
+
+#[test]
+fn invalid_configuration_refuses_to_start_with_diagnostics() {
+    let d = routes_dir(&[(
+        "bad.yaml",
+        "routes:\n  - name: r\n    intent: x\n    retyr: {}\n    downstream: { url: \"https://h/x\" }\n",
+    )]);
+    let out = command(d.path(), &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "bad.yaml:4:5: error: routes[0].retyr: unknown key `retyr`; did you mean `retry`?"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("not starting"), "{err}");
+}
+
+#[test]
+fn missing_env_var_is_an_error_for_serve() {
+    let d = routes_dir(&[(
+        "r.yaml",
+        "bots:\n  - id: b\n    auth: { bearer: { tokens: [\"${BOT_TOKEN}\"] } }\n",
+    )]);
+    let out = command(d.path(), &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`BOT_TOKEN` not set"));
+}
+
+#[test]
+fn admin_listener_off_loopback_needs_a_token() {
+    let d = routes_dir(&[("r.yaml", "")]);
+    let out = command(d.path(), &["--admin-listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GATEWAY_ADMIN_TOKEN is required"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_token_is_enforced_and_never_shown() {
+    support::init();
+    let d = routes_dir(&[("r.yaml", "")]);
+    let mut c = command(d.path(), &[]);
+    c.env("GATEWAY_ADMIN_TOKEN", "adm1n-t0ken");
+    let p = start(c);
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/admin/status", p.admin);
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client
+            .get(&url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let resp = client
+        .get(&url)
+        .bearer_auth("adm1n-t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.text().await.unwrap().contains("adm1n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_and_a_bad_file_keeps_the_running_config() {
+    support::init();
+    let ds = TestDownstream::start().await;
+    let d = routes_dir(&[("r.yaml", &route_file(&ds.url(), "/v1"))]);
+    let p = start(command(d.path(), &[]));
+    let client = reqwest::Client::new();
+    let post = || {
+        client
+            .post(format!("http://{}/webhooks/b", p.listen))
+            .header("x-api-key", "k")
+            .body("{}")
+            .send()
+    };
+    assert_eq!(post().await.unwrap().status(), 200);
+    let status = |c: &reqwest::Client| c.get(format!("http://{}/admin/status", p.admin)).send();
+    let gen0 = support::json(status(&client).await.unwrap()).await["generation"]
+        .as_u64()
+        .unwrap();
+
+    std::fs::write(d.path().join("r.yaml"), route_file(&ds.url(), "/v2")).unwrap();
+    kill(&p.child, "-HUP");
+    let gen1 = wait_for_generation(&client, &p.admin, gen0 + 1).await;
+    assert_eq!(gen1, gen0 + 1);
+    assert_eq!(post().await.unwrap().status(), 200);
+    assert_eq!(ds.requests().last().unwrap().uri, "/v2");
+
+    // a broken file: the old configuration keeps serving; status shows the failure
+    std::fs::write(d.path().join("r.yaml"), "routes: [\n").unwrap();
+    let resp = client
+        .post(format!("http://{}/admin/reload", p.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let report = support::json(resp).await;
+    assert_eq!(report["ok"], false);
+    assert!(
+        report["diagnostics"][0]
+            .as_str()
+            .unwrap()
+            .contains("r.yaml:"),
+        "{report}"
+    );
+    assert_eq!(post().await.unwrap().status(), 200);
+    assert_eq!(ds.requests().last().unwrap().uri, "/v2");
+    let st = support::json(status(&client).await.unwrap()).await;
+    assert_eq!(
+        (st["generation"].as_u64(), st["last_reload"]["ok"].as_bool()),
+        (Some(gen1), Some(false))
+    );
+}
+
+async fn wait_for_generation(client: &reqwest::Client, admin: &str, want: u64) -> u64 {
+    for _ in 0..200 {
+        let g = support::json(
+            client
+                .get(format!("http://{admin}/admin/status"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await["generation"]
+            .as_u64()
+            .unwrap();
+        if g >= want {
+            return g;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("generation {want} not reached");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    support::init();
+    let ds = TestDownstream::start().await;
+    ds.push(Scripted::status(200).delay(Duration::from_millis(700)));
+    let d = routes_dir(&[("r.yaml", &route_file(&ds.url(), "/slow"))]);
+    let mut p = start(command(d.path(), &[]));
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/webhooks/b", p.listen);
+    let inflight = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .post(url)
+                .header("x-api-key", "k")
+                .body("{}")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    while ds.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kill(&p.child, "-TERM");
+    assert_eq!(
+        inflight.await.unwrap(),
+        200,
+        "the in-flight request finished"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = p.child.wait().unwrap();
+        let lines: Vec<String> = p.lines.try_iter().collect();
+        (s, lines)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0));
+    assert!(
+        status.1.iter().any(|l| l.contains("gateway stopped")),
+        "{:?}",
+        status.1
+    );
+}
