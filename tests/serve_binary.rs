@@ -54,8 +54,15 @@ fn command(dir: &std::path::Path, extra: &[&str]) -> Command {
 
 /// Starts the binary and waits for its "gateway serving" line (bounded).
 fn start(mut cmd: Command) -> Proc {
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let child = cmd.spawn().unwrap();
+    // Owned by `Proc` at once, so every path (even a panic below) kills and waits.
+    let mut p = Proc {
+        child,
+        listen: String::new(),
+        admin: String::new(),
+        lines: mpsc::channel().1,
+    };
+    let stderr = p.child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -70,12 +77,10 @@ fn start(mut cmd: Command) -> Proc {
             .expect("gateway starts and logs");
         if line.contains("gateway serving") {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            return Proc {
-                child,
-                listen: v["listen"].as_str().unwrap().into(),
-                admin: v["admin"].as_str().unwrap().into(),
-                lines: rx,
-            };
+            p.listen = v["listen"].as_str().unwrap().into();
+            p.admin = v["admin"].as_str().unwrap().into();
+            p.lines = rx;
+            return p;
         }
     }
 }
