@@ -534,3 +534,45 @@ async fn async_routes_are_refused_honestly_until_the_store_exists() {
     );
     assert!(ds.requests().is_empty());
 }
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let ds = TestDownstream::start().await;
+    let gw = gateway(&ds, "").await;
+    ds.push(Scripted::status(302).header("location", "/elsewhere").body("{}"));
+    let (status, _, _) = gw.send("b", &payload("C-1")).await;
+    assert_eq!(status, 302, "the redirect is the downstream's answer, passed on");
+    assert_eq!(ds.requests().len(), 1, "the Location was not requested");
+}
+
+#[tokio::test]
+async fn downstream_bodies_are_capped() {
+    let ds = TestDownstream::start().await;
+    let gw = TestGateway::builder()
+        .file("bots.yaml", &bot_file("b"))
+        .file("schemas/payload.json", PAYLOAD_SCHEMA)
+        .file("routes.yaml", &route(&ds, ""))
+        .limits(cognigy_gateway::runtime::Limits { max_response: 64, ..Default::default() })
+        .start()
+        .await;
+    ds.push(Scripted::status(200).body(&format!("{{\"big\": \"{}\"}}", "x".repeat(10_000))));
+    let resp = gw.post("b", &[("x-api-key", "test-key")], payload("C-1").to_string()).await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    // the first 64 bytes are not JSON any more, so they are wrapped as text
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["body"].as_str().unwrap().len(), 64);
+}
+
+#[tokio::test]
+async fn retry_after_on_503_is_honoured_between_tries() {
+    let ds = TestDownstream::start().await;
+    let gw = gateway(&ds, "").await;
+    ds.push(Scripted::status(503).header("retry-after", "1"));
+    let started = std::time::Instant::now();
+    let (status, _, _) = gw.send("b", &payload("C-1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(ds.requests().len(), 2);
+    // the backoff alone would be ≤ 20ms; Retry-After asked for 1s
+    assert!(started.elapsed() >= Duration::from_millis(950), "{:?}", started.elapsed());
+}
