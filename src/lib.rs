@@ -7,4 +7,5 @@ pub mod http;
 pub mod payload;
 pub mod render;
 pub mod runtime;
+pub mod telemetry;
 pub mod template;

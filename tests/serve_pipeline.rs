@@ -539,9 +539,16 @@ async fn async_routes_are_refused_honestly_until_the_store_exists() {
 async fn redirects_are_not_followed() {
     let ds = TestDownstream::start().await;
     let gw = gateway(&ds, "").await;
-    ds.push(Scripted::status(302).header("location", "/elsewhere").body("{}"));
+    ds.push(
+        Scripted::status(302)
+            .header("location", "/elsewhere")
+            .body("{}"),
+    );
     let (status, _, _) = gw.send("b", &payload("C-1")).await;
-    assert_eq!(status, 302, "the redirect is the downstream's answer, passed on");
+    assert_eq!(
+        status, 302,
+        "the redirect is the downstream's answer, passed on"
+    );
     assert_eq!(ds.requests().len(), 1, "the Location was not requested");
 }
 
@@ -552,11 +559,20 @@ async fn downstream_bodies_are_capped() {
         .file("bots.yaml", &bot_file("b"))
         .file("schemas/payload.json", PAYLOAD_SCHEMA)
         .file("routes.yaml", &route(&ds, ""))
-        .limits(cognigy_gateway::runtime::Limits { max_response: 64, ..Default::default() })
+        .limits(cognigy_gateway::runtime::Limits {
+            max_response: 64,
+            ..Default::default()
+        })
         .start()
         .await;
     ds.push(Scripted::status(200).body(&format!("{{\"big\": \"{}\"}}", "x".repeat(10_000))));
-    let resp = gw.post("b", &[("x-api-key", "test-key")], payload("C-1").to_string()).await;
+    let resp = gw
+        .post(
+            "b",
+            &[("x-api-key", "test-key")],
+            payload("C-1").to_string(),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let body = resp.text().await.unwrap();
     // the first 64 bytes are not JSON any more, so they are wrapped as text
@@ -574,5 +590,9 @@ async fn retry_after_on_503_is_honoured_between_tries() {
     assert_eq!(status, 200);
     assert_eq!(ds.requests().len(), 2);
     // the backoff alone would be ≤ 20ms; Retry-After asked for 1s
-    assert!(started.elapsed() >= Duration::from_millis(950), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -109,12 +109,12 @@ pub fn run(args: ServeArgs) -> u8 {
             ..Limits::default()
         };
         let runtime = Runtime::build(Arc::new(config), None, tokio::time::Instant::now());
-        let gw = Arc::new(Gateway::new(
+        let gw = Gateway::new(
             runtime,
             Shared::new(limits),
             admin_token,
             args.routes.clone(),
-        ));
+        );
         let public = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
             Err(e) => {

@@ -19,6 +19,7 @@ use crate::breaker::{Outcome, Rejected};
 use crate::config::model::OutboundAuth;
 use crate::render::OutboundRequest;
 use crate::runtime::{RouteState, Shared};
+use crate::telemetry::events;
 
 /// A downstream answer, its body capped.
 #[derive(Debug, Clone)]
@@ -78,6 +79,9 @@ pub async fn call(
     loop {
         let now = Instant::now();
         if let Some(until) = state.paused_until(now) {
+            if tries == 0 {
+                events::rejected(&shared.metrics, &route.name, "paused");
+            }
             return if tries == 0 {
                 CallResult::Unavailable {
                     retry_after: until - now,
@@ -92,13 +96,19 @@ pub async fn call(
             };
         }
         let permit = match state.breaker.try_acquire(now) {
-            Ok(p) => p,
+            Ok(p) => {
+                if let Some(t) = p.transition() {
+                    events::breaker_transition(&shared.metrics, &route.name, &t);
+                }
+                p
+            }
             Err(rejected) => {
                 return if tries == 0 {
                     let (retry_after, why) = match rejected {
                         Rejected::Open { until } => (until.saturating_duration_since(now), "open"),
                         Rejected::ProbesBusy { .. } => (Duration::from_secs(1), "half_open"),
                     };
+                    events::rejected(&shared.metrics, &route.name, why);
                     CallResult::Unavailable { retry_after, why }
                 } else {
                     CallResult::Failed {
@@ -154,7 +164,7 @@ pub async fn call(
             && !refreshed
         {
             refreshed = true;
-            permit.record(Outcome::Success, latency, Instant::now());
+            record(shared, &route.name, permit, Outcome::Success, latency);
             tries -= 1;
             if let Err(error) = shared.tokens.refresh_after_unauthorized(creds, t).await {
                 return CallResult::Token {
@@ -167,7 +177,7 @@ pub async fn call(
 
         let outcome = match &result {
             Try::Answer(a) if route.downstream.success.contains(a.status) => {
-                permit.record(Outcome::Success, latency, Instant::now());
+                record(shared, &route.name, permit, Outcome::Success, latency);
                 TryOutcome::Success
             }
             Try::Answer(a) => {
@@ -183,9 +193,9 @@ pub async fn call(
                         .min(policy.retry_after_max);
                     state.pause(Instant::now() + pause);
                 } else if a.status >= 500 {
-                    permit.record(Outcome::Failure, latency, Instant::now());
+                    record(shared, &route.name, permit, Outcome::Failure, latency);
                 } else {
-                    permit.record(Outcome::Success, latency, Instant::now());
+                    record(shared, &route.name, permit, Outcome::Success, latency);
                 }
                 last_status = Some(a.status);
                 last_reason = if a.status == 429 {
@@ -199,14 +209,21 @@ pub async fn call(
                 }
             }
             Try::ConnectError => {
-                permit.record(Outcome::Failure, latency, Instant::now());
+                record(shared, &route.name, permit, Outcome::Failure, latency);
                 last_status = None;
                 last_reason = "connect";
                 TryOutcome::ConnectError
             }
             Try::Timeout => {
-                permit.record(Outcome::Failure, latency, Instant::now());
+                record(shared, &route.name, permit, Outcome::Failure, latency);
                 if cut_by_deadline {
+                    events::downstream_try(
+                        &shared.metrics,
+                        &route.name,
+                        "failure",
+                        latency.as_secs_f64(),
+                        tries > 1,
+                    );
                     return CallResult::DeadlineExceeded { tries };
                 }
                 last_status = None;
@@ -214,13 +231,26 @@ pub async fn call(
                 TryOutcome::Timeout
             }
             Try::Broken => {
-                permit.record(Outcome::Failure, latency, Instant::now());
+                record(shared, &route.name, permit, Outcome::Failure, latency);
                 last_status = None;
                 last_reason = "broken";
                 TryOutcome::OtherError
             }
         };
 
+        let label = match (&result, &outcome) {
+            (_, TryOutcome::Success) => "success",
+            (Try::Answer(a), _) if a.status == 429 => "rate_limited",
+            (Try::Answer(a), _) if a.status < 500 => "refused",
+            _ => "failure",
+        };
+        events::downstream_try(
+            &shared.metrics,
+            &route.name,
+            label,
+            latency.as_secs_f64(),
+            tries > 1,
+        );
         let remaining = deadline_at.saturating_duration_since(Instant::now());
         let decision = policy.next_sync(tries, &outcome, remaining, &mut rand::rng());
         match (decision, result) {
@@ -252,6 +282,19 @@ pub async fn call(
                 };
             }
         }
+    }
+}
+
+/// Records a try's outcome on its breaker permit; a resulting transition is logged and counted.
+fn record(
+    shared: &Shared,
+    route: &str,
+    permit: crate::breaker::Permit,
+    outcome: Outcome,
+    latency: Duration,
+) {
+    if let Some(t) = permit.record(outcome, latency, Instant::now()) {
+        events::breaker_transition(&shared.metrics, route, &t);
     }
 }
 

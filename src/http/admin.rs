@@ -24,6 +24,7 @@ use crate::config::model::OutboundAuth;
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/healthz", get(super::ops::healthz))
+        .route("/metrics", get(metrics))
         .route("/admin/status", get(status))
         .route("/admin/routes", get(routes))
         .route("/admin/breakers/{route}/reset", post(reset_breaker))
@@ -62,6 +63,35 @@ async fn require_token(
 fn sha(s: &str) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(s.as_bytes()).into()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> impl axum::response::IntoResponse {
+    let m = &gw.shared.metrics;
+    let rt = gw.runtime.load();
+    let now = Instant::now();
+    for (name, state) in &rt.routes {
+        crate::telemetry::events::breaker_state(m, name, state.breaker.state(now).state);
+    }
+    m.config_generation.set(rt.generation as i64);
+    let stats = gw.shared.tokens.stats();
+    for (result, total) in [
+        ("ok", stats.grants - stats.grant_failures),
+        ("error", stats.grant_failures),
+    ] {
+        let c = m
+            .token_grants
+            .get_or_create(&crate::telemetry::metrics::ResultLabels {
+                result: result.into(),
+            });
+        c.inc_by(total.saturating_sub(c.get()));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
 }
 
 async fn status(State(gw): State<Arc<Gateway>>) -> Json<Value> {

@@ -30,7 +30,7 @@ pub struct Gateway {
     /// The running configuration; swapped whole on reload, so a request keeps
     /// the generation it started with.
     pub runtime: ArcSwap<Runtime>,
-    pub shared: Shared,
+    pub shared: Arc<Shared>,
     /// Protects the admin listener when set (`GATEWAY_ADMIN_TOKEN`).
     pub admin_token: Option<SecretString>,
     /// Outcome of the last load (start-up or reload), for `/admin/status`.
@@ -50,12 +50,13 @@ pub struct ReloadReport {
 }
 
 impl Gateway {
+    /// Must be called inside a tokio runtime (it starts the health probe tasks).
     pub fn new(
         runtime: Runtime,
         shared: Shared,
         admin_token: Option<SecretString>,
         routes_dir: std::path::PathBuf,
-    ) -> Self {
+    ) -> Arc<Self> {
         let report = ReloadReport {
             at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             ok: true,
@@ -63,18 +64,24 @@ impl Gateway {
             hash: runtime.config.hash.clone(),
             diagnostics: vec![],
         };
-        Gateway {
+        let gw = Arc::new(Gateway {
             runtime: ArcSwap::from_pointee(runtime),
-            shared,
+            shared: Arc::new(shared),
             admin_token,
             last_reload: Mutex::new(report),
             routes_dir,
-        }
+        });
+        crate::telemetry::events::reload(&gw.shared.metrics, true, gw.runtime.load().generation);
+        crate::runtime::health::start_probes(&gw);
+        gw
     }
 
     /// Reloads the routes directory from the process environment.
-    pub fn reload(&self) -> ReloadReport {
-        crate::runtime::reload::reload(self, &self.routes_dir, &crate::cli::process_env)
+    pub fn reload(self: &Arc<Self>) -> ReloadReport {
+        let report =
+            crate::runtime::reload::reload(self, &self.routes_dir, &crate::cli::process_env);
+        crate::runtime::health::start_probes(self);
+        report
     }
 }
 

@@ -47,6 +47,13 @@ pub async fn handle(
         }
         e.into_response()
     });
+    crate::telemetry::events::request(
+        &gw.shared.metrics,
+        &log.bot,
+        log.route.as_deref().unwrap_or("-"),
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     tracing::info!(
         request_id = %log.request_id,
         bot = %log.bot,

@@ -13,17 +13,20 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+pub mod health;
 pub mod reload;
 
 use crate::breaker::Breaker;
 use crate::config::model::{Config, OutboundAuth, Route};
 use crate::downstream::oauth2::TokenCache;
+use crate::telemetry::metrics::Metrics;
 
 /// Things shared by every runtime generation: the HTTP client and token cache.
 pub struct Shared {
     pub client: reqwest::Client,
     pub tokens: TokenCache,
     pub limits: Limits,
+    pub metrics: Metrics,
 }
 
 /// Settings from flags/environment (never from route files).
@@ -65,6 +68,7 @@ impl Shared {
             client,
             tokens,
             limits,
+            metrics: Metrics::new(),
         }
     }
 }
@@ -82,9 +86,11 @@ pub struct RouteState {
     pub breaker: Breaker,
     /// `max_in_flight` permits.
     pub bulkhead: Arc<Semaphore>,
-    /// Paused by a 429 until this instant.
-    paused_until: Mutex<Option<Instant>>,
+    /// Paused by a 429 until this instant (shared with the previous generation's state).
+    paused_until: Arc<Mutex<Option<Instant>>>,
     key: String,
+    /// Identity of this state across generations; true once its health probe task runs.
+    pub(crate) identity: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RouteState {
@@ -93,8 +99,9 @@ impl RouteState {
         RouteState {
             breaker: Breaker::new(route.breaker.clone(), now),
             bulkhead: Arc::new(Semaphore::new(route.downstream.max_in_flight as usize)),
-            paused_until: Mutex::new(None),
+            paused_until: Arc::new(Mutex::new(None)),
             key,
+            identity: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             route,
         }
     }
@@ -151,10 +158,9 @@ impl Runtime {
                     route: route.clone(),
                     breaker: old.breaker.clone(),
                     bulkhead: old.bulkhead.clone(),
-                    paused_until: Mutex::new(
-                        *old.paused_until.lock().unwrap_or_else(|e| e.into_inner()),
-                    ),
+                    paused_until: old.paused_until.clone(),
                     key: old.key.clone(),
+                    identity: old.identity.clone(),
                 }),
                 _ => Arc::new(RouteState::new(route.clone(), now)),
             };

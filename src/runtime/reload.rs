@@ -75,6 +75,7 @@ pub fn reload(
             }
         }
     };
+    crate::telemetry::events::reload(&gw.shared.metrics, report.ok, report.generation);
     *gw.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = report.clone();
     report
 }

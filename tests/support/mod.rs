@@ -370,12 +370,12 @@ impl GatewayBuilder {
             )
         });
         let runtime = Runtime::build(Arc::new(config), None, tokio::time::Instant::now());
-        let gw = Arc::new(Gateway::new(
+        let gw = Gateway::new(
             runtime,
             Shared::new(self.limits),
             self.admin_token.map(Into::into),
             routes,
-        ));
+        );
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());

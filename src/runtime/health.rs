@@ -1,0 +1,84 @@
+//! Health probes: for a route with `breaker.health`, a task that GETs the
+//! health URL every `interval` while (and only while) the breaker is open; a
+//! success moves the breaker to half-open early.
+//!
+//! One task per route state identity: it follows the route across reloads
+//! that keep its state, and ends when the route is changed or removed.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use tokio::time::Instant;
+
+use crate::config::model::OutboundAuth;
+use crate::http::Gateway;
+use crate::telemetry::events;
+
+/// Starts the probe task of every route that has a health probe and none running yet.
+pub fn start_probes(gw: &Arc<Gateway>) {
+    let rt = gw.runtime.load();
+    for (name, state) in &rt.routes {
+        if state.route.health.is_some() && !state.identity.swap(true, Ordering::SeqCst) {
+            let identity = Arc::downgrade(&state.identity);
+            tokio::spawn(probe_loop(Arc::downgrade(gw), name.clone(), identity));
+        }
+    }
+}
+
+async fn probe_loop(
+    gw: Weak<Gateway>,
+    name: String,
+    identity: Weak<std::sync::atomic::AtomicBool>,
+) {
+    loop {
+        // The current route and its settings (secrets may have rotated on reload).
+        let interval = {
+            let Some(gw) = gw.upgrade() else { return };
+            let rt = gw.runtime.load();
+            let Some(state) = rt.routes.get(&name) else {
+                return;
+            };
+            let Some(me) = identity.upgrade() else { return };
+            if !Arc::ptr_eq(&state.identity, &me) {
+                return; // the route changed: its new state has its own task
+            }
+            let Some(h) = &state.route.health else { return };
+            h.interval
+        };
+        tokio::time::sleep(interval).await;
+        let Some(gw) = gw.upgrade() else { return };
+        let rt = gw.runtime.load_full();
+        let Some(state) = rt.routes.get(&name) else {
+            return;
+        };
+        if state.breaker.blocked_until(Instant::now()).is_none() {
+            continue; // only while open
+        }
+        let route = &state.route;
+        let Some(h) = &route.health else { return };
+        let mut req = gw
+            .shared
+            .client
+            .get(&h.url)
+            .timeout(route.downstream.timeout);
+        match &route.downstream.auth {
+            OutboundAuth::Bearer(t) => {
+                use secrecy::ExposeSecret;
+                req = req.bearer_auth(t.expose_secret());
+            }
+            OutboundAuth::OAuth2(creds) => match gw.shared.tokens.token(creds).await {
+                Ok(t) => req = req.header(http::header::AUTHORIZATION, t.bearer_header()),
+                Err(_) => {
+                    events::health_probe(&gw.shared.metrics, &name, false);
+                    continue;
+                }
+            },
+            OutboundAuth::None => {}
+        }
+        let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
+        events::health_probe(&gw.shared.metrics, &name, ok);
+        if ok && let Some(t) = state.breaker.force_half_open(Instant::now()) {
+            events::breaker_transition(&gw.shared.metrics, &name, &t);
+        }
+    }
+}

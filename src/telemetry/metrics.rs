@@ -1,0 +1,197 @@
+//! Every metric of the gateway, in one registry per gateway instance (no
+//! global recorder, so tests do not leak into each other). Labels are bot and
+//! route names, status classes and fixed vocabularies, never payload values.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub bot: String,
+    pub route: String,
+    /// `2xx`, `4xx`, `5xx`, …
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BotRouteLabels {
+    pub bot: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub route: String,
+    /// `success`, `failure`, `rate_limited`, `refused`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub route: String,
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub route: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub route: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub route: String,
+    pub result: String,
+}
+
+/// Histogram buckets suited to CRM calls: 5 ms … 30 s.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 15.0, 30.0,
+];
+
+#[derive(Clone)]
+pub struct LatencyHistogram;
+
+impl MetricConstructor<Histogram> for LatencyHistogram {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(LATENCY_BUCKETS)
+    }
+}
+
+/// All metrics of one gateway.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<BotRouteLabels, Histogram, LatencyHistogram>,
+    pub downstream_duration: Family<RouteLabels, Histogram, LatencyHistogram>,
+    pub downstream_tries: Family<OutcomeLabels, Counter>,
+    pub retries: Family<RouteLabels, Counter>,
+    pub breaker_state: Family<StateLabels, Gauge>,
+    pub breaker_transitions: Family<TransitionLabels, Counter>,
+    pub breaker_rejections: Family<ReasonLabels, Counter>,
+    pub health_probes: Family<ProbeLabels, Counter>,
+    pub token_grants: Family<ResultLabels, Counter>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub config_generation: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("gateway");
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(LatencyHistogram),
+            downstream_duration: Family::new_with_constructor(LatencyHistogram),
+            downstream_tries: Family::default(),
+            retries: Family::default(),
+            breaker_state: Family::default(),
+            breaker_transitions: Family::default(),
+            breaker_rejections: Family::default(),
+            health_probes: Family::default(),
+            token_grants: Family::default(),
+            reloads: Family::default(),
+            config_generation: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Webhook requests answered, by bot, route and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request arrival to answer",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "downstream_duration_seconds",
+            "Duration of one downstream try",
+            m.downstream_duration.clone(),
+        );
+        registry.register(
+            "downstream_tries",
+            "Downstream tries by outcome",
+            m.downstream_tries.clone(),
+        );
+        registry.register(
+            "retries",
+            "Downstream tries after the first",
+            m.retries.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "1 for the breaker's current state (closed, open, half_open)",
+            m.breaker_state.clone(),
+        );
+        registry.register(
+            "breaker_transitions",
+            "Breaker state transitions",
+            m.breaker_transitions.clone(),
+        );
+        registry.register(
+            "breaker_rejections",
+            "Calls not made because the route was open, paused or full",
+            m.breaker_rejections.clone(),
+        );
+        registry.register(
+            "health_probes",
+            "Health probe results while a breaker was open",
+            m.health_probes.clone(),
+        );
+        registry.register(
+            "oauth2_token_requests",
+            "OAuth2 token grants by result",
+            m.token_grants.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Configuration loads by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "config_generation",
+            "Generation of the running configuration",
+            m.config_generation.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// `200` → `2xx`.
+pub fn status_class(status: u16) -> String {
+    format!("{}xx", status / 100)
+}
