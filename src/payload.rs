@@ -15,6 +15,8 @@ pub struct PayloadSchema {
     pub path: PathBuf,
     /// The schema document, for `validate`'s template-vs-schema check.
     pub json: Value,
+    /// SHA-256 of the bytes compiled (part of the configuration hash).
+    pub digest: [u8; 32],
     validator: jsonschema::Validator,
 }
 
@@ -45,7 +47,9 @@ impl PayloadSchema {
         })?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| format!("schema file is not valid JSON: {e}"))?;
-        Self::compile(path, json)
+        let mut s = Self::compile(path, json)?;
+        s.digest = sha256(text.as_bytes());
+        Ok(s)
     }
 
     /// Compiles `json` as if it were read from `path` (relative `$ref`s resolve next to it).
@@ -60,9 +64,11 @@ impl PayloadSchema {
             .with_pattern_options(jsonschema::PatternOptions::regex())
             .build(&json)
             .map_err(|e| format!("JSON Schema does not compile: {e}"))?;
+        let digest = sha256(json.to_string().as_bytes());
         Ok(PayloadSchema {
             path: path.to_path_buf(),
             json,
+            digest,
             validator,
         })
     }
@@ -155,6 +161,12 @@ fn json_type(v: &Value) -> &'static str {
         Value::Array(_) => "array",
         Value::Object(_) => "object",
     }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 /// Resolves `$ref`s to files under `root` only; refuses the network and other directories.

@@ -41,6 +41,12 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT, in seconds.
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = 10)]
     pub shutdown_grace: u64,
+    /// Debounce of file-change reloads, in milliseconds.
+    #[arg(long, env = "GATEWAY_RELOAD_DEBOUNCE_MS", default_value_t = 250)]
+    pub reload_debounce_ms: u64,
+    /// Also rescan every N seconds (for filesystems without change events); 0 = off.
+    #[arg(long, env = "GATEWAY_RELOAD_POLL_SECS", default_value_t = 0)]
+    pub reload_poll_secs: u64,
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -114,6 +120,7 @@ pub fn run(args: ServeArgs) -> u8 {
             Shared::new(limits),
             admin_token,
             args.routes.clone(),
+            Box::new(super::process_env),
         );
         let public = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
@@ -140,6 +147,14 @@ pub fn run(args: ServeArgs) -> u8 {
         );
         drop(cfg);
         spawn_sighup(gw.clone());
+        let poll = (args.reload_poll_secs > 0).then(|| Duration::from_secs(args.reload_poll_secs));
+        let _watch = match crate::runtime::watch::spawn(gw.clone(), Duration::from_millis(args.reload_debounce_ms), poll) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the routes directory; reload with SIGHUP or POST /admin/reload");
+                None
+            }
+        };
         match crate::http::run(
             public,
             admin,

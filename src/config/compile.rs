@@ -210,10 +210,7 @@ impl Compiler<'_> {
                 return;
             }
         };
-        self.hasher.update(path.to_string_lossy().as_bytes());
-        self.hasher.update([0]);
-        self.hasher.update(text.as_bytes());
-        self.hasher.update([0]);
+        hash_route_file(&mut self.hasher, &path, text.as_bytes());
         let (mut doc, index) = match yaml::parse(&text) {
             Ok(x) => x,
             Err(e) => {
@@ -500,8 +497,12 @@ impl Compiler<'_> {
             schema_files.sort();
             let mut hasher = self.hasher.clone();
             for f in &schema_files {
-                hasher.update(f.to_string_lossy().as_bytes());
-                hasher.update(std::fs::read(f).unwrap_or_default());
+                // the bytes that were compiled, not a fresh read (the file may have changed since)
+                let digest = match self.schema_cache.get(f) {
+                    Some(Ok(schema)) => schema.digest,
+                    _ => [0; 32],
+                };
+                hash_schema_file(&mut hasher, f, digest);
             }
             Config {
                 bots: bots
@@ -1313,6 +1314,36 @@ impl Compiler<'_> {
             }
         }
     }
+}
+
+fn hash_route_file(h: &mut Sha256, path: &Path, content: &[u8]) {
+    h.update(path.to_string_lossy().as_bytes());
+    h.update([0]);
+    h.update(content);
+    h.update([0]);
+}
+
+fn hash_schema_file(h: &mut Sha256, path: &Path, digest: [u8; 32]) {
+    h.update(path.to_string_lossy().as_bytes());
+    h.update(digest);
+}
+
+/// The hash `load` would give `config` if its files were read now: equal to
+/// `config.hash` unless a file changed (or appeared or vanished) since.
+pub fn current_hash(inputs: &[PathBuf], config: &Config) -> String {
+    let mut ignored = Vec::new();
+    let mut h = Sha256::new();
+    for f in walk::collect_files(inputs, &mut ignored) {
+        hash_route_file(&mut h, &f, &std::fs::read(&f).unwrap_or_default());
+    }
+    for f in &config.schema_files {
+        hash_schema_file(
+            &mut h,
+            f,
+            crate::payload::sha256(&std::fs::read(f).unwrap_or_default()),
+        );
+    }
+    hex::encode(h.finalize())
 }
 
 /// Parts of a bot before its route table is complete.

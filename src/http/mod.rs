@@ -37,7 +37,12 @@ pub struct Gateway {
     pub last_reload: Mutex<ReloadReport>,
     /// The routes directory, for reloads.
     pub routes_dir: std::path::PathBuf,
+    /// Where `${VAR}` values come from at reload (the process environment in `serve`).
+    pub env: EnvLookup,
 }
+
+/// A `${VAR}` lookup.
+pub type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// What the last load did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -56,6 +61,7 @@ impl Gateway {
         shared: Shared,
         admin_token: Option<SecretString>,
         routes_dir: std::path::PathBuf,
+        env: EnvLookup,
     ) -> Arc<Self> {
         let report = ReloadReport {
             at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -70,6 +76,7 @@ impl Gateway {
             admin_token,
             last_reload: Mutex::new(report),
             routes_dir,
+            env,
         });
         crate::telemetry::events::reload(&gw.shared.metrics, true, gw.runtime.load().generation);
         crate::runtime::health::start_probes(&gw);
@@ -78,8 +85,7 @@ impl Gateway {
 
     /// Reloads the routes directory from the process environment.
     pub fn reload(self: &Arc<Self>) -> ReloadReport {
-        let report =
-            crate::runtime::reload::reload(self, &self.routes_dir, &crate::cli::process_env);
+        let report = crate::runtime::reload::reload(self, &self.routes_dir, &self.env);
         crate::runtime::health::start_probes(self);
         report
     }

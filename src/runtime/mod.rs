@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 pub mod health;
 pub mod reload;
+pub mod watch;
 
 use crate::breaker::Breaker;
 use crate::config::model::{Config, OutboundAuth, Route};

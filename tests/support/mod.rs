@@ -249,6 +249,7 @@ pub struct TestGateway {
     pub gw: Arc<Gateway>,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
+    _watch: Option<cognigy_gateway::runtime::watch::WatchHandle>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -258,6 +259,8 @@ pub struct GatewayBuilder {
     env: HashMap<String, String>,
     limits: Limits,
     admin_token: Option<String>,
+    watch: bool,
+    subdir: Option<String>,
 }
 
 impl TestGateway {
@@ -267,6 +270,8 @@ impl TestGateway {
             env: HashMap::new(),
             limits: Limits::default(),
             admin_token: None,
+            watch: false,
+            subdir: None,
         }
     }
 
@@ -334,9 +339,33 @@ impl GatewayBuilder {
         self.limits = l;
         self
     }
+    /// Reload on file changes (50 ms debounce).
+    pub fn watch(mut self) -> Self {
+        self.watch = true;
+        self
+    }
     pub fn admin_token(mut self, t: &str) -> Self {
         self.admin_token = Some(t.into());
         self
+    }
+
+    /// Starts with route files under `<tmp>/<sub>` (the routes dir) and `other` files under `<tmp>`.
+    pub async fn start_in_subdir(
+        mut self,
+        sub: &str,
+        routes: &[(&str, &str)],
+        other: &[(&str, &str)],
+    ) -> TestGateway {
+        self.files.clear();
+        for (n, c) in routes {
+            self.files.push((format!("{sub}/{n}"), (*c).to_string()));
+        }
+        for (n, c) in other {
+            self.files.push(((*n).to_string(), (*c).to_string()));
+        }
+        self.watch = true;
+        self.subdir = Some(sub.to_string());
+        self.start().await
     }
 
     pub async fn start(self) -> TestGateway {
@@ -347,8 +376,13 @@ impl GatewayBuilder {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, content).unwrap();
         }
-        let routes: PathBuf = dir.path().to_path_buf();
+        let routes: PathBuf = match &self.subdir {
+            Some(sub) => dir.path().join(sub),
+            None => dir.path().to_path_buf(),
+        };
+        std::fs::create_dir_all(&routes).unwrap();
         let env = self.env.clone();
+        let env2 = self.env.clone();
         let lookup = move |k: &str| env.get(k).cloned();
         let loaded = load(
             std::slice::from_ref(&routes),
@@ -375,6 +409,7 @@ impl GatewayBuilder {
             Shared::new(self.limits),
             self.admin_token.map(Into::into),
             routes,
+            Box::new(move |k: &str| env2.get(k).cloned()),
         );
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -389,12 +424,17 @@ impl GatewayBuilder {
             },
             Duration::from_secs(5),
         ));
+        let _watch = self.watch.then(|| {
+            cognigy_gateway::runtime::watch::spawn(gw.clone(), Duration::from_millis(50), None)
+                .expect("watcher starts")
+        });
         TestGateway {
             addr,
             admin: admin_addr,
             gw,
             client: reqwest::Client::new(),
             dir,
+            _watch,
             shutdown: Some(tx),
             task: Some(task),
         }
