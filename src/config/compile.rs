@@ -354,7 +354,9 @@ impl Compiler<'_> {
             _ => {
                 let mut all = std::mem::take(&mut self.defaults);
                 let (first_at, first) = all.remove(0);
-                let (ffile, fpos) = self.pos_of(&first_at);
+                // the line of the `defaults:` key, not of its first child
+                let ffile = self.files[first_at.file].path.clone();
+                let fpos = self.files[first_at.file].index.key(&first_at.pointer);
                 for (at, _) in all {
                     let msg = format!(
                         "a `defaults:` block is already defined at {}:{}; at most one file may hold one",
