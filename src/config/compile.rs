@@ -430,10 +430,14 @@ impl Compiler<'_> {
         // (bot, intent) → route
         let mut claims: HashMap<(String, String), At> = HashMap::new();
         let bot_ids: Vec<String> = bots.keys().cloned().collect();
-        for (at, route) in routes.values_mut() {
+        // In file order, so a clash is reported at the later definition.
+        let mut in_file_order: Vec<&mut (At, Route)> = routes.values_mut().collect();
+        in_file_order.sort_by_key(|(at, _)| (at.file, element_index(&at.pointer)));
+        for (at, route) in in_file_order {
             if route.bots.is_empty() {
                 route.bots = bot_ids.clone();
-                if bot_ids.is_empty() {
+                // bots that failed to compile are reported already: no warning on top
+                if all_bot_ids.is_empty() {
                     let m = "no bot is defined, so this route serves nothing";
                     self.push(at, true, Severity::Warning, m);
                 }
@@ -1320,6 +1324,15 @@ impl BotParts {
             source: self.source,
         }
     }
+}
+
+/// `/routes/12` → 12: the position of an element in its file's list.
+fn element_index(pointer: &str) -> usize {
+    pointer
+        .rsplit('/')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `https://h/{{a}}/x?q={{b}}` → `https://h/x/x?q=x`, to check the URL's static shape.
