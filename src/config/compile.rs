@@ -1458,6 +1458,13 @@ fn locate_in_scalar(text: &str, value: Pos, tline: usize, tcol: usize) -> Pos {
         .collect();
     let tline = tline.max(1) as u32;
     let tcol = tcol.max(1) as u32;
+    if let Some(header) = block_scalar_header(&lines, value) {
+        // every content line shares the first one's indentation
+        return Pos {
+            line: header + tline,
+            col: value.col - 1 + tcol,
+        };
+    }
     match rest.chars().next() {
         Some('|' | '>') => {
             // block scalar: content starts on the next line, at its indentation
@@ -1488,9 +1495,51 @@ fn locate_in_scalar(text: &str, value: Pos, tline: usize, tcol: usize) -> Pos {
     }
 }
 
+/// serde-saphyr places a block scalar (`body: |`) at its first content line.
+/// When `value` is such a line, the 1-based line number of the header above it
+/// (template line 1 is the line after it).
+fn block_scalar_header(lines: &[&str], value: Pos) -> Option<u32> {
+    let at = (value.line as usize).checked_sub(1)?;
+    let line = lines.get(at)?;
+    let before: String = line
+        .chars()
+        .take((value.col as usize).saturating_sub(1))
+        .collect();
+    if !before.trim().is_empty() {
+        return None;
+    }
+    // only blank lines may sit between the header and the first content line
+    let (i, header) = lines[..at]
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, l)| !l.trim().is_empty())?;
+    let code = header.split(" #").next().unwrap_or(header).trim_end();
+    let indicator = code.rsplit([' ', '\t']).next()?;
+    let mut chars = indicator.chars();
+    (matches!(chars.next(), Some('|' | '>')) && chars.all(|c| matches!(c, '+' | '-' | '1'..='9')))
+        .then_some(i as u32 + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn template_position_in_block_scalar_includes_indentation() {
+        let text = "routes:\n  - body: |\n      {\n        \"a\": \"{{{x}}}\"\n      }\n    body2: >-\n\n      {{y}}\n";
+        let (_, index) = yaml::parse(text).unwrap();
+        // `{{{x}}}` is at line 2, column 9 of the template; the block is indented by 6
+        assert_eq!(
+            locate_in_scalar(text, index.value("/routes/0/body"), 2, 9),
+            Pos { line: 4, col: 15 }
+        );
+        // a leading blank line counts as template line 1
+        assert_eq!(
+            locate_in_scalar(text, index.value("/routes/0/body2"), 2, 1),
+            Pos { line: 8, col: 7 }
+        );
+    }
 
     #[test]
     fn pointer_display() {
