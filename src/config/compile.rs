@@ -900,32 +900,34 @@ impl Compiler<'_> {
                 ),
             );
         }
-        let mut header_sources: BTreeMap<String, (At, String)> = BTreeMap::new();
+        // lower-case name → (where, name as written, value)
+        let mut header_sources: BTreeMap<String, (At, String, String)> = BTreeMap::new();
         if let Some(dh) = d.and_then(|d| d.headers.as_ref()) {
             // defaults' headers are located in the defaults block; we only know they exist
             for (k, v) in dh {
-                header_sources.insert(k.to_ascii_lowercase(), (at.clone(), v.clone()));
+                header_sources.insert(k.to_ascii_lowercase(), (at.clone(), k.clone(), v.clone()));
             }
         }
         for (k, v) in ds.headers.iter().flatten() {
             header_sources.insert(
                 k.to_ascii_lowercase(),
-                (at.child("headers").child(k), v.clone()),
+                (at.child("headers").child(k), k.clone(), v.clone()),
             );
         }
         let mut headers = Vec::new();
-        for (name, (h_at, value)) in header_sources {
-            let Some(hn) = self.header_name(&h_at, &name) else {
+        for (name, (h_at, written, value)) in header_sources {
+            // a bad name is reported at the name (the key), not at its value
+            let Ok(hn) = http::HeaderName::try_from(name.as_str()) else {
+                let m = format!("`{written}` is not a valid header name");
+                self.push(&h_at, true, Severity::Error, m);
                 continue;
             };
             if matches!(
                 name.as_str(),
                 "host" | "content-length" | "transfer-encoding" | "connection"
             ) {
-                self.error(
-                    &h_at,
-                    format!("`{name}` is set by the gateway and cannot be configured"),
-                );
+                let m = format!("`{written}` is set by the gateway and cannot be configured");
+                self.push(&h_at, true, Severity::Error, m);
                 continue;
             }
             if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
@@ -1195,11 +1197,18 @@ impl Compiler<'_> {
         if let Some(k) = &route.idempotency_key {
             templates.push((at.child("idempotency_key"), k));
         }
+        let headers_at = at.child("downstream").child("headers");
         for h in &route.downstream.headers {
+            // header names are stored lower-case; locate the key as written
+            let pointer = self.files[at.file]
+                .index
+                .child_ignore_case(&headers_at.pointer, h.name.as_str())
+                .unwrap_or_else(|| headers_at.child(h.name.as_str()).pointer);
             templates.push((
-                at.child("downstream")
-                    .child("headers")
-                    .child(h.name.as_str()),
+                At {
+                    file: at.file,
+                    pointer,
+                },
                 &h.value,
             ));
         }
