@@ -572,6 +572,16 @@ impl Compiler<'_> {
         ok.then_some(out)
     }
 
+    /// One secret field (a token, a password): empty is an error unless a missing
+    /// variable left it empty (already reported, a warning for `validate`).
+    fn secret(&mut self, at: &At, value: String) -> Option<SecretString> {
+        if value.is_empty() && !self.unresolved(at) {
+            self.error(at, "must not be empty");
+            return None;
+        }
+        Some(SecretString::from(value))
+    }
+
     fn header_name(&mut self, at: &At, name: &str) -> Option<http::HeaderName> {
         match http::HeaderName::try_from(name) {
             Ok(h) => Some(h),
@@ -598,7 +608,7 @@ impl Compiler<'_> {
         }
         if let Some(b) = a.basic {
             let at = at.child("basic");
-            let password = self.secrets(&at, vec![b.password]).map(|mut v| v.remove(0));
+            let password = self.secret(&at.child("password"), b.password);
             if b.username.is_empty() {
                 self.error(&at.child("username"), "must not be empty");
                 return None;
@@ -1049,9 +1059,7 @@ impl Compiler<'_> {
                     }
                 }
             }
-            let secret = self
-                .secrets(&at.child("client_secret"), vec![o.client_secret])
-                .map(|mut v| v.remove(0))?;
+            let secret = self.secret(&at.child("client_secret"), o.client_secret)?;
             return Some(OutboundAuth::OAuth2(OAuth2Settings {
                 token_url: o.token_url,
                 client_id: o.client_id,
@@ -1061,9 +1069,7 @@ impl Compiler<'_> {
             }));
         }
         if let Some(b) = a.bearer {
-            let token = self
-                .secrets(&at.child("bearer").child("token"), vec![b.token])
-                .map(|mut v| v.remove(0))?;
+            let token = self.secret(&at.child("bearer").child("token"), b.token)?;
             return Some(OutboundAuth::Bearer(token));
         }
         Some(OutboundAuth::None)
