@@ -8,7 +8,8 @@
 //! (bot, intent)), the template-vs-schema check, and route examples.
 //! It never does network I/O.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         defaults: vec![],
         schema_cache: HashMap::new(),
         hasher: Sha256::new(),
+        env_values: BTreeSet::new(),
     };
     let files = walk::collect_files(inputs, &mut c.diags);
     for f in files {
@@ -101,6 +103,9 @@ struct Compiler<'a> {
     defaults: Vec<(At, raw::Defaults)>,
     schema_cache: HashMap<PathBuf, Result<Arc<PayloadSchema>, String>>,
     hasher: Sha256,
+    /// Every value read from the environment: secret until proven otherwise, so
+    /// redacted from diagnostics (example diffs show rendered URLs and bodies).
+    env_values: BTreeSet<String>,
 }
 
 /// `/routes/0/breaker/failure_rate` → `routes[0].breaker.failure_rate`.
@@ -225,7 +230,14 @@ impl Compiler<'_> {
             }
         };
         let original = doc.clone();
-        let expansion = env::expand_document(&mut doc, self.opts.env);
+        let used = RefCell::new(Vec::new());
+        let recording = |name: &str| {
+            let value = (self.opts.env)(name);
+            used.borrow_mut().extend(value.clone());
+            value
+        };
+        let expansion = env::expand_document(&mut doc, &recording);
+        self.env_values.extend(used.into_inner());
         let file = self.files.len();
         self.files.push(FileCtx {
             path,
@@ -493,6 +505,7 @@ impl Compiler<'_> {
         }
 
         let mut diagnostics = std::mem::take(&mut self.diags);
+        redact(&mut diagnostics, &self.env_values);
         diagnostic::sort(&mut diagnostics);
         let has_errors = diagnostics.iter().any(Diagnostic::is_error);
         let config = (!has_errors).then(|| {
@@ -1295,8 +1308,15 @@ impl Compiler<'_> {
                     for (k, v) in expect.headers.iter().flatten() {
                         let actual = req.headers.iter().find(|(n, _, _)| n.as_str().eq_ignore_ascii_case(k)).map(|(_, v, secret)| if *secret { "***".to_string() } else { v.to_str().unwrap_or("").to_string() });
                         if actual.as_deref() != Some(v.as_str()) {
-                            let actual = actual.unwrap_or_else(|| "(not sent)".into());
-                            self.error(&e_at.child("headers").child(k), format!("example `{name}`: header `{k}` differs\n  expected: {v}\n    actual: {actual}"));
+                            let msg = if crate::render::is_sensitive_header(k) {
+                                // either value may be a literal secret
+                                let sent = if actual.is_some() { "differs" } else { "is not sent" };
+                                format!("example `{name}`: header `{k}` {sent} (values of sensitive headers are not shown)")
+                            } else {
+                                let actual = actual.unwrap_or_else(|| "(not sent)".into());
+                                format!("example `{name}`: header `{k}` differs\n  expected: {v}\n    actual: {actual}")
+                            };
+                            self.error(&e_at.child("headers").child(k), msg);
                         }
                     }
                     if let Some(expected) = &expect.body {
@@ -1348,6 +1368,29 @@ fn element_index(pointer: &str) -> usize {
         .next()
         .and_then(|i| i.parse().ok())
         .unwrap_or(0)
+}
+
+/// Environment values shorter than this are not redacted: masking `1` or `en`
+/// everywhere would garble messages, and such values are no secrets.
+const MIN_REDACTED_LEN: usize = 4;
+
+/// Replaces every environment value (as is and JSON-escaped) in messages with `***`.
+fn redact(diags: &mut [Diagnostic], env_values: &BTreeSet<String>) {
+    let mut needles: Vec<String> = env_values
+        .iter()
+        .filter(|v| v.len() >= MIN_REDACTED_LEN)
+        .flat_map(|v| [v.clone(), template::json_string_escape(v)])
+        .collect();
+    // longest first, so a value containing another is masked whole
+    needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    needles.dedup();
+    for d in diags {
+        for n in &needles {
+            if d.message.contains(n.as_str()) {
+                d.message = d.message.replace(n.as_str(), "***");
+            }
+        }
+    }
 }
 
 /// `https://h/{{a}}/x?q={{b}}` → `https://h/x/x?q=x`, to check the URL's static shape.
