@@ -136,6 +136,21 @@ pub fn build(
     })
 }
 
+/// Header names whose values are masked wherever a request is shown (`gateway
+/// render`, `validate`'s example diffs), even when written literally in the file.
+pub fn is_sensitive_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    if n == "idempotency-key" {
+        return false;
+    }
+    n == "authorization"
+        || n == "cookie"
+        || n == "proxy-authorization"
+        || ["key", "token", "secret", "password", "signature"]
+            .iter()
+            .any(|s| n.contains(s))
+}
+
 /// A header value with no CR, LF or NUL (and otherwise valid).
 pub fn header_value(v: &str) -> Result<HeaderValue, String> {
     if v.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {

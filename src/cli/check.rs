@@ -124,7 +124,7 @@ pub fn render(
         )),
     }
     for (name, value, secret) in &req.headers {
-        let shown = if *secret || is_sensitive(name.as_str()) {
+        let shown = if *secret || crate::render::is_sensitive_header(name.as_str()) {
             "***"
         } else {
             value.to_str().unwrap_or("(binary)")
@@ -142,18 +142,4 @@ pub fn render(
     }
     print!("{out}");
     0
-}
-
-/// Header names whose values are masked even when written literally in the file.
-fn is_sensitive(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    if n == "idempotency-key" {
-        return false;
-    }
-    n == "authorization"
-        || n == "cookie"
-        || n == "proxy-authorization"
-        || ["key", "token", "secret", "password", "signature"]
-            .iter()
-            .any(|s| n.contains(s))
 }

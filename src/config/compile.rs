@@ -8,7 +8,8 @@
 //! (bot, intent)), the template-vs-schema check, and route examples.
 //! It never does network I/O.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         defaults: vec![],
         schema_cache: HashMap::new(),
         hasher: Sha256::new(),
+        env_values: BTreeSet::new(),
     };
     let files = walk::collect_files(inputs, &mut c.diags);
     for f in files {
@@ -105,6 +107,9 @@ struct Compiler<'a> {
     defaults: Vec<(At, raw::Defaults)>,
     schema_cache: HashMap<PathBuf, Result<Arc<PayloadSchema>, String>>,
     hasher: Sha256,
+    /// Every value read from the environment: secret until proven otherwise, so
+    /// redacted from diagnostics (example diffs show rendered URLs and bodies).
+    env_values: BTreeSet<String>,
 }
 
 /// `/routes/0/breaker/failure_rate` → `routes[0].breaker.failure_rate`.
@@ -226,7 +231,14 @@ impl Compiler<'_> {
             }
         };
         let original = doc.clone();
-        let expansion = env::expand_document(&mut doc, self.opts.env);
+        let used = RefCell::new(Vec::new());
+        let recording = |name: &str| {
+            let value = (self.opts.env)(name);
+            used.borrow_mut().extend(value.clone());
+            value
+        };
+        let expansion = env::expand_document(&mut doc, &recording);
+        self.env_values.extend(used.into_inner());
         let file = self.files.len();
         self.files.push(FileCtx {
             path,
@@ -355,7 +367,9 @@ impl Compiler<'_> {
             _ => {
                 let mut all = std::mem::take(&mut self.defaults);
                 let (first_at, first) = all.remove(0);
-                let (ffile, fpos) = self.pos_of(&first_at);
+                // the line of the `defaults:` key, not of its first child
+                let ffile = self.files[first_at.file].path.clone();
+                let fpos = self.files[first_at.file].index.key(&first_at.pointer);
                 for (at, _) in all {
                     let msg = format!(
                         "a `defaults:` block is already defined at {}:{}; at most one file may hold one",
@@ -429,10 +443,14 @@ impl Compiler<'_> {
         // (bot, intent) → route
         let mut claims: HashMap<(String, String), At> = HashMap::new();
         let bot_ids: Vec<String> = bots.keys().cloned().collect();
-        for (at, route) in routes.values_mut() {
+        // In file order, so a clash is reported at the later definition.
+        let mut in_file_order: Vec<&mut (At, Route)> = routes.values_mut().collect();
+        in_file_order.sort_by_key(|(at, _)| (at.file, element_index(&at.pointer)));
+        for (at, route) in in_file_order {
             if route.bots.is_empty() {
                 route.bots = bot_ids.clone();
-                if bot_ids.is_empty() {
+                // bots that failed to compile are reported already: no warning on top
+                if all_bot_ids.is_empty() {
                     let m = "no bot is defined, so this route serves nothing";
                     self.push(at, true, Severity::Warning, m);
                 }
@@ -490,6 +508,7 @@ impl Compiler<'_> {
         }
 
         let mut diagnostics = std::mem::take(&mut self.diags);
+        redact(&mut diagnostics, &self.env_values);
         diagnostic::sort(&mut diagnostics);
         let has_errors = diagnostics.iter().any(Diagnostic::is_error);
         let config = (!has_errors).then(|| {
@@ -573,6 +592,16 @@ impl Compiler<'_> {
         ok.then_some(out)
     }
 
+    /// One secret field (a token, a password): empty is an error unless a missing
+    /// variable left it empty (already reported, a warning for `validate`).
+    fn secret(&mut self, at: &At, value: String) -> Option<SecretString> {
+        if value.is_empty() && !self.unresolved(at) {
+            self.error(at, "must not be empty");
+            return None;
+        }
+        Some(SecretString::from(value))
+    }
+
     fn header_name(&mut self, at: &At, name: &str) -> Option<http::HeaderName> {
         match http::HeaderName::try_from(name) {
             Ok(h) => Some(h),
@@ -599,7 +628,7 @@ impl Compiler<'_> {
         }
         if let Some(b) = a.basic {
             let at = at.child("basic");
-            let password = self.secrets(&at, vec![b.password]).map(|mut v| v.remove(0));
+            let password = self.secret(&at.child("password"), b.password);
             if b.username.is_empty() {
                 self.error(&at.child("username"), "must not be empty");
                 return None;
@@ -901,32 +930,34 @@ impl Compiler<'_> {
                 ),
             );
         }
-        let mut header_sources: BTreeMap<String, (At, String)> = BTreeMap::new();
+        // lower-case name → (where, name as written, value)
+        let mut header_sources: BTreeMap<String, (At, String, String)> = BTreeMap::new();
         if let Some(dh) = d.and_then(|d| d.headers.as_ref()) {
             // defaults' headers are located in the defaults block; we only know they exist
             for (k, v) in dh {
-                header_sources.insert(k.to_ascii_lowercase(), (at.clone(), v.clone()));
+                header_sources.insert(k.to_ascii_lowercase(), (at.clone(), k.clone(), v.clone()));
             }
         }
         for (k, v) in ds.headers.iter().flatten() {
             header_sources.insert(
                 k.to_ascii_lowercase(),
-                (at.child("headers").child(k), v.clone()),
+                (at.child("headers").child(k), k.clone(), v.clone()),
             );
         }
         let mut headers = Vec::new();
-        for (name, (h_at, value)) in header_sources {
-            let Some(hn) = self.header_name(&h_at, &name) else {
+        for (name, (h_at, written, value)) in header_sources {
+            // a bad name is reported at the name (the key), not at its value
+            let Ok(hn) = http::HeaderName::try_from(name.as_str()) else {
+                let m = format!("`{written}` is not a valid header name");
+                self.push(&h_at, true, Severity::Error, m);
                 continue;
             };
             if matches!(
                 name.as_str(),
                 "host" | "content-length" | "transfer-encoding" | "connection"
             ) {
-                self.error(
-                    &h_at,
-                    format!("`{name}` is set by the gateway and cannot be configured"),
-                );
+                let m = format!("`{written}` is set by the gateway and cannot be configured");
+                self.push(&h_at, true, Severity::Error, m);
                 continue;
             }
             if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
@@ -1061,9 +1092,7 @@ impl Compiler<'_> {
                     }
                 }
             };
-            let secret = self
-                .secrets(&at.child("client_secret"), vec![o.client_secret])
-                .map(|mut v| v.remove(0))?;
+            let secret = self.secret(&at.child("client_secret"), o.client_secret)?;
             return Some(OutboundAuth::OAuth2(ClientCredentials {
                 token_url,
                 client_id: o.client_id,
@@ -1076,9 +1105,7 @@ impl Compiler<'_> {
             }));
         }
         if let Some(b) = a.bearer {
-            let token = self
-                .secrets(&at.child("bearer").child("token"), vec![b.token])
-                .map(|mut v| v.remove(0))?;
+            let token = self.secret(&at.child("bearer").child("token"), b.token)?;
             return Some(OutboundAuth::Bearer(token));
         }
         Some(OutboundAuth::None)
@@ -1212,11 +1239,18 @@ impl Compiler<'_> {
         if let Some(k) = &route.idempotency_key {
             templates.push((at.child("idempotency_key"), k));
         }
+        let headers_at = at.child("downstream").child("headers");
         for h in &route.downstream.headers {
+            // header names are stored lower-case; locate the key as written
+            let pointer = self.files[at.file]
+                .index
+                .child_ignore_case(&headers_at.pointer, h.name.as_str())
+                .unwrap_or_else(|| headers_at.child(h.name.as_str()).pointer);
             templates.push((
-                at.child("downstream")
-                    .child("headers")
-                    .child(h.name.as_str()),
+                At {
+                    file: at.file,
+                    pointer,
+                },
                 &h.value,
             ));
         }
@@ -1297,8 +1331,15 @@ impl Compiler<'_> {
                     for (k, v) in expect.headers.iter().flatten() {
                         let actual = req.headers.iter().find(|(n, _, _)| n.as_str().eq_ignore_ascii_case(k)).map(|(_, v, secret)| if *secret { "***".to_string() } else { v.to_str().unwrap_or("").to_string() });
                         if actual.as_deref() != Some(v.as_str()) {
-                            let actual = actual.unwrap_or_else(|| "(not sent)".into());
-                            self.error(&e_at.child("headers").child(k), format!("example `{name}`: header `{k}` differs\n  expected: {v}\n    actual: {actual}"));
+                            let msg = if crate::render::is_sensitive_header(k) {
+                                // either value may be a literal secret
+                                let sent = if actual.is_some() { "differs" } else { "is not sent" };
+                                format!("example `{name}`: header `{k}` {sent} (values of sensitive headers are not shown)")
+                            } else {
+                                let actual = actual.unwrap_or_else(|| "(not sent)".into());
+                                format!("example `{name}`: header `{k}` differs\n  expected: {v}\n    actual: {actual}")
+                            };
+                            self.error(&e_at.child("headers").child(k), msg);
                         }
                     }
                     if let Some(expected) = &expect.body {
@@ -1369,6 +1410,38 @@ impl BotParts {
             routes: self.routes,
             default_route: self.default_route,
             source: self.source,
+        }
+    }
+}
+
+/// `/routes/12` → 12: the position of an element in its file's list.
+fn element_index(pointer: &str) -> usize {
+    pointer
+        .rsplit('/')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Environment values shorter than this are not redacted: masking `1` or `en`
+/// everywhere would garble messages, and such values are no secrets.
+const MIN_REDACTED_LEN: usize = 4;
+
+/// Replaces every environment value (as is and JSON-escaped) in messages with `***`.
+fn redact(diags: &mut [Diagnostic], env_values: &BTreeSet<String>) {
+    let mut needles: Vec<String> = env_values
+        .iter()
+        .filter(|v| v.len() >= MIN_REDACTED_LEN)
+        .flat_map(|v| [v.clone(), template::json_string_escape(v)])
+        .collect();
+    // longest first, so a value containing another is masked whole
+    needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    needles.dedup();
+    for d in diags {
+        for n in &needles {
+            if d.message.contains(n.as_str()) {
+                d.message = d.message.replace(n.as_str(), "***");
+            }
         }
     }
 }
@@ -1496,6 +1569,13 @@ fn locate_in_scalar(text: &str, value: Pos, tline: usize, tcol: usize) -> Pos {
         .collect();
     let tline = tline.max(1) as u32;
     let tcol = tcol.max(1) as u32;
+    if let Some(header) = block_scalar_header(&lines, value) {
+        // every content line shares the first one's indentation
+        return Pos {
+            line: header + tline,
+            col: value.col - 1 + tcol,
+        };
+    }
     match rest.chars().next() {
         Some('|' | '>') => {
             // block scalar: content starts on the next line, at its indentation
@@ -1526,9 +1606,51 @@ fn locate_in_scalar(text: &str, value: Pos, tline: usize, tcol: usize) -> Pos {
     }
 }
 
+/// serde-saphyr places a block scalar (`body: |`) at its first content line.
+/// When `value` is such a line, the 1-based line number of the header above it
+/// (template line 1 is the line after it).
+fn block_scalar_header(lines: &[&str], value: Pos) -> Option<u32> {
+    let at = (value.line as usize).checked_sub(1)?;
+    let line = lines.get(at)?;
+    let before: String = line
+        .chars()
+        .take((value.col as usize).saturating_sub(1))
+        .collect();
+    if !before.trim().is_empty() {
+        return None;
+    }
+    // only blank lines may sit between the header and the first content line
+    let (i, header) = lines[..at]
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, l)| !l.trim().is_empty())?;
+    let code = header.split(" #").next().unwrap_or(header).trim_end();
+    let indicator = code.rsplit([' ', '\t']).next()?;
+    let mut chars = indicator.chars();
+    (matches!(chars.next(), Some('|' | '>')) && chars.all(|c| matches!(c, '+' | '-' | '1'..='9')))
+        .then_some(i as u32 + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn template_position_in_block_scalar_includes_indentation() {
+        let text = "routes:\n  - body: |\n      {\n        \"a\": \"{{{x}}}\"\n      }\n    body2: >-\n\n      {{y}}\n";
+        let (_, index) = yaml::parse(text).unwrap();
+        // `{{{x}}}` is at line 2, column 9 of the template; the block is indented by 6
+        assert_eq!(
+            locate_in_scalar(text, index.value("/routes/0/body"), 2, 9),
+            Pos { line: 4, col: 15 }
+        );
+        // a leading blank line counts as template line 1
+        assert_eq!(
+            locate_in_scalar(text, index.value("/routes/0/body2"), 2, 1),
+            Pos { line: 8, col: 7 }
+        );
+    }
 
     #[test]
     fn pointer_display() {

@@ -42,7 +42,8 @@ static SCHEMA: LazyLock<RouteFileSchema> = LazyLock::new(|| {
 pub fn check(doc: &Value, original: &Value, unresolved: &[String]) -> Vec<ShapeError> {
     let mut out = Vec::new();
     if doc.is_null() {
-        return out; // an empty file (or one holding only comments) is a valid, empty route file
+        // an empty file, or one holding only comments: nothing to check
+        return out;
     }
     if !doc.is_object() {
         out.push(ShapeError {
@@ -313,6 +314,13 @@ mod tests {
             .into_iter()
             .map(|e| (e.pointer, e.message))
             .collect()
+    }
+
+    #[test]
+    fn empty_or_comment_only_file_is_valid() {
+        assert_eq!(errs(Value::Null), vec![]);
+        let e = errs(json!(["a", "list"]));
+        assert_eq!(e.len(), 1, "{e:?}");
     }
 
     #[test]

@@ -41,6 +41,19 @@ impl SpanIndex {
         }
     }
 
+    /// Pointer of the key under `parent` that equals `name` ignoring ASCII case
+    /// (header names are case-insensitive and kept lower-case once compiled).
+    pub fn child_ignore_case(&self, parent: &str, name: &str) -> Option<String> {
+        self.keys
+            .keys()
+            .find(|p| {
+                p.strip_prefix(parent)
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .is_some_and(|k| k.eq_ignore_ascii_case(name))
+            })
+            .cloned()
+    }
+
     /// Position of the mapping key whose value is at `pointer` (falls back to the value).
     pub fn key(&self, pointer: &str) -> Pos {
         self.keys
@@ -276,6 +289,17 @@ mod tests {
         assert_eq!(idx.value("/routes/0/name"), Pos { line: 2, col: 11 });
         // unknown pointer falls back to the closest known ancestor
         assert_eq!(idx.value("/routes/0/retry/nope"), Pos { line: 4, col: 7 });
+    }
+
+    #[test]
+    fn child_key_found_ignoring_case() {
+        let (_, idx) = parse("headers:\n  X-Session: a\n").unwrap();
+        assert_eq!(
+            idx.child_ignore_case("/headers", "x-session").as_deref(),
+            Some("/headers/X-Session")
+        );
+        assert_eq!(idx.child_ignore_case("/headers", "x-other"), None);
+        assert_eq!(idx.child_ignore_case("/head", "ers"), None);
     }
 
     #[test]
