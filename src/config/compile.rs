@@ -373,7 +373,7 @@ impl Compiler<'_> {
                 for (at, _) in all {
                     let msg = format!(
                         "a `defaults:` block is already defined at {}:{}; at most one file may hold one",
-                        ffile.display(),
+                        shown(&ffile),
                         fpos.line
                     );
                     self.push(&at, true, Severity::Error, msg);
@@ -398,10 +398,12 @@ impl Compiler<'_> {
                     format!(
                         "duplicate bot id `{}`: first defined at {}:{}",
                         b.id,
-                        ffile.display(),
+                        shown(&ffile),
                         fpos.line
                     ),
                 );
+                // still compiled, so its other problems are reported in this run too
+                let _ = self.compile_bot(&at, b);
                 continue;
             }
             if let Some(parts) = self.compile_bot(&at, b) {
@@ -412,10 +414,6 @@ impl Compiler<'_> {
         // routes
         let mut routes: BTreeMap<String, (At, Route)> = BTreeMap::new();
         let raw_routes = std::mem::take(&mut self.routes);
-        let all_route_names: HashSet<String> = raw_routes
-            .iter()
-            .filter_map(|(_, _, n)| n.clone())
-            .collect();
         let mut seen_names: HashMap<String, At> = HashMap::new();
         for (at, parsed, name) in raw_routes {
             if let Some(name) = &name {
@@ -425,10 +423,14 @@ impl Compiler<'_> {
                         &at.child("name"),
                         format!(
                             "duplicate route name `{name}`: first defined at {}:{}",
-                            ffile.display(),
+                            shown(&ffile),
                             fpos.line
                         ),
                     );
+                    // still compiled, so its other problems are reported in this run too
+                    if let Some(r) = parsed {
+                        let _ = self.compile_route(&at, r, &defaults, &all_bot_ids);
+                    }
                     continue;
                 }
                 seen_names.insert(name.clone(), at.clone());
@@ -438,7 +440,6 @@ impl Compiler<'_> {
                 routes.insert(route.name.clone(), (at, route));
             }
         }
-        let _ = all_route_names;
 
         // (bot, intent) → route
         let mut claims: HashMap<(String, String), At> = HashMap::new();
@@ -472,7 +473,7 @@ impl Compiler<'_> {
                     };
                     let msg = format!(
                         "bot `{bot}` already has a route for {what}: the route at {}:{}",
-                        ffile.display(),
+                        shown(&ffile),
                         fpos.line
                     );
                     self.error(&at.child("intent"), msg);
@@ -1385,6 +1386,11 @@ pub fn current_hash(inputs: &[PathBuf], config: &Config) -> String {
         );
     }
     hex::encode(h.finalize())
+}
+
+/// A path as the author knows it: relative to the working directory when inside it.
+fn shown(p: &Path) -> String {
+    diagnostic::display_path(p, &std::env::current_dir().unwrap_or_default())
 }
 
 /// Parts of a bot before its route table is complete.

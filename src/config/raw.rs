@@ -605,12 +605,3 @@ mod tests {
         assert!(missing.is_empty(), "undocumented fields: {missing:?}");
     }
 }
-#[cfg(test)]
-#[test]
-fn dump_schema() {
-    std::fs::write(
-        "/tmp/rf.json",
-        serde_json::to_string_pretty(&route_file_schema()).unwrap(),
-    )
-    .unwrap();
-}
