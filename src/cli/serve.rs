@@ -47,6 +47,12 @@ pub struct ServeArgs {
     /// Also rescan every N seconds (for filesystems without change events); 0 = off.
     #[arg(long, env = "GATEWAY_RELOAD_POLL_SECS", default_value_t = 0)]
     pub reload_poll_secs: u64,
+    /// Latency SLA for `/metrics/latency` and the status page (e.g. 2s, 500ms).
+    #[arg(long, env = "GATEWAY_SLA", default_value = "2s", value_parser = parse_duration)]
+    pub sla: Duration,
+    /// Metrics and latency windows: `on`, or `off` to measure what they cost.
+    #[arg(long, env = "GATEWAY_TELEMETRY", default_value = "on", value_parser = ["on", "off"])]
+    pub telemetry: String,
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -112,6 +118,8 @@ pub fn run(args: ServeArgs) -> u8 {
         let limits = Limits {
             max_body: args.max_body,
             max_depth: args.max_depth,
+            sla: args.sla,
+            telemetry: args.telemetry == "on",
             ..Limits::default()
         };
         let runtime = Runtime::build(Arc::new(config), None, tokio::time::Instant::now());
@@ -214,4 +222,9 @@ fn spawn_sighup(gw: Arc<Gateway>) {
             let _ = tokio::task::spawn_blocking(move || gw.reload()).await;
         }
     });
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::config::raw::Dur::parse(s)
+        .ok_or_else(|| format!("expected a duration like 250ms, 5s, 2m or 1h, got `{s}`"))
 }

@@ -217,13 +217,7 @@ pub async fn call(
             Try::Timeout => {
                 record(shared, &route.name, permit, Outcome::Failure, latency);
                 if cut_by_deadline {
-                    events::downstream_try(
-                        &shared.metrics,
-                        &route.name,
-                        "failure",
-                        latency.as_secs_f64(),
-                        tries > 1,
-                    );
+                    observe_try(shared, state, "failure", latency, tries > 1);
                     return CallResult::DeadlineExceeded { tries };
                 }
                 last_status = None;
@@ -244,13 +238,7 @@ pub async fn call(
             (Try::Answer(a), _) if a.status < 500 => "refused",
             _ => "failure",
         };
-        events::downstream_try(
-            &shared.metrics,
-            &route.name,
-            label,
-            latency.as_secs_f64(),
-            tries > 1,
-        );
+        observe_try(shared, state, label, latency, tries > 1);
         let remaining = deadline_at.saturating_duration_since(Instant::now());
         let decision = policy.next_sync(tries, &outcome, remaining, &mut rand::rng());
         match (decision, result) {
@@ -282,6 +270,26 @@ pub async fn call(
                 };
             }
         }
+    }
+}
+
+/// Counts a try and records its latency in the route's window.
+fn observe_try(
+    shared: &Shared,
+    state: &RouteState,
+    label: &'static str,
+    latency: Duration,
+    retry: bool,
+) {
+    events::downstream_try(
+        &shared.metrics,
+        &state.route.name,
+        label,
+        latency.as_secs_f64(),
+        retry,
+    );
+    if shared.metrics.enabled {
+        state.latency.downstream.record(latency, Instant::now());
     }
 }
 

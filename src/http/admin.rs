@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -22,9 +22,10 @@ use super::error::ApiError;
 use crate::config::model::OutboundAuth;
 
 pub fn router(gw: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/healthz", get(super::ops::healthz))
+    let protected = Router::new()
+        .route("/", get(status_page))
         .route("/metrics", get(metrics))
+        .route("/metrics/latency", get(latency))
         .route("/admin/status", get(status))
         .route("/admin/routes", get(routes))
         .route("/admin/breakers/{route}/reset", post(reset_breaker))
@@ -32,32 +33,115 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             gw.clone(),
             require_token,
-        ))
+        ));
+    Router::new()
+        .route("/healthz", get(super::ops::healthz))
+        .route("/login", get(login_form).post(login))
+        .merge(protected)
         .with_state(gw)
 }
+
+/// The admin session cookie set by `/login` (for browsers; API clients send the bearer token).
+const COOKIE: &str = "gateway_admin";
 
 async fn require_token(
     State(gw): State<Arc<Gateway>>,
     req: Request,
     next: Next,
-) -> Result<Response, ApiError> {
-    if let Some(expected) = &gw.admin_token {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let ok: bool = sha(presented).ct_eq(&sha(expected.expose_secret())).into();
-        if !ok || presented.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "admin token required: Authorization: Bearer <GATEWAY_ADMIN_TOKEN>",
-            ));
-        }
+) -> Result<Response, Response> {
+    let Some(expected) = &gw.admin_token else {
+        return Ok(next.run(req).await);
+    };
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(COOKIE)
+                .and_then(|r| r.strip_prefix('='))
+        });
+    let presented = bearer.or(cookie).unwrap_or("");
+    if !presented.is_empty() && token_matches(presented, expected.expose_secret()) {
+        return Ok(next.run(req).await);
     }
-    Ok(next.run(req).await)
+    let wants_html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if wants_html && req.method() == axum::http::Method::GET {
+        return Err(axum::response::Redirect::to("/login").into_response());
+    }
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "admin token required: Authorization: Bearer <GATEWAY_ADMIN_TOKEN>",
+    )
+    .into_response())
+}
+
+fn token_matches(presented: &str, expected: &str) -> bool {
+    sha(presented).ct_eq(&sha(expected)).into()
+}
+
+async fn login_form() -> axum::response::Html<&'static str> {
+    axum::response::Html(super::status_page::LOGIN)
+}
+
+async fn login(State(gw): State<Arc<Gateway>>, body: String) -> Response {
+    let token = url::form_urlencoded::parse(body.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    match &gw.admin_token {
+        Some(expected) if !token.is_empty() && token_matches(&token, expected.expose_secret()) => {
+            let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+            let mut resp = axum::response::Redirect::to("/").into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&cookie) {
+                resp.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            resp
+        }
+        Some(_) => (
+            StatusCode::UNAUTHORIZED,
+            axum::response::Html(super::status_page::LOGIN),
+        )
+            .into_response(),
+        None => axum::response::Redirect::to("/").into_response(),
+    }
+}
+
+async fn status_page(State(gw): State<Arc<Gateway>>) -> axum::response::Html<String> {
+    axum::response::Html(super::status_page::render(&gw))
+}
+
+async fn latency(State(gw): State<Arc<Gateway>>) -> Json<Value> {
+    let rt = gw.runtime.load();
+    let now = Instant::now();
+    let sla = gw.shared.limits.sla;
+    let mut out: Vec<Value> = rt
+        .routes
+        .iter()
+        .map(|(name, s)| {
+            json!({
+                "route": name,
+                "end_to_end": s.latency.end_to_end.summary(sla, now),
+                "downstream": s.latency.downstream.summary(sla, now),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a["route"].as_str().cmp(&b["route"].as_str()));
+    Json(json!({
+        "window_seconds": crate::runtime::LATENCY_WINDOW.as_secs(),
+        "sla_ms": sla.as_millis() as u64,
+        "routes": out,
+    }))
 }
 
 fn sha(s: &str) -> [u8; 32] {
@@ -167,7 +251,8 @@ async fn reload(State(gw): State<Arc<Gateway>>) -> (StatusCode, Json<Value>) {
 async fn reset_breaker(
     State(gw): State<Arc<Gateway>>,
     Path(route): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     let rt = gw.runtime.load();
     let state = rt.routes.get(&route).ok_or_else(|| {
         ApiError::new(
@@ -176,9 +261,20 @@ async fn reset_breaker(
             format!("no route `{route}`"),
         )
     })?;
-    let t = state.breaker.reset(Instant::now());
-    tracing::info!(route = %route, transition = ?t.map(|t| (t.from.as_str(), t.to.as_str())), "breaker reset by admin");
-    Ok(Json(
-        json!({"route": route, "state": state.breaker.state(Instant::now()).state.as_str()}),
-    ))
+    if let Some(t) = state.breaker.reset(Instant::now()) {
+        crate::telemetry::events::breaker_transition(&gw.shared.metrics, &route, &t);
+    }
+    tracing::info!(route = %route, "breaker reset by admin");
+    let from_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    if from_form {
+        // the status page's Reset button: back to the page
+        return Ok(axum::response::Redirect::to("/").into_response());
+    }
+    Ok(
+        Json(json!({"route": route, "state": state.breaker.state(Instant::now()).state.as_str()}))
+            .into_response(),
+    )
 }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod error;
 pub mod ops;
+pub mod status_page;
 pub mod webhook;
 
 use std::future::Future;

@@ -47,13 +47,21 @@ pub async fn handle(
         }
         e.into_response()
     });
+    let elapsed = started.elapsed();
+    let status = resp.status().as_u16();
     crate::telemetry::events::request(
         &gw.shared.metrics,
         &log.bot,
         log.route.as_deref().unwrap_or("-"),
-        resp.status().as_u16(),
-        started.elapsed().as_secs_f64(),
+        status,
+        elapsed.as_secs_f64(),
     );
+    if let Some(state) = log.route.as_deref().and_then(|r| rt.routes.get(r)) {
+        state.stats.record(status, log.outcome);
+        if gw.shared.metrics.enabled {
+            state.latency.end_to_end.record(elapsed, Instant::now());
+        }
+    }
     tracing::info!(
         request_id = %log.request_id,
         bot = %log.bot,

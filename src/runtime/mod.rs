@@ -20,6 +20,7 @@ pub mod watch;
 use crate::breaker::Breaker;
 use crate::config::model::{Config, OutboundAuth, Route};
 use crate::downstream::oauth2::TokenCache;
+use crate::telemetry::latency::RouteLatency;
 use crate::telemetry::metrics::Metrics;
 
 /// Things shared by every runtime generation: the HTTP client and token cache.
@@ -39,6 +40,10 @@ pub struct Limits {
     pub max_depth: usize,
     /// Largest downstream response body read.
     pub max_response: usize,
+    /// Latency SLA for `/metrics/latency` and the status page.
+    pub sla: Duration,
+    /// Count metrics and record latency windows (off only to measure their cost).
+    pub telemetry: bool,
 }
 
 impl Default for Limits {
@@ -47,12 +52,15 @@ impl Default for Limits {
             max_body: 2 * 1024 * 1024,
             max_depth: 64,
             max_response: 1024 * 1024,
+            sla: Duration::from_secs(2),
+            telemetry: true,
         }
     }
 }
 
 impl Shared {
     pub fn new(limits: Limits) -> Self {
+        let telemetry = limits.telemetry;
         let client = reqwest::Client::builder()
             // Redirects are not followed: a CRM answering 3xx is a misconfiguration,
             // and following could carry credentials to another host.
@@ -69,7 +77,10 @@ impl Shared {
             client,
             tokens,
             limits,
-            metrics: Metrics::new(),
+            metrics: Metrics {
+                enabled: telemetry,
+                ..Metrics::new()
+            },
         }
     }
 }
@@ -92,6 +103,35 @@ pub struct RouteState {
     key: String,
     /// Identity of this state across generations; true once its health probe task runs.
     pub(crate) identity: Arc<std::sync::atomic::AtomicBool>,
+    /// Sliding-window latencies (end to end, downstream).
+    pub latency: Arc<RouteLatency>,
+    /// Answer counts and the last error, for the status page.
+    pub stats: Arc<RouteStats>,
+}
+
+/// How long the latency windows of `/metrics/latency` and the status page reach back.
+pub const LATENCY_WINDOW: Duration = Duration::from_secs(300);
+
+/// Answers of one route, for the status page.
+#[derive(Default)]
+pub struct RouteStats {
+    pub answered: std::sync::atomic::AtomicU64,
+    /// Answers with a 5xx status (downstream failures, deadline, open/paused without fallback).
+    pub errors: std::sync::atomic::AtomicU64,
+    /// When and what the last error was.
+    pub last_error: Mutex<Option<(std::time::SystemTime, u16, String)>>,
+}
+
+impl RouteStats {
+    pub fn record(&self, status: u16, kind: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.answered.fetch_add(1, Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Relaxed);
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((std::time::SystemTime::now(), status, kind.to_owned()));
+        }
+    }
 }
 
 impl RouteState {
@@ -103,6 +143,8 @@ impl RouteState {
             paused_until: Arc::new(Mutex::new(None)),
             key,
             identity: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            latency: Arc::new(RouteLatency::new(LATENCY_WINDOW, now)),
+            stats: Arc::new(RouteStats::default()),
             route,
         }
     }
@@ -162,6 +204,8 @@ impl Runtime {
                     paused_until: old.paused_until.clone(),
                     key: old.key.clone(),
                     identity: old.identity.clone(),
+                    latency: old.latency.clone(),
+                    stats: old.stats.clone(),
                 }),
                 _ => Arc::new(RouteState::new(route.clone(), now)),
             };

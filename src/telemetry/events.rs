@@ -34,6 +34,9 @@ pub fn breaker_state(m: &Metrics, route: &str, state: State) {
 
 pub fn rejected(m: &Metrics, route: &str, reason: &'static str) {
     tracing::debug!(route, reason, "call not made");
+    if !m.enabled {
+        return;
+    }
     m.breaker_rejections
         .get_or_create(&ReasonLabels {
             route: route.into(),
@@ -43,6 +46,9 @@ pub fn rejected(m: &Metrics, route: &str, reason: &'static str) {
 }
 
 pub fn downstream_try(m: &Metrics, route: &str, outcome: &'static str, seconds: f64, retry: bool) {
+    if !m.enabled {
+        return;
+    }
     let r = RouteLabels {
         route: route.into(),
     };
@@ -78,6 +84,9 @@ pub fn reload(m: &Metrics, ok: bool, generation: u64) {
 }
 
 pub fn request(m: &Metrics, bot: &str, route: &str, status: u16, seconds: f64) {
+    if !m.enabled {
+        return;
+    }
     m.requests
         .get_or_create(&RequestLabels {
             bot: bot.into(),

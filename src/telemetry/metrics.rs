@@ -81,6 +81,8 @@ impl MetricConstructor<Histogram> for LatencyHistogram {
 
 /// All metrics of one gateway.
 pub struct Metrics {
+    /// Off: events are not counted and latencies not recorded (for overhead measurements).
+    pub enabled: bool,
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<BotRouteLabels, Histogram, LatencyHistogram>,
@@ -119,6 +121,7 @@ impl Metrics {
             reloads: Family::default(),
             config_generation: Gauge::default(),
             registry: Registry::default(),
+            enabled: true,
         };
         registry.register(
             "requests",

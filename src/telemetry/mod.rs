@@ -2,4 +2,5 @@
 //! operational event as one function that logs and counts (`events`).
 
 pub mod events;
+pub mod latency;
 pub mod metrics;
