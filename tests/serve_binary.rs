@@ -289,3 +289,128 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
         status.1
     );
 }
+
+/// A log capture of a whole scripted run (debug level, both formats of auth
+/// failures, OAuth2 grants and a rejected token, downstream failures, a
+/// reload with a rotated secret) contains none of the configured secrets.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_of_a_full_run_contain_no_secret() {
+    support::init();
+    let ds = TestDownstream::start().await;
+    let secrets = [
+        "bot-k3y-aaaa",
+        "crm-b3arer-bbbb",
+        "oauth-s3cret-cccc",
+        "adm1n-t0ken-dddd",
+        "rotated-k3y-eeee",
+    ];
+    let files = |bot_key: &str| {
+        format!(
+            "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"${{BOT_KEY}}\", \"{bot_key}\"] }} }}\nroutes:\n  - name: bearer\n    bot: b\n    intent: x\n    downstream: {{ url: \"{u}/x\", auth: {{ bearer: {{ token: \"${{CRM_TOKEN}}\" }} }} }}\n  - name: oauth\n    bot: b\n    intent: \"*\"\n    downstream:\n      url: \"{u}/y\"\n      auth: {{ oauth2: {{ token_url: \"{u}/token\", client_id: c, client_secret: \"${{CRM_SECRET}}\" }} }}\n",
+            u = ds.url()
+        )
+    };
+    let d = routes_dir(&[("r.yaml", &files("literal-placeholder"))]);
+    let mut c = command(d.path(), &[]);
+    c.env("GATEWAY_LOG", "debug")
+        .env("BOT_KEY", secrets[0])
+        .env("CRM_TOKEN", secrets[1])
+        .env("CRM_SECRET", secrets[2])
+        .env("GATEWAY_ADMIN_TOKEN", secrets[3]);
+    let mut p = start(c);
+    let client = reqwest::Client::new();
+    let hook = format!("http://{}/webhooks/b", p.listen);
+    let post = |key: &'static str, body: &'static str| {
+        client
+            .post(&hook)
+            .header("x-api-key", key)
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        post("bot-k3y-aaaa", r#"{"intent":"x"}"#)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        post("wrong-key", r#"{"intent":"x"}"#)
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        post("bot-k3y-aaaa", r#"{"intent":"y"}"#)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    ds.push(Scripted::status(401));
+    assert_eq!(
+        post("bot-k3y-aaaa", r#"{"intent":"y"}"#)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    ds.push_token(
+        Scripted::status(400)
+            .body(r#"{"error":"invalid_client","error_description":"oauth-s3cret-cccc"}"#),
+    );
+    ds.set_default(Scripted::status(503));
+    let _ = post("bot-k3y-aaaa", r#"{"intent":"x"}"#).await.unwrap();
+    let admin = reqwest::Client::new();
+    let _ = admin
+        .get(format!("http://{}/admin/status", p.admin))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    let _ = admin
+        .get(format!("http://{}/admin/routes", p.admin))
+        .bearer_auth(secrets[3])
+        .send()
+        .await
+        .unwrap();
+    // a reload with a rotated (literal) key, then a broken file
+    std::fs::write(d.path().join("r.yaml"), files(secrets[4])).unwrap();
+    let _ = admin
+        .post(format!("http://{}/admin/reload", p.admin))
+        .bearer_auth(secrets[3])
+        .send()
+        .await
+        .unwrap();
+    std::fs::write(
+        d.path().join("r.yaml"),
+        format!("{}\n  - name: [", files(secrets[4])),
+    )
+    .unwrap();
+    let _ = admin
+        .post(format!("http://{}/admin/reload", p.admin))
+        .bearer_auth(secrets[3])
+        .send()
+        .await
+        .unwrap();
+    kill(&p.child, "-TERM");
+    let lines = tokio::task::spawn_blocking(move || {
+        let _ = p.child.wait();
+        p.lines.iter().collect::<Vec<String>>()
+    })
+    .await
+    .unwrap();
+    let log = lines.join("\n");
+    assert!(
+        log.contains("\"webhook\"") || log.contains("webhook"),
+        "the capture holds the run"
+    );
+    assert!(
+        log.contains("reload rejected"),
+        "the capture includes the failed reload"
+    );
+    for s in secrets {
+        assert!(!log.contains(s), "secret {s} appeared in the logs:\n{log}");
+    }
+}
