@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
 # Runs every test of the project. This is the README's test command and what CI runs.
-# It installs what the tests need when missing (a fresh Debian machine, as root).
+# On a fresh Debian machine (as root) it first installs what the tests need:
+#   curl; chromium (the status page is tested in a real headless browser, driven by
+#   playwright-core from tests/browser/, installed with npm from its lockfile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
-if ((${#need_apt[@]})); then
+apt_install() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq >/dev/null; APT_UPDATED=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
   else
-    echo "scripts/test.sh: please install: ${need_apt[*]}" >&2
+    echo "scripts/test.sh: please install: $*" >&2
+    return 1
   fi
+}
+
+need=()
+command -v curl >/dev/null 2>&1 || need+=(curl)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v node >/dev/null 2>&1 || need+=(nodejs npm)
+if ((${#need[@]})); then apt_install "${need[@]}"; fi
+
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
 cargo test --all-targets "$@"

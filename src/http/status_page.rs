@@ -28,11 +28,11 @@ pub fn render(gw: &Gateway) -> String {
     h.push_str(HEAD);
     let _ = write!(
         h,
-        "<header><h1>cognigy-gateway</h1><p>generation <b>{}</b> · config <code>{}</code> · {} bots · {} routes · SLA {}</p></header>",
+        "<header><h1>cognigy-gateway</h1><p>generation <b>{}</b> · config <code>{}</code> · {} · {} · SLA {}</p></header>",
         rt.generation,
         esc(&rt.config.hash[..rt.config.hash.len().min(12)]),
-        rt.config.bots.len(),
-        rt.config.routes.len(),
+        count(rt.config.bots.len(), "bot"),
+        count(rt.config.routes.len(), "route"),
         esc(&humantime::format_duration(sla).to_string())
     );
 
@@ -119,7 +119,7 @@ pub fn render(gw: &Gateway) -> String {
             };
             let _ = write!(
                 h,
-                "<tr data-route=\"{n}\"><td><code>{n}</code></td><td>{intent}</td><td><span class=\"state {class}\">{label}</span></td><td>{p50}</td><td>{p99}</td><td>{slap}</td><td>{}</td><td>{}</td><td>{last_error}</td><td>{reset}</td></tr>",
+                "<tr data-route=\"{n}\"><td data-label=\"route\"><code>{n}</code></td><td data-label=\"intent\">{intent}</td><td data-label=\"breaker\"><span class=\"state {class}\">{label}</span></td><td data-label=\"p50\">{p50}</td><td data-label=\"p99\">{p99}</td><td data-label=\"SLA\">{slap}</td><td data-label=\"answered\">{}</td><td data-label=\"errors\">{}</td><td data-label=\"last error\">{last_error}</td><td>{reset}</td></tr>",
                 state.stats.answered.load(Ordering::Relaxed),
                 state.stats.errors.load(Ordering::Relaxed),
                 n = esc(name),
@@ -137,6 +137,10 @@ pub fn render(gw: &Gateway) -> String {
         esc(&humantime::format_rfc3339_seconds(SystemTime::now()).to_string())
     );
     h
+}
+
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 fn secs(d: Option<std::time::Duration>) -> String {
@@ -182,12 +186,15 @@ body{font:15px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;p
 header h1{margin:0;font-size:1.3rem}header p{margin:.25rem 0 1rem;color:#57606a}
 section{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
 h2{font-size:1.05rem;margin:.2rem 0 .6rem}h2 small{color:#57606a;font-weight:normal}
-.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;min-width:44rem}
+.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #eaeef2;white-space:nowrap}th{font-size:.8rem;color:#57606a}
 .state{padding:.1rem .45rem;border-radius:1rem;font-size:.85rem}.closed{background:#dafbe1;color:#116329}.open{background:#ffebe9;color:#a40e26}
 .half_open{background:#fff8c5;color:#7d4e00}.paused{background:#ddf4ff;color:#0a3069}
 #reload.failed{border-color:#cf222e}.diags code{white-space:pre-wrap}form{margin:0}button{font:inherit;padding:.2rem .7rem;cursor:pointer}
-footer{color:#57606a;font-size:.8rem}</style></head><body>"#;
+footer{color:#57606a;font-size:.8rem}
+@media (max-width:640px){thead{display:none}table,tbody,tr,td{display:block}tr{padding:.5rem 0;border-bottom:1px solid #d0d7de}
+td{border:0;padding:.1rem 0;white-space:normal}td[data-label]::before{content:attr(data-label);display:inline-block;width:6.5rem;color:#57606a;font-size:.8rem}
+td button{margin-top:.3rem;padding:.4rem 1.2rem}}</style></head><body>"#;
 
 #[cfg(test)]
 mod tests {
