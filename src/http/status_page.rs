@@ -104,8 +104,8 @@ pub fn render(gw: &Gateway) -> String {
                 ("—".to_string(), "—".to_string(), "—".to_string())
             } else {
                 (
-                    format!("{:.0} ms", lat.p50_ms),
-                    format!("{:.0} ms", lat.p99_ms),
+                    ms(lat.p50_ms),
+                    ms(lat.p99_ms),
                     format!("{:.1}%", lat.sla_compliance * 100.0),
                 )
             };
@@ -137,6 +137,14 @@ pub fn render(gw: &Gateway) -> String {
         esc(&humantime::format_rfc3339_seconds(SystemTime::now()).to_string())
     );
     h
+}
+
+fn ms(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.1} ms")
+    } else {
+        format!("{v:.0} ms")
+    }
 }
 
 fn count(n: usize, what: &str) -> String {
