@@ -18,7 +18,7 @@ use handlebars::{
 use serde_json::Value;
 
 /// Where a template's output goes, which decides what `{{x}}` escapes for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// A JSON document: `{{x}}` is escaped for the inside of a JSON string; the
     /// result must parse as JSON; triple-stash is refused.
@@ -36,7 +36,8 @@ pub struct Template {
     strict: bool,
     /// The text the template was compiled from (identifies it across reloads).
     source: std::sync::Arc<str>,
-    inner: handlebars::Template,
+    /// Shared: a reload reuses compiled templates whose text did not change.
+    inner: std::sync::Arc<handlebars::Template>,
 }
 
 /// A template that does not compile, with its 1-based line and column inside the template text.
@@ -95,7 +96,7 @@ pub fn compile(source: &str, kind: Kind, strict: bool) -> Result<Template, Compi
         kind,
         strict,
         source: source.into(),
-        inner,
+        inner: std::sync::Arc::new(inner),
     };
     if kind != Kind::Text
         && let Some((line, col)) = t.find_raw_expression()

@@ -21,6 +21,7 @@ pub fn validate(paths: &[PathBuf], format: Format, require_env: bool) -> u8 {
             env: &super::process_env,
             require_env,
             check_examples: true,
+            cache: None,
         },
     );
     let base = std::env::current_dir().unwrap_or_default();
@@ -45,6 +46,7 @@ pub fn render(
             env: &super::process_env,
             require_env: false,
             check_examples: false,
+            cache: None,
         },
     );
     let base = std::env::current_dir().unwrap_or_default();

@@ -90,6 +90,7 @@ pub fn run(args: ServeArgs) -> u8 {
             env: &super::process_env,
             require_env: true,
             check_examples: false,
+            cache: None,
         },
     );
     let base = std::env::current_dir().unwrap_or_default();

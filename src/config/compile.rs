@@ -40,6 +40,67 @@ pub struct LoadOptions<'a> {
     /// expected URLs are usually written for the `${VAR:-default}` values, which a
     /// real deployment overrides.
     pub check_examples: bool,
+    /// Parsed files of earlier loads (a running gateway keeps one), so a reload
+    /// re-parses only files whose bytes changed.
+    pub cache: Option<&'a ParseCache>,
+}
+
+/// Parsed YAML by file path and content digest. Parsing is most of a load's cost;
+/// everything after it (env expansion, checks, compilation) always runs.
+#[derive(Default)]
+pub struct ParseCache {
+    entries: std::sync::Mutex<HashMap<PathBuf, ([u8; 32], Parsed)>>,
+    /// Compiled templates by (source, kind, strict): most of a compile's cost.
+    templates: std::sync::Mutex<HashMap<TemplateKey, template::Template>>,
+}
+
+type TemplateKey = (String, Kind, bool);
+
+type Parsed = (Value, Arc<SpanIndex>);
+
+impl ParseCache {
+    fn get(&self, path: &Path, digest: &[u8; 32]) -> Option<Parsed> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(path)
+            .filter(|(d, _)| d == digest)
+            .map(|(_, p)| p.clone())
+    }
+
+    fn put(&self, path: &Path, digest: [u8; 32], parsed: Parsed) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), (digest, parsed));
+    }
+
+    /// Forgets files that are not in `keep` (deleted or renamed) and templates not used.
+    fn retain(&self, keep: &[PathBuf], templates: &[TemplateKey]) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p, _| keep.contains(p));
+        let used: HashSet<&TemplateKey> = templates.iter().collect();
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| used.contains(k));
+    }
+
+    fn template(&self, key: &TemplateKey) -> Option<template::Template> {
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn put_template(&self, key: TemplateKey, t: template::Template) {
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, t);
+    }
 }
 
 /// The outcome of a load: a config when there were no errors, and every diagnostic.
@@ -66,6 +127,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         schema_cache: HashMap::new(),
         hasher: Sha256::new(),
         env_values: BTreeSet::new(),
+        templates_used: Vec::new(),
     };
     let files = walk::collect_files(inputs, &mut c.diags);
     for f in files {
@@ -77,7 +139,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
 struct FileCtx {
     path: PathBuf,
     text: String,
-    index: SpanIndex,
+    index: Arc<SpanIndex>,
     from_env: HashSet<String>,
     unresolved: HashSet<String>,
 }
@@ -110,6 +172,8 @@ struct Compiler<'a> {
     /// Every value read from the environment: secret until proven otherwise, so
     /// redacted from diagnostics (example diffs show rendered URLs and bodies).
     env_values: BTreeSet<String>,
+    /// Template cache keys used by this load (the rest is evicted).
+    templates_used: Vec<TemplateKey>,
 }
 
 /// `/routes/0/breaker/failure_rate` → `routes[0].breaker.failure_rate`.
@@ -216,7 +280,19 @@ impl Compiler<'_> {
             }
         };
         hash_route_file(&mut self.hasher, &path, text.as_bytes());
-        let (mut doc, index) = match yaml::parse(&text) {
+        let digest = crate::payload::sha256(text.as_bytes());
+        let cached = self.opts.cache.and_then(|c| c.get(&path, &digest));
+        let parsed = match cached {
+            Some(hit) => Ok(hit),
+            None => yaml::parse(&text).map(|(doc, index)| {
+                let hit = (doc, Arc::new(index));
+                if let Some(c) = self.opts.cache {
+                    c.put(&path, digest, hit.clone());
+                }
+                hit
+            }),
+        };
+        let (mut doc, index) = match parsed {
             Ok(x) => x,
             Err(e) => {
                 self.diags.push(Diagnostic {
@@ -508,6 +584,16 @@ impl Compiler<'_> {
             }
         }
 
+        if let Some(cache) = self.opts.cache {
+            cache.retain(
+                &self
+                    .files
+                    .iter()
+                    .map(|f| f.path.clone())
+                    .collect::<Vec<_>>(),
+                &self.templates_used,
+            );
+        }
         let mut diagnostics = std::mem::take(&mut self.diags);
         redact(&mut diagnostics, &self.env_values);
         diagnostic::sort(&mut diagnostics);
@@ -884,8 +970,19 @@ impl Compiler<'_> {
         kind: Kind,
         strict: bool,
     ) -> Option<template::Template> {
+        let key = (source.to_owned(), kind, strict);
+        if let Some(t) = self.opts.cache.and_then(|c| c.template(&key)) {
+            self.templates_used.push(key);
+            return Some(t);
+        }
         match template::compile(source, kind, strict) {
-            Ok(t) => Some(t),
+            Ok(t) => {
+                if let Some(c) = self.opts.cache {
+                    c.put_template(key.clone(), t.clone());
+                    self.templates_used.push(key);
+                }
+                Some(t)
+            }
             Err(e) => {
                 self.template_diag(at, e.line, e.col, Severity::Error, e.message);
                 None
@@ -1038,11 +1135,9 @@ impl Compiler<'_> {
         if self.unresolved(at) {
             return Some(origin);
         }
-        // Check the rest parses with placeholder values.
-        let probe = template::compile(url, Kind::Text, false)
-            .ok()
-            .map(|_| replace_templates(url))
-            .unwrap_or_else(|| url.to_string());
+        // Check the rest parses with placeholder values (a template that does not
+        // compile is reported by the compile that follows).
+        let probe = replace_templates(url);
         match url::Url::parse(&probe) {
             Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => {
                 if !u.username().is_empty() || u.password().is_some() {

@@ -118,6 +118,8 @@ fn walk(
     acc: &mut DocExpansion,
 ) {
     match v {
+        // most strings hold no reference: leave them as they are, without allocating
+        Value::String(s) if !s.contains('$') => {}
         Value::String(s) => match expand(s, lookup) {
             Ok(e) => {
                 if e.from_env {
@@ -153,7 +155,11 @@ fn walk(
             let len = pointer.len();
             for (k, item) in map.iter_mut() {
                 pointer.push('/');
-                pointer.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                if k.contains(['~', '/']) {
+                    pointer.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                } else {
+                    pointer.push_str(k);
+                }
                 walk(item, pointer, lookup, acc);
                 pointer.truncate(len);
             }

@@ -40,6 +40,8 @@ pub struct Gateway {
     pub routes_dir: std::path::PathBuf,
     /// Where `${VAR}` values come from at reload (the process environment in `serve`).
     pub env: EnvLookup,
+    /// Parsed route files of earlier loads: a reload re-parses only changed files.
+    pub parse_cache: crate::config::compile::ParseCache,
 }
 
 /// A `${VAR}` lookup.
@@ -78,6 +80,7 @@ impl Gateway {
             last_reload: Mutex::new(report),
             routes_dir,
             env,
+            parse_cache: Default::default(),
         });
         crate::telemetry::events::reload(&gw.shared.metrics, true, gw.runtime.load().generation);
         crate::runtime::health::start_probes(&gw);

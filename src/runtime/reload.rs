@@ -33,6 +33,7 @@ pub fn reload(
                 env,
                 require_env: true,
                 check_examples: false,
+                cache: Some(&gw.parse_cache),
             },
         );
         loads += 1;

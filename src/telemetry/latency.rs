@@ -15,8 +15,10 @@ use tokio::time::Instant;
 
 /// Buckets per window.
 pub const BUCKETS: u32 = 10;
-/// Largest value tracked (longer observations are clamped): 5 minutes.
-const MAX_MICROS: u64 = 300_000_000;
+/// Histogram unit: 10 µs.
+const UNIT_MICROS: u64 = 10;
+/// Largest value tracked, in units (longer observations are clamped): 5 minutes.
+const MAX_UNITS: u64 = 300_000_000 / UNIT_MICROS;
 
 /// A sliding window of latencies.
 pub struct LatencyWindow {
@@ -26,8 +28,9 @@ pub struct LatencyWindow {
 }
 
 struct Ring {
-    /// (bucket index since epoch, histogram); slot = index % BUCKETS.
-    slots: Vec<(u64, Histogram<u64>)>,
+    /// (bucket index since epoch, histogram); slot = index % BUCKETS. A histogram
+    /// (~9 KiB) is allocated on a bucket's first observation, so idle routes cost nothing.
+    slots: Vec<(u64, Option<Histogram<u32>>)>,
 }
 
 /// What a window holds now.
@@ -45,7 +48,7 @@ pub struct Summary {
 impl LatencyWindow {
     pub fn new(window: Duration, now: Instant) -> Self {
         let width = (window / BUCKETS).max(Duration::from_millis(1));
-        let slots = (0..BUCKETS).map(|_| (u64::MAX, new_histogram())).collect();
+        let slots = (0..BUCKETS).map(|_| (u64::MAX, None)).collect();
         LatencyWindow {
             width,
             epoch: now,
@@ -60,14 +63,15 @@ impl LatencyWindow {
     /// Records one observation at `now`.
     pub fn record(&self, latency: Duration, now: Instant) {
         let b = self.bucket(now);
-        let micros = (latency.as_micros() as u64).clamp(1, MAX_MICROS);
+        let units = (latency.as_micros() as u64 / UNIT_MICROS).clamp(1, MAX_UNITS);
         let mut ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let slot = &mut ring.slots[(b % u64::from(BUCKETS)) as usize];
+        let h = slot.1.get_or_insert_with(new_histogram);
         if slot.0 != b {
             slot.0 = b;
-            slot.1.reset();
+            h.reset();
         }
-        slot.1.saturating_record(micros);
+        h.saturating_record(units);
     }
 
     /// The window's summary at `now`, with SLA compliance against `sla`.
@@ -78,7 +82,7 @@ impl LatencyWindow {
         {
             let ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             for (idx, h) in &ring.slots {
-                if *idx != u64::MAX && *idx >= oldest && *idx <= b {
+                if let Some(h) = h.as_ref().filter(|_| *idx >= oldest && *idx <= b) {
                     let _ = merged.add(h);
                 }
             }
@@ -94,12 +98,12 @@ impl LatencyWindow {
                 sla_compliance: 1.0,
             };
         }
-        let ms = |v: u64| (v as f64 / 1000.0 * 100.0).round() / 100.0;
-        let sla_micros = (sla.as_micros() as u64).min(MAX_MICROS);
-        let within = merged.count_between(0, sla_micros);
+        let ms = |units: u64| (units as f64 * UNIT_MICROS as f64 / 1000.0 * 100.0).round() / 100.0;
+        let sla_units = (sla.as_micros() as u64 / UNIT_MICROS).min(MAX_UNITS);
+        let within = merged.count_between(0, sla_units);
         Summary {
             count,
-            mean_ms: (merged.mean() / 1000.0 * 100.0).round() / 100.0,
+            mean_ms: (merged.mean() * UNIT_MICROS as f64 / 1000.0 * 100.0).round() / 100.0,
             p50_ms: ms(merged.value_at_quantile(0.50)),
             p95_ms: ms(merged.value_at_quantile(0.95)),
             p99_ms: ms(merged.value_at_quantile(0.99)),
@@ -108,8 +112,8 @@ impl LatencyWindow {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_MICROS, 2).expect("static histogram bounds are valid")
+fn new_histogram() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, MAX_UNITS, 2).expect("static histogram bounds are valid")
 }
 
 /// End-to-end and downstream windows of one route.

@@ -390,6 +390,7 @@ impl GatewayBuilder {
                 env: &lookup,
                 require_env: true,
                 check_examples: false,
+                cache: None,
             },
         );
         let base = std::path::Path::new("/");
