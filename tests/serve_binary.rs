@@ -414,3 +414,37 @@ async fn logs_of_a_full_run_contain_no_secret() {
         assert!(!log.contains(s), "secret {s} appeared in the logs:\n{log}");
     }
 }
+
+/// Payload values are logged only for fields a route opts into (`log_fields`).
+#[tokio::test(flavor = "multi_thread")]
+async fn only_opted_in_payload_fields_are_logged() {
+    support::init();
+    let ds = TestDownstream::start().await;
+    let yaml = format!(
+        "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"k\"] }} }}\nroutes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    log_fields: [/sessionId]\n    downstream: {{ url: \"{}/x\" }}\n",
+        ds.url()
+    );
+    let d = routes_dir(&[("r.yaml", &yaml)]);
+    let mut p = start(command(d.path(), &[]));
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/webhooks/b", p.listen))
+        .header("x-api-key", "k")
+        .body(r#"{"sessionId":"sess-visible-123","email":"pii-hidden@example.com"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    kill(&p.child, "-TERM");
+    let lines = tokio::task::spawn_blocking(move || {
+        let _ = p.child.wait();
+        p.lines.iter().collect::<Vec<String>>()
+    })
+    .await
+    .unwrap();
+    let webhook = lines
+        .iter()
+        .find(|l| l.contains("\"webhook\""))
+        .expect("one webhook line");
+    assert!(webhook.contains("sess-visible-123"), "{webhook}");
+    assert!(!lines.iter().any(|l| l.contains("pii-hidden")), "{lines:?}");
+}

@@ -848,6 +848,15 @@ impl Compiler<'_> {
                 "is not under Cognigy's default 8s HTTP Request timeout: the bot may give up first",
             );
         }
+        let log_fields = r.log_fields.clone().unwrap_or_default();
+        for (i, p) in log_fields.iter().enumerate() {
+            if !p.starts_with('/') {
+                self.error(
+                    &at.child("log_fields").child(&i.to_string()),
+                    format!("expected a JSON Pointer like `/sessionId`, got `{p}`"),
+                );
+            }
+        }
         let idempotency_key = r
             .idempotency_key
             .as_deref()
@@ -943,6 +952,7 @@ impl Compiler<'_> {
             deadline,
             idempotency_key,
             strict,
+            log_fields,
             downstream: downstream?,
             body,
             response,

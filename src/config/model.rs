@@ -93,6 +93,8 @@ pub struct Route {
     pub deadline: Duration,
     pub idempotency_key: Option<Template>,
     pub strict: bool,
+    /// Payload fields (JSON Pointers) this route opted to log.
+    pub log_fields: Vec<String>,
     pub downstream: Downstream,
     pub body: Option<Template>,
     pub response: Option<ResponseSpec>,

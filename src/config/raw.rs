@@ -144,6 +144,9 @@ pub struct Route {
     pub idempotency_key: Option<String>,
     /// When true, a template reading a field the payload lacks is an error instead of `""`.
     pub strict: Option<bool>,
+    /// Payload fields (JSON Pointers, e.g. `/sessionId`) to include in this route's log line.
+    /// Payload values are never logged otherwise.
+    pub log_fields: Option<Vec<String>>,
     /// The call to make.
     pub downstream: Downstream,
     /// Handlebars template of the JSON request body; `{{x}}` is escaped for the inside of a JSON

@@ -39,6 +39,7 @@ pub async fn handle(
         intent: None,
         outcome: "",
         tries: 0,
+        fields: None,
     };
     let result = pipeline(&gw, &rt, &headers, body, &mut log).await;
     let resp = result.unwrap_or_else(|e| {
@@ -71,6 +72,7 @@ pub async fn handle(
         status = resp.status().as_u16(),
         tries = log.tries,
         latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        fields = log.fields.as_deref().unwrap_or(""),
         "webhook"
     );
     resp
@@ -84,6 +86,8 @@ struct Log {
     intent: Option<String>,
     outcome: &'static str,
     tries: u32,
+    /// The route's opted-in payload fields (`log_fields`), as JSON.
+    fields: Option<String>,
 }
 
 async fn pipeline(
@@ -251,6 +255,19 @@ fn step5_6_schema_and_route<'a>(
         .with("intent", intent.map(Value::from).unwrap_or(Value::Null)));
     };
     log.route = Some(route.name.clone());
+    if !route.log_fields.is_empty() {
+        let fields: serde_json::Map<String, Value> = route
+            .log_fields
+            .iter()
+            .map(|p| {
+                (
+                    p.clone(),
+                    payload.pointer(p).cloned().unwrap_or(Value::Null),
+                )
+            })
+            .collect();
+        log.fields = Some(Value::Object(fields).to_string());
+    }
     if let Some(s) = &route.schema {
         let v = s.violations(payload);
         if !v.is_empty() {
