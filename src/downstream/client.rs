@@ -1,10 +1,12 @@
-//! One synchronous downstream call with everything SPEC §5 step 10 and §6 ask
-//! of it: tries within the route's deadline, a breaker permit per try, a 429
-//! pausing the route, OAuth2 tokens with one forced refresh after a 401,
-//! classification of every try, and a capped response body.
+//! Calling a route's downstream with everything SPEC §5 step 10 and §6 ask:
+//! [`attempt`] makes one try (the route's 429 pause and breaker permit, an
+//! OAuth2 token with one forced refresh after a 401, the send with its
+//! timeout, classification, breaker outcome, metrics); [`call`] is the sync
+//! try loop within a deadline; the async delivery worker calls [`attempt`]
+//! once per claimed delivery.
 //!
-//! Owns the try loop. Decisions about *whether* and *when* to retry are the
-//! pure [`RetryPolicy`](super::retry::RetryPolicy)'s; the breaker is
+//! Decisions about *whether* and *when* to retry are the pure
+//! [`RetryPolicy`](super::retry::RetryPolicy)'s; the breaker is
 //! [`crate::breaker`]'s. Never logs payload values or credentials.
 
 use std::time::{Duration, SystemTime};
@@ -36,7 +38,7 @@ pub enum CallResult {
     Delivered { answer: Answer, tries: u32 },
     /// A non-success answer that retrying will not fix (e.g. 400, 404, 422): passed to the bot.
     Refused { answer: Answer, tries: u32 },
-    /// The last try failed (connect error, its own timeout, 5xx, exhausted 429s).
+    /// The last try failed (connect error, its own timeout, 5xx).
     Failed {
         status: Option<u16>,
         reason: &'static str,
@@ -53,7 +55,35 @@ pub enum CallResult {
     Token { error: TokenError, tries: u32 },
 }
 
-/// What one try produced.
+/// What one [`attempt`] did.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Not tried: the route is open, paused by a 429, or half-open with every probe slot taken.
+    Blocked {
+        retry_after: Duration,
+        why: &'static str,
+    },
+    /// Not tried: the OAuth2 token endpoint failed.
+    Token(TokenError),
+    /// Not tried: getting a token used up the time budget.
+    OutOfTime,
+    /// One try (a forced token refresh after a 401 and its resend count as one).
+    Tried(Tried),
+}
+
+/// One try's result.
+#[derive(Debug)]
+pub struct Tried {
+    /// For the retry policy.
+    pub outcome: TryOutcome,
+    /// The downstream's answer, when there was one.
+    pub answer: Option<Answer>,
+    /// `success`, `status`, `rate_limited`, `connect`, `timeout` or `broken`.
+    pub reason: &'static str,
+    pub latency: Duration,
+}
+
+/// What one send produced.
 enum Try {
     Answer(Answer),
     ConnectError,
@@ -62,7 +92,177 @@ enum Try {
     Broken,
 }
 
-/// Calls the route's downstream for `req`, within `deadline_at`.
+/// Makes one try of `req` on the route of `state`, within `timeout`.
+pub async fn attempt(
+    shared: &Shared,
+    state: &RouteState,
+    req: &OutboundRequest,
+    body: Option<Bytes>,
+    timeout: Duration,
+) -> Attempt {
+    let route = &state.route;
+    let now = Instant::now();
+    if let Some(until) = state.paused_until(now) {
+        events::rejected(&shared.metrics, &route.name, "paused");
+        return Attempt::Blocked {
+            retry_after: until - now,
+            why: "paused",
+        };
+    }
+    let permit = match state.breaker.try_acquire(now) {
+        Ok(p) => {
+            if let Some(t) = p.transition() {
+                events::breaker_transition(&shared.metrics, &route.name, &t);
+            }
+            p
+        }
+        Err(rejected) => {
+            let (retry_after, why) = match rejected {
+                Rejected::Open { until } => (until.saturating_duration_since(now), "open"),
+                Rejected::ProbesBusy { .. } => (Duration::from_secs(1), "half_open"),
+            };
+            events::rejected(&shared.metrics, &route.name, why);
+            return Attempt::Blocked { retry_after, why };
+        }
+    };
+    let started = Instant::now();
+    let mut token = match &route.downstream.auth {
+        OutboundAuth::OAuth2(creds) => {
+            match tokio::time::timeout(timeout, shared.tokens.token(creds)).await {
+                Ok(Ok(t)) => Some(t),
+                Ok(Err(e)) => {
+                    permit.cancel();
+                    return Attempt::Token(e);
+                }
+                Err(_) => {
+                    permit.cancel();
+                    return Attempt::OutOfTime;
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut result = send(
+        shared,
+        timeout.saturating_sub(started.elapsed()),
+        req,
+        body.clone(),
+        token.as_ref(),
+        &route.downstream.auth,
+    )
+    .await;
+    // One forced token refresh after a 401, then one resend (never a loop).
+    if let (Try::Answer(a), Some(t), OutboundAuth::OAuth2(creds)) =
+        (&result, &token, &route.downstream.auth)
+        && a.status == 401
+    {
+        match shared.tokens.refresh_after_unauthorized(creds, t).await {
+            Ok(fresh) => {
+                token = Some(fresh);
+                let left = timeout.saturating_sub(started.elapsed());
+                result = send(
+                    shared,
+                    left,
+                    req,
+                    body,
+                    token.as_ref(),
+                    &route.downstream.auth,
+                )
+                .await;
+            }
+            Err(e) => {
+                permit.cancel();
+                return Attempt::Token(e);
+            }
+        }
+    }
+    let latency = started.elapsed();
+    let (outcome, answer, reason, breaker, label) = match result {
+        Try::Answer(a) if route.downstream.success.contains(a.status) => (
+            TryOutcome::Success,
+            Some(a),
+            "success",
+            Some(Outcome::Success),
+            "success",
+        ),
+        Try::Answer(a) => {
+            let retry_after = a
+                .headers
+                .get(header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            let status = a.status;
+            let (reason, breaker, label) = if status == 429 {
+                // Not a failure: the downstream asks us to slow down. Pause the route.
+                let pause = retry_after
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(route.retry.retry_after_max);
+                state.pause(Instant::now() + pause);
+                ("rate_limited", None, "rate_limited")
+            } else if status >= 500 {
+                ("status", Some(Outcome::Failure), "failure")
+            } else {
+                ("status", Some(Outcome::Success), "refused")
+            };
+            (
+                TryOutcome::Status {
+                    code: status,
+                    retry_after,
+                },
+                Some(a),
+                reason,
+                breaker,
+                label,
+            )
+        }
+        Try::ConnectError => (
+            TryOutcome::ConnectError,
+            None,
+            "connect",
+            Some(Outcome::Failure),
+            "failure",
+        ),
+        Try::Timeout => (
+            TryOutcome::Timeout,
+            None,
+            "timeout",
+            Some(Outcome::Failure),
+            "failure",
+        ),
+        Try::Broken => (
+            TryOutcome::OtherError,
+            None,
+            "broken",
+            Some(Outcome::Failure),
+            "failure",
+        ),
+    };
+    match breaker {
+        Some(o) => {
+            if let Some(t) = permit.record(o, latency, Instant::now()) {
+                events::breaker_transition(&shared.metrics, &route.name, &t);
+            }
+        }
+        None => permit.cancel(),
+    }
+    events::downstream_try(
+        &shared.metrics,
+        &route.name,
+        label,
+        latency.as_secs_f64(),
+        false,
+    );
+    if shared.metrics.enabled {
+        state.latency.downstream.record(latency, Instant::now());
+    }
+    Attempt::Tried(Tried {
+        outcome,
+        answer,
+        reason,
+        latency,
+    })
+}
+
+/// Calls the route's downstream for `req`: tries within `deadline_at` (the sync path).
 pub async fn call(
     shared: &Shared,
     state: &RouteState,
@@ -70,188 +270,58 @@ pub async fn call(
     deadline_at: Instant,
 ) -> CallResult {
     let route = &state.route;
-    let policy = &route.retry;
     let body = req.body.as_ref().map(|b| Bytes::from(b.clone()));
     let mut tries = 0u32;
-    let mut refreshed = false;
-    let mut last_status: Option<u16> = None;
-    let mut last_reason = "no try made";
+    let mut last: Option<(Option<u16>, &'static str)> = None;
     loop {
-        let now = Instant::now();
-        if let Some(until) = state.paused_until(now) {
-            if tries == 0 {
-                events::rejected(&shared.metrics, &route.name, "paused");
-            }
-            return if tries == 0 {
-                CallResult::Unavailable {
-                    retry_after: until - now,
-                    why: "paused",
-                }
-            } else {
-                CallResult::Failed {
-                    status: last_status,
-                    reason: last_reason,
-                    tries,
-                }
-            };
-        }
-        let permit = match state.breaker.try_acquire(now) {
-            Ok(p) => {
-                if let Some(t) = p.transition() {
-                    events::breaker_transition(&shared.metrics, &route.name, &t);
-                }
-                p
-            }
-            Err(rejected) => {
-                return if tries == 0 {
-                    let (retry_after, why) = match rejected {
-                        Rejected::Open { until } => (until.saturating_duration_since(now), "open"),
-                        Rejected::ProbesBusy { .. } => (Duration::from_secs(1), "half_open"),
-                    };
-                    events::rejected(&shared.metrics, &route.name, why);
-                    CallResult::Unavailable { retry_after, why }
-                } else {
-                    CallResult::Failed {
-                        status: last_status,
-                        reason: last_reason,
-                        tries,
-                    }
-                };
-            }
-        };
-        let remaining = deadline_at.saturating_duration_since(now);
+        let remaining = deadline_at.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            permit.cancel();
             return CallResult::DeadlineExceeded { tries };
         }
         let cut_by_deadline = remaining < route.downstream.timeout;
         let timeout = remaining.min(route.downstream.timeout);
-
-        let token = match &route.downstream.auth {
-            OutboundAuth::OAuth2(creds) => {
-                match tokio::time::timeout(timeout, shared.tokens.token(creds)).await {
-                    Ok(Ok(t)) => Some(t),
-                    Ok(Err(error)) => {
-                        permit.cancel();
-                        return CallResult::Token { error, tries };
-                    }
-                    Err(_) => {
-                        permit.cancel();
-                        return CallResult::DeadlineExceeded { tries };
-                    }
-                }
+        let tried = match attempt(shared, state, req, body.clone(), timeout).await {
+            Attempt::Blocked { retry_after, why } => {
+                return match last {
+                    None => CallResult::Unavailable { retry_after, why },
+                    Some((status, reason)) => CallResult::Failed {
+                        status,
+                        reason,
+                        tries,
+                    },
+                };
             }
-            _ => None,
+            Attempt::Token(error) => return CallResult::Token { error, tries },
+            Attempt::OutOfTime => return CallResult::DeadlineExceeded { tries },
+            Attempt::Tried(t) => t,
         };
-
         tries += 1;
-        let started = Instant::now();
-        let result = send(
-            shared,
-            route.downstream.timeout.min(timeout),
-            req,
-            body.clone(),
-            token.as_ref(),
-            &route.downstream.auth,
-        )
-        .await;
-        let latency = started.elapsed();
-
-        // One forced token refresh after a 401, then the same try again (never a loop).
-        if let (Try::Answer(a), Some(t), OutboundAuth::OAuth2(creds)) =
-            (&result, &token, &route.downstream.auth)
-            && a.status == 401
-            && !refreshed
-        {
-            refreshed = true;
-            record(shared, &route.name, permit, Outcome::Success, latency);
-            tries -= 1;
-            if let Err(error) = shared.tokens.refresh_after_unauthorized(creds, t).await {
-                return CallResult::Token {
-                    error,
-                    tries: tries + 1,
-                };
-            }
-            continue;
+        if tries > 1 && shared.metrics.enabled {
+            shared
+                .metrics
+                .retries
+                .get_or_create(&crate::telemetry::metrics::RouteLabels {
+                    route: route.name.clone(),
+                })
+                .inc();
         }
-
-        let outcome = match &result {
-            Try::Answer(a) if route.downstream.success.contains(a.status) => {
-                record(shared, &route.name, permit, Outcome::Success, latency);
-                TryOutcome::Success
-            }
-            Try::Answer(a) => {
-                let retry_after = a
-                    .headers
-                    .get(header::RETRY_AFTER)
-                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                if a.status == 429 {
-                    // Not a failure: the downstream asks us to slow down. Pause the route.
-                    permit.cancel();
-                    let pause = retry_after
-                        .unwrap_or(Duration::from_secs(1))
-                        .min(policy.retry_after_max);
-                    state.pause(Instant::now() + pause);
-                } else if a.status >= 500 {
-                    record(shared, &route.name, permit, Outcome::Failure, latency);
-                } else {
-                    record(shared, &route.name, permit, Outcome::Success, latency);
-                }
-                last_status = Some(a.status);
-                last_reason = if a.status == 429 {
-                    "rate_limited"
-                } else {
-                    "status"
-                };
-                TryOutcome::Status {
-                    code: a.status,
-                    retry_after,
-                }
-            }
-            Try::ConnectError => {
-                record(shared, &route.name, permit, Outcome::Failure, latency);
-                last_status = None;
-                last_reason = "connect";
-                TryOutcome::ConnectError
-            }
-            Try::Timeout => {
-                record(shared, &route.name, permit, Outcome::Failure, latency);
-                if cut_by_deadline {
-                    observe_try(shared, state, "failure", latency, tries > 1);
-                    return CallResult::DeadlineExceeded { tries };
-                }
-                last_status = None;
-                last_reason = "timeout";
-                TryOutcome::Timeout
-            }
-            Try::Broken => {
-                record(shared, &route.name, permit, Outcome::Failure, latency);
-                last_status = None;
-                last_reason = "broken";
-                TryOutcome::OtherError
-            }
-        };
-
-        let label = match (&result, &outcome) {
-            (_, TryOutcome::Success) => "success",
-            (Try::Answer(a), _) if a.status == 429 => "rate_limited",
-            (Try::Answer(a), _) if a.status < 500 => "refused",
-            _ => "failure",
-        };
-        observe_try(shared, state, label, latency, tries > 1);
+        if matches!(tried.outcome, TryOutcome::Timeout) && cut_by_deadline {
+            return CallResult::DeadlineExceeded { tries };
+        }
+        let status = tried.answer.as_ref().map(|a| a.status);
+        last = Some((status, tried.reason));
+        if matches!(tried.outcome, TryOutcome::Success) {
+            let answer = tried.answer.expect("a success has an answer");
+            return CallResult::Delivered { answer, tries };
+        }
         let remaining = deadline_at.saturating_duration_since(Instant::now());
-        let decision = policy.next_sync(tries, &outcome, remaining, &mut rand::rng());
-        match (decision, result) {
-            (_, Try::Answer(answer)) if matches!(outcome, TryOutcome::Success) => {
-                return CallResult::Delivered { answer, tries };
-            }
-            (Decision::RetryAfter(wait), _) => tokio::time::sleep(wait).await,
-            (Decision::GiveUp(GiveUpReason::NotRetryable), Try::Answer(answer))
-                if answer.status < 500 && answer.status != 429 =>
-            {
-                return CallResult::Refused { answer, tries };
-            }
-            (Decision::GiveUp(_), _) if last_status == Some(429) => {
+        // (bound first: the thread-local RNG must not live across the sleep below)
+        let decision = route
+            .retry
+            .next_sync(tries, &tried.outcome, remaining, &mut rand::rng());
+        match decision {
+            Decision::RetryAfter(wait) => tokio::time::sleep(wait).await,
+            Decision::GiveUp(_) if status == Some(429) => {
                 // The route is paused by this 429: answer like any paused call (SPEC §5 step 9).
                 let now = Instant::now();
                 let retry_after = state
@@ -262,47 +332,18 @@ pub async fn call(
                     why: "paused",
                 };
             }
-            (Decision::GiveUp(_), _) => {
+            Decision::GiveUp(GiveUpReason::NotRetryable) if status.is_some_and(|s| s < 500) => {
+                let answer = tried.answer.expect("a status has an answer");
+                return CallResult::Refused { answer, tries };
+            }
+            Decision::GiveUp(_) => {
                 return CallResult::Failed {
-                    status: last_status,
-                    reason: last_reason,
+                    status,
+                    reason: tried.reason,
                     tries,
                 };
             }
         }
-    }
-}
-
-/// Counts a try and records its latency in the route's window.
-fn observe_try(
-    shared: &Shared,
-    state: &RouteState,
-    label: &'static str,
-    latency: Duration,
-    retry: bool,
-) {
-    events::downstream_try(
-        &shared.metrics,
-        &state.route.name,
-        label,
-        latency.as_secs_f64(),
-        retry,
-    );
-    if shared.metrics.enabled {
-        state.latency.downstream.record(latency, Instant::now());
-    }
-}
-
-/// Records a try's outcome on its breaker permit; a resulting transition is logged and counted.
-fn record(
-    shared: &Shared,
-    route: &str,
-    permit: crate::breaker::Permit,
-    outcome: Outcome,
-    latency: Duration,
-) {
-    if let Some(t) = permit.record(outcome, latency, Instant::now()) {
-        events::breaker_transition(&shared.metrics, route, &t);
     }
 }
 
