@@ -57,13 +57,14 @@ pub struct FieldRef {
     pub col: usize,
 }
 
-/// Per-request data for helpers.
+/// Per-request data for helpers. Cheap to clone (shared parts), since each
+/// render hands a copy to the helpers.
 #[derive(Debug, Clone)]
 pub struct RenderMeta {
-    pub bot: String,
-    pub route: String,
-    /// Inbound headers, lower-case names.
-    pub headers: Vec<(String, String)>,
+    pub bot: std::sync::Arc<str>,
+    pub route: std::sync::Arc<str>,
+    /// Inbound headers.
+    pub headers: std::sync::Arc<http::HeaderMap>,
     pub now: SystemTime,
 }
 
@@ -72,9 +73,23 @@ impl RenderMeta {
         RenderMeta {
             bot: bot.into(),
             route: route.into(),
-            headers: Vec::new(),
+            headers: Default::default(),
             now: SystemTime::now(),
         }
+    }
+
+    /// Sets the inbound headers from `(name, value)` pairs (invalid ones are skipped).
+    pub fn set_header_pairs(&mut self, pairs: &[(String, String)]) {
+        let mut map = http::HeaderMap::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::try_from(k.as_str()),
+                http::HeaderValue::try_from(v.as_str()),
+            ) {
+                map.append(k, v);
+            }
+        }
+        self.headers = std::sync::Arc::new(map);
     }
 }
 
@@ -456,21 +471,17 @@ impl HelperDef for MetaHelper {
                 )
                 .to_string(),
                 MetaHelper::Uuid => uuid::Uuid::new_v4().to_string(),
-                MetaHelper::Bot => meta.map(|m| m.bot.clone()).unwrap_or_default(),
-                MetaHelper::Route => meta.map(|m| m.route.clone()).unwrap_or_default(),
+                MetaHelper::Bot => meta.map(|m| m.bot.to_string()).unwrap_or_default(),
+                MetaHelper::Route => meta.map(|m| m.route.to_string()).unwrap_or_default(),
                 MetaHelper::Header => {
                     let name = h
                         .param(0)
                         .and_then(|p| p.value().as_str())
+                        .unwrap_or_default();
+                    meta.and_then(|m| m.headers.get(name))
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
                         .unwrap_or_default()
-                        .to_ascii_lowercase();
-                    meta.and_then(|m| {
-                        m.headers
-                            .iter()
-                            .find(|(k, _)| *k == name)
-                            .map(|(_, v)| v.clone())
-                    })
-                    .unwrap_or_default()
                 }
             }
         });
@@ -512,7 +523,7 @@ mod tests {
     fn render(src: &str, kind: Kind, strict: bool, data: Value) -> Result<String, String> {
         let t = compile(src, kind, strict).map_err(|e| e.message)?;
         let mut meta = RenderMeta::new("support-bot", "crm-upsert");
-        meta.headers.push(("x-trace".into(), "abc\"def".into()));
+        meta.set_header_pairs(&[("x-trace".into(), "abc\"def".into())]);
         meta.now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
         t.render(&Context::from(data), &meta)
     }

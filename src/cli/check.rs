@@ -102,12 +102,12 @@ pub fn render(
         }
     }
     let mut meta = RenderMeta::new(&bot_id, &r.name);
-    for h in headers {
-        if let Some((k, v)) = h.split_once(':') {
-            meta.headers
-                .push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-        }
-    }
+    let pairs: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|h| h.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    meta.set_header_pairs(&pairs);
     let ctx = handlebars::Context::from(value);
     let req = match crate::render::build(r, &ctx, &meta) {
         Ok(req) => req,

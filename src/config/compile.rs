@@ -1407,7 +1407,7 @@ impl Compiler<'_> {
                     bot.map(|b| b.id.as_str()).unwrap_or(""),
                     &route.name,
                 );
-                meta.headers = ex.headers.clone();
+                meta.set_header_pairs(&ex.headers);
                 Some(crate::render::build(route, &ctx, &meta))
             } else {
                 None

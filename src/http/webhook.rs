@@ -30,6 +30,7 @@ pub async fn handle(
     body: Body,
 ) -> Response {
     let started = StdInstant::now();
+    let headers = Arc::new(headers);
     // The generation this request runs on, start to finish.
     let rt = gw.runtime.load_full();
     let mut log = Log {
@@ -93,7 +94,7 @@ struct Log {
 async fn pipeline(
     gw: &Gateway,
     rt: &Runtime,
-    headers: &HeaderMap,
+    headers: &Arc<HeaderMap>,
     body: Body,
     log: &mut Log,
 ) -> Result<Response, ApiError> {
@@ -117,10 +118,25 @@ async fn pipeline(
     let mut ctx = Context::from(payload);
     let mut meta = RenderMeta::new(&bot.id, &route.name);
     meta.now = SystemTime::now();
-    meta.headers = headers
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect();
+    meta.headers = headers.clone();
+    // Step 9 before rendering: a route that will not be called costs no rendering.
+    let now = Instant::now();
+    if let Some(until) = state.breaker.blocked_until(now) {
+        log.outcome = "open";
+        crate::telemetry::events::rejected(&gw.shared.metrics, &route.name, "open");
+        return step9_unavailable(
+            route,
+            &mut ctx,
+            &meta,
+            until.saturating_duration_since(now),
+            "open",
+        );
+    }
+    if let Some(until) = state.paused_until(now) {
+        log.outcome = "paused";
+        crate::telemetry::events::rejected(&gw.shared.metrics, &route.name, "paused");
+        return step9_unavailable(route, &mut ctx, &meta, until - now, "paused");
+    }
     let req = crate::render::build(route, &ctx, &meta).map_err(|e| {
         log.outcome = "render_error";
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "render", e.to_string())
@@ -299,11 +315,10 @@ fn step9_unavailable(
     };
     let body = match &fb.body {
         Some(t) => {
+            // (the payload moves: nothing after the fallback needs it)
             let payload = std::mem::take(ctx.data_mut());
             let fctx = Context::from(json!({"request": payload, "retry_after": secs}));
-            let out = t.render(&fctx, meta);
-            *ctx.data_mut() = fctx.data().get("request").cloned().unwrap_or_default();
-            json_or_error(route, "fallback.body", out)?
+            json_or_error(route, "fallback.body", t.render(&fctx, meta))?
         }
         None => Bytes::from_static(b"{}"),
     };
