@@ -144,6 +144,21 @@ impl Template {
         &self.source
     }
 
+    /// The output, when the template has no expressions at all (it renders to itself).
+    pub fn as_static(&self) -> Option<&str> {
+        self.inner
+            .elements
+            .iter()
+            .all(|e| {
+                matches!(
+                    e,
+                    TemplateElement::RawString(_) | TemplateElement::Comment(_)
+                )
+            })
+            .then_some(&*self.source)
+            .filter(|s| !s.contains('\\') && !s.contains("{{"))
+    }
+
     /// Renders with `data` as the root. For `Kind::Json` the caller parses the result.
     pub fn render(&self, data: &Context, meta: &RenderMeta) -> Result<String, String> {
         let reg = registry(self.kind, self.strict);

@@ -987,6 +987,13 @@ impl Compiler<'_> {
         }
         match template::compile(source, kind, strict) {
             Ok(t) => {
+                // A JSON template without expressions is served as is: it must be JSON now.
+                if let (Kind::Json, Some(text)) = (kind, t.as_static())
+                    && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text)
+                {
+                    self.error(at, format!("is not valid JSON (it has no `{{{{…}}}}`, so it is sent as written): {e}"));
+                    return None;
+                }
                 if let Some(c) = self.opts.cache {
                     c.put_template(key.clone(), t.clone());
                     self.templates_used.push(key);

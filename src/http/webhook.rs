@@ -314,6 +314,9 @@ fn step9_unavailable(
         .retry_after(secs));
     };
     let body = match &fb.body {
+        Some(t) if t.as_static().is_some() => {
+            Bytes::copy_from_slice(t.as_static().unwrap_or_default().as_bytes())
+        }
         Some(t) => {
             // (the payload moves: nothing after the fallback needs it)
             let payload = std::mem::take(ctx.data_mut());
