@@ -3,6 +3,8 @@ pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod downstream;
+pub mod http;
 pub mod payload;
 pub mod render;
+pub mod runtime;
 pub mod template;

@@ -34,6 +34,8 @@ pub enum Kind {
 pub struct Template {
     kind: Kind,
     strict: bool,
+    /// The text the template was compiled from (identifies it across reloads).
+    source: std::sync::Arc<str>,
     inner: handlebars::Template,
 }
 
@@ -92,6 +94,7 @@ pub fn compile(source: &str, kind: Kind, strict: bool) -> Result<Template, Compi
     let t = Template {
         kind,
         strict,
+        source: source.into(),
         inner,
     };
     if kind != Kind::Text
@@ -119,6 +122,10 @@ pub fn compile(source: &str, kind: Kind, strict: bool) -> Result<Template, Compi
 impl Template {
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders with `data` as the root. For `Kind::Json` the caller parses the result.

@@ -20,6 +20,7 @@ pub fn validate(paths: &[PathBuf], format: Format, require_env: bool) -> u8 {
         &LoadOptions {
             env: &super::process_env,
             require_env,
+            check_examples: true,
         },
     );
     let base = std::env::current_dir().unwrap_or_default();
@@ -43,6 +44,7 @@ pub fn render(
         &LoadOptions {
             env: &super::process_env,
             require_env: false,
+            check_examples: false,
         },
     );
     let base = std::env::current_dir().unwrap_or_default();

@@ -3,6 +3,7 @@
 //! 2 usage or I/O error.
 
 mod check;
+pub mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the gateway.
+    Serve(serve::ServeArgs),
     /// Check route files as `serve` would, with no network and no secrets.
     Validate {
         /// Route files or directories (default: the routes directory).
@@ -62,6 +65,8 @@ enum Command {
 
 /// Runs the command line; the process exit code.
 pub fn run() -> ExitCode {
+    // reqwest is built without a default TLS provider (avoids aws-lc's C build): install ring once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -70,6 +75,7 @@ pub fn run() -> ExitCode {
         }
     };
     let code = match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Validate {
             paths,
             format,

@@ -16,7 +16,8 @@ use crate::downstream::retry::RetryPolicy;
 use crate::payload::PayloadSchema;
 use crate::template::Template;
 
-pub use super::raw::{ClientAuth, Mode, OnFailure};
+pub use super::raw::{Mode, OnFailure};
+pub use crate::downstream::oauth2::{ClientAuth, ClientCredentials};
 
 /// One immutable configuration generation.
 #[derive(Debug, Default)]
@@ -130,16 +131,7 @@ pub struct HeaderSpec {
 pub enum OutboundAuth {
     None,
     Bearer(SecretString),
-    OAuth2(OAuth2Settings),
-}
-
-#[derive(Debug, Clone)]
-pub struct OAuth2Settings {
-    pub token_url: String,
-    pub client_id: String,
-    pub client_secret: SecretString,
-    pub scopes: Vec<String>,
-    pub client_auth: ClientAuth,
+    OAuth2(ClientCredentials),
 }
 
 /// A set of HTTP statuses (100–599).

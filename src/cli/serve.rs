@@ -1,0 +1,202 @@
+//! `gateway serve`: settings from flags and `GATEWAY_*`, start-up as a load
+//! that must succeed, the two listeners, SIGHUP reload, SIGTERM/SIGINT shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use secrecy::SecretString;
+
+use crate::config::compile::{LoadOptions, load};
+use crate::config::diagnostic::{self, Format};
+use crate::http::Gateway;
+use crate::runtime::{Limits, Runtime, Shared};
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Routes directory (route files at any depth).
+    #[arg(long, env = "GATEWAY_ROUTES", default_value = "routes")]
+    pub routes: PathBuf,
+    /// Public listener (webhooks, health).
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Admin listener (status, routes, reload, breaker reset).
+    #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// Delivery store URL (async delivery is not built yet; accepted for forward compatibility).
+    #[arg(
+        long,
+        env = "GATEWAY_STORE",
+        default_value = "sqlite://data/gateway.db"
+    )]
+    pub store: String,
+    /// Largest inbound body in bytes.
+    #[arg(long, env = "GATEWAY_MAX_BODY", default_value_t = 2 * 1024 * 1024)]
+    pub max_body: usize,
+    /// Deepest JSON nesting accepted.
+    #[arg(long, env = "GATEWAY_MAX_DEPTH", default_value_t = 64)]
+    pub max_depth: usize,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT, in seconds.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = 10)]
+    pub shutdown_grace: u64,
+    /// Log format.
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub fn run(args: ServeArgs) -> u8 {
+    init_tracing(args.log_format);
+    let admin_token = std::env::var("GATEWAY_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(SecretString::from);
+    if admin_token.is_none() && !args.admin_listen.ip().is_loopback() {
+        eprintln!(
+            "gateway serve: GATEWAY_ADMIN_TOKEN is required when the admin listener ({}) is not on loopback",
+            args.admin_listen
+        );
+        return 2;
+    }
+    if let Err(e) = std::fs::metadata(&args.routes) {
+        eprintln!(
+            "gateway serve: routes directory {}: {e}",
+            args.routes.display()
+        );
+        return 2;
+    }
+    let loaded = load(
+        std::slice::from_ref(&args.routes),
+        &LoadOptions {
+            env: &super::process_env,
+            require_env: true,
+            check_examples: false,
+        },
+    );
+    let base = std::env::current_dir().unwrap_or_default();
+    let Some(config) = loaded.config else {
+        eprint!(
+            "{}",
+            diagnostic::render(&loaded.diagnostics, Format::Text, &base)
+        );
+        eprintln!("gateway serve: the configuration is invalid; not starting");
+        return 1;
+    };
+    for d in &loaded.diagnostics {
+        tracing::warn!(diagnostic = %d.to_text(&base), "configuration warning");
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gateway serve: cannot start the runtime: {e}");
+            return 2;
+        }
+    };
+    rt.block_on(async move {
+        let limits = Limits {
+            max_body: args.max_body,
+            max_depth: args.max_depth,
+            ..Limits::default()
+        };
+        let runtime = Runtime::build(Arc::new(config), None, tokio::time::Instant::now());
+        let gw = Arc::new(Gateway::new(
+            runtime,
+            Shared::new(limits),
+            admin_token,
+            args.routes.clone(),
+        ));
+        let public = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("gateway serve: cannot listen on {}: {e}", args.listen);
+                return 2;
+            }
+        };
+        let admin = match tokio::net::TcpListener::bind(args.admin_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("gateway serve: cannot listen on {}: {e}", args.admin_listen);
+                return 2;
+            }
+        };
+        let cfg = gw.runtime.load();
+        tracing::info!(
+            listen = %public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            bots = cfg.config.bots.len(),
+            routes = cfg.config.routes.len(),
+            hash = %cfg.config.hash,
+            "gateway serving"
+        );
+        drop(cfg);
+        spawn_sighup(gw.clone());
+        match crate::http::run(
+            public,
+            admin,
+            gw,
+            shutdown_signal(),
+            Duration::from_secs(args.shutdown_grace),
+        )
+        .await
+        {
+            Ok(()) => {
+                tracing::info!("gateway stopped");
+                0
+            }
+            Err(e) => {
+                eprintln!("gateway serve: {e}");
+                2
+            }
+        }
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn spawn_sighup(gw: Arc<Gateway>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let gw = gw.clone();
+            let _ = tokio::task::spawn_blocking(move || gw.reload()).await;
+        }
+    });
+}

@@ -1,0 +1,159 @@
+//! The HTTP surface (SPEC §5): the public listener (webhooks, health) and the
+//! admin listener, built as axum routers over one shared [`Gateway`].
+//!
+//! `run` takes its listeners and a shutdown future as arguments (mini-redis
+//! style), so tests bind `127.0.0.1:0` and stop the server cleanly.
+
+pub mod admin;
+pub mod error;
+pub mod ops;
+pub mod webhook;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+
+use crate::runtime::{Runtime, Shared};
+
+/// Everything the handlers share.
+pub struct Gateway {
+    /// The running configuration; swapped whole on reload, so a request keeps
+    /// the generation it started with.
+    pub runtime: ArcSwap<Runtime>,
+    pub shared: Shared,
+    /// Protects the admin listener when set (`GATEWAY_ADMIN_TOKEN`).
+    pub admin_token: Option<SecretString>,
+    /// Outcome of the last load (start-up or reload), for `/admin/status`.
+    pub last_reload: Mutex<ReloadReport>,
+    /// The routes directory, for reloads.
+    pub routes_dir: std::path::PathBuf,
+}
+
+/// What the last load did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadReport {
+    pub at: String,
+    pub ok: bool,
+    pub generation: u64,
+    pub hash: String,
+    pub diagnostics: Vec<String>,
+}
+
+impl Gateway {
+    pub fn new(
+        runtime: Runtime,
+        shared: Shared,
+        admin_token: Option<SecretString>,
+        routes_dir: std::path::PathBuf,
+    ) -> Self {
+        let report = ReloadReport {
+            at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            ok: true,
+            generation: runtime.generation,
+            hash: runtime.config.hash.clone(),
+            diagnostics: vec![],
+        };
+        Gateway {
+            runtime: ArcSwap::from_pointee(runtime),
+            shared,
+            admin_token,
+            last_reload: Mutex::new(report),
+            routes_dir,
+        }
+    }
+
+    /// Reloads the routes directory from the process environment.
+    pub fn reload(&self) -> ReloadReport {
+        crate::runtime::reload::reload(self, &self.routes_dir, &crate::cli::process_env)
+    }
+}
+
+/// The public router: webhooks and health.
+pub fn public_router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/webhooks/{bot}", post(webhook::handle))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(gw)
+}
+
+async fn not_found() -> error::ApiError {
+    error::ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint",
+    )
+}
+
+/// Request id of the current request (from `x-request-id` or made here).
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// Takes `x-request-id` from the request (if sane) or makes one; puts it on every answer.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Serves both listeners until `shutdown` completes, then stops accepting and
+/// lets in-flight requests finish for at most `grace`.
+pub async fn run(
+    public: TcpListener,
+    admin: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let signal = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let public_srv =
+        axum::serve(public, public_router(gw.clone())).with_graceful_shutdown(signal(rx.clone()));
+    let admin_srv =
+        axum::serve(admin, admin::router(gw.clone())).with_graceful_shutdown(signal(rx.clone()));
+    let public_task = tokio::spawn(async move { public_srv.await });
+    let admin_task = tokio::spawn(async move { admin_srv.await });
+    shutdown.await;
+    tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
+    let _ = tx.send(true);
+    let both = async {
+        let a = public_task.await;
+        let b = admin_task.await;
+        (a, b)
+    };
+    match tokio::time::timeout(grace, both).await {
+        Ok((a, b)) => {
+            a.map_err(std::io::Error::other)??;
+            b.map_err(std::io::Error::other)??;
+        }
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "in-flight requests did not finish within the grace period"
+        ),
+    }
+    Ok(())
+}

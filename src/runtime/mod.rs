@@ -1,0 +1,169 @@
+//! What is running: a [`Runtime`] built from one [`Config`] generation, plus
+//! the per-route state that must outlive a reload (breaker, 429 pause,
+//! bulkhead). Start-up is a build from nothing; a reload builds from the new
+//! config and the previous runtime, carrying state over for routes whose
+//! downstream and breaker are unchanged (see [`RouteState::key`]).
+//!
+//! Never parses configuration and never checks it again: `config` did.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+pub mod reload;
+
+use crate::breaker::Breaker;
+use crate::config::model::{Config, OutboundAuth, Route};
+use crate::downstream::oauth2::TokenCache;
+
+/// Things shared by every runtime generation: the HTTP client and token cache.
+pub struct Shared {
+    pub client: reqwest::Client,
+    pub tokens: TokenCache,
+    pub limits: Limits,
+}
+
+/// Settings from flags/environment (never from route files).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest inbound body (SPEC default 2 MiB).
+    pub max_body: usize,
+    /// Deepest JSON nesting accepted (SPEC default 64).
+    pub max_depth: usize,
+    /// Largest downstream response body read.
+    pub max_response: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: 2 * 1024 * 1024,
+            max_depth: 64,
+            max_response: 1024 * 1024,
+        }
+    }
+}
+
+impl Shared {
+    pub fn new(limits: Limits) -> Self {
+        let client = reqwest::Client::builder()
+            // Redirects are not followed: a CRM answering 3xx is a misconfiguration,
+            // and following could carry credentials to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            // Predictable on servers: proxies from the environment are not used.
+            .no_proxy()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("the HTTP client builds (is a rustls crypto provider installed?)");
+        let tokens = TokenCache::new(client.clone());
+        Shared {
+            client,
+            tokens,
+            limits,
+        }
+    }
+}
+
+/// One configuration generation with its per-route state.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub generation: u64,
+    pub routes: HashMap<String, Arc<RouteState>>,
+}
+
+/// State of one route that lives as long as the route is unchanged.
+pub struct RouteState {
+    pub route: Arc<Route>,
+    pub breaker: Breaker,
+    /// `max_in_flight` permits.
+    pub bulkhead: Arc<Semaphore>,
+    /// Paused by a 429 until this instant.
+    paused_until: Mutex<Option<Instant>>,
+    key: String,
+}
+
+impl RouteState {
+    fn new(route: Arc<Route>, now: Instant) -> Self {
+        let key = Self::key(&route);
+        RouteState {
+            breaker: Breaker::new(route.breaker.clone(), now),
+            bulkhead: Arc::new(Semaphore::new(route.downstream.max_in_flight as usize)),
+            paused_until: Mutex::new(None),
+            key,
+            route,
+        }
+    }
+
+    /// What a route's state depends on: its downstream (method, URL, auth identity,
+    /// bulkhead) and its breaker settings. Equal keys across a reload keep the state.
+    pub fn key(route: &Route) -> String {
+        let ds = &route.downstream;
+        let auth = match &ds.auth {
+            OutboundAuth::None => "none".to_string(),
+            OutboundAuth::Bearer(_) => "bearer".to_string(),
+            OutboundAuth::OAuth2(c) => format!("oauth2 {} {}", c.token_url, c.client_id),
+        };
+        format!(
+            "{} {} {} {} {:?} {:?}",
+            ds.method,
+            ds.url.source(),
+            auth,
+            ds.max_in_flight,
+            route.breaker.settings(),
+            route.health
+        )
+    }
+
+    /// When the route is paused by a 429, until when.
+    pub fn paused_until(&self, now: Instant) -> Option<Instant> {
+        let mut p = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        match *p {
+            Some(t) if t > now => Some(t),
+            Some(_) => {
+                *p = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Pauses the route until `until` (extends, never shortens, a pause).
+    pub fn pause(&self, until: Instant) {
+        let mut p = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_none_or(|t| t < until) {
+            *p = Some(until);
+        }
+    }
+}
+
+impl Runtime {
+    /// Builds the runtime for `config`, keeping the state of unchanged routes from `prev`.
+    pub fn build(config: Arc<Config>, prev: Option<&Runtime>, now: Instant) -> Runtime {
+        let mut routes = HashMap::with_capacity(config.routes.len());
+        for (name, route) in &config.routes {
+            let state = match prev.and_then(|p| p.routes.get(name)) {
+                Some(old) if old.key == RouteState::key(route) => Arc::new(RouteState {
+                    route: route.clone(),
+                    breaker: old.breaker.clone(),
+                    bulkhead: old.bulkhead.clone(),
+                    paused_until: Mutex::new(
+                        *old.paused_until.lock().unwrap_or_else(|e| e.into_inner()),
+                    ),
+                    key: old.key.clone(),
+                }),
+                _ => Arc::new(RouteState::new(route.clone(), now)),
+            };
+            routes.insert(name.clone(), state);
+        }
+        Runtime {
+            config,
+            generation: prev.map_or(1, |p| p.generation + 1),
+            routes,
+        }
+    }
+}
