@@ -18,8 +18,10 @@
 #   NGINX_WORKERS=1      worker_processes of both nginx instances
 #   GATEWAY_BIN=target/release/gateway   BUILD=auto|0 (0: never run cargo)
 #   READY_TIMEOUT=30     seconds to wait for the gateway's /readyz
-#   RUST_LOG=warn        log filter passed to the gateway
+#   GATEWAY_LOG=warn     the gateway's log filter (info adds one log line per request)
 #   OUT_DIR=bench/out    KEEP_TMP=0 (1 keeps the temp dir with configs and logs)
+#   OTHER_MAX=0.10       CPU (cores) of unrelated processes above which a row is flagged
+#   QUIET_WAIT=15        seconds to wait before each scenario for the machine to be that quiet
 #
 # Needs wrk, nginx and curl; installs them with apt-get when missing (root).
 set -euo pipefail
@@ -38,6 +40,8 @@ GATEWAY_BIN=${GATEWAY_BIN:-$REPO/target/release/gateway}
 BUILD=${BUILD:-auto}
 OUT_DIR=${OUT_DIR:-$HERE/out}
 KEEP_TMP=${KEEP_TMP:-0}
+OTHER_MAX=${OTHER_MAX:-0.10}   # cores used by unrelated processes above which a row is flagged
+QUIET_WAIT=${QUIET_WAIT:-15}   # seconds to wait, before each scenario, for that to be true (0: don't)
 API_KEY=bench-key
 OPEN_INTENT=BenchRouteIsOpen   # the intent routed to the route with the open breaker
 
@@ -137,6 +141,27 @@ cpu_ticks() {  # utime + stime (clock ticks) summed over the given pids
     t=$((t + f[11] + f[12]))       # fields 14 and 15 of proc(5)
   done
   echo "$t"
+}
+
+# Machine-wide busy CPU (clock ticks) from /proc/stat. During a run, this
+# minus the CPU of the benchmark's own processes (servers, wrk) is what other
+# workloads (another session's build, say) took; on a quiet machine it stays
+# near 0, as the loopback softirq work is charged to the processes.
+machine_busy_ticks() {
+  local _cpu u n sy idle io irq sirq st
+  read -r _cpu u n sy idle io irq sirq st _ </proc/stat
+  echo $((u + n + sy + irq + sirq + st))
+}
+
+wait_quiet() {  # up to QUIET_WAIT seconds for other workloads to drop below OTHER_MAX cores
+  local deadline=$((SECONDS + QUIET_WAIT)) b0 b1 busy said=""
+  while :; do
+    b0=$(machine_busy_ticks); sleep 1; b1=$(machine_busy_ticks)
+    busy=$(awk -v t=$((b1 - b0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
+    awk -v b="$busy" -v m="$OTHER_MAX" 'BEGIN { exit !(b <= m) }' && return 0
+    ((SECONDS < deadline)) || { log "machine still busy ($busy cores used by others); measuring anyway"; return 0; }
+    [[ -n $said ]] || { log "machine busy ($busy cores used by others); waiting up to ${QUIET_WAIT}s"; said=1; }
+  done
 }
 
 hwm_reset() { local p; for p in "$@"; do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || return 1; done; }
@@ -388,7 +413,7 @@ ensure_gateway() {  # 0 when the gateway is up; else GW_STATE says why
     GW_STATE="this gateway build has no 'serve' subcommand ('gateway serve --help' failed)"
     return 1
   fi
-  (cd "$dir" && RUST_LOG=${RUST_LOG:-warn} exec "$GATEWAY_BIN" serve --routes "$dir/routes" \
+  (cd "$dir" && GATEWAY_LOG=${GATEWAY_LOG:-warn} exec "$GATEWAY_BIN" serve --routes "$dir/routes" \
     --listen "127.0.0.1:$GW_PORT" --admin-listen "127.0.0.1:$GW_ADMIN_PORT" \
     --store "sqlite://$dir/gateway.db") >"$dir/gateway.log" 2>&1 &
   GW_PID=$!
@@ -407,7 +432,7 @@ ensure_gateway() {  # 0 when the gateway is up; else GW_STATE says why
 }
 
 # ---------------------------------------------------------------- measurement
-declare -A NAME RPS P50 P99 NON2XX SOCKERR CPU_US SRV_CORES WRK_CORES RSS NOTE REQS
+declare -A NAME RPS P50 P99 NON2XX SOCKERR CPU_US SRV_CORES WRK_CORES OTHER_CORES RSS NOTE REQS
 NAME[a]="a  downstream nginx, direct"
 NAME[b]="b  nginx keep-alive proxy"
 NAME[c]="c  gateway, sync pipeline"
@@ -421,16 +446,24 @@ measure() {
   shift 3
   local pids=("$@") t0 t1 wt line
   export BENCH_BODY_FILE=$body BENCH_API_KEY=$API_KEY
+  ((QUIET_WAIT > 0)) && wait_quiet
   log "scenario $s: warm-up $WARMUP"
   wrk -t "$THREADS" -c "$CONNECTIONS" -d "$WARMUP" -s "$HERE/post.lua" "$url" >/dev/null
   local hwm_note=""
   hwm_reset "${pids[@]}" || hwm_note=" (peak since start)"
+  local all_ours=() p
+  for p in "${PIDS[@]}"; do all_ours+=($(tree_pids "$p")); done
   log "scenario $s: measuring $DURATION, $CONNECTIONS connections, $THREADS threads → $url"
+  local m0 m1 o0 o1
+  m0=$(machine_busy_ticks)
+  o0=$(cpu_ticks "${all_ours[@]}")
   t0=$(cpu_ticks "${pids[@]}")
   local TIMEFORMAT='%3U %3S'
   { time wrk -t "$THREADS" -c "$CONNECTIONS" -d "$DURATION" --latency -s "$HERE/post.lua" "$url" \
       >"$TMP/wrk-$s.txt" 2>&1; } 2>"$TMP/wrk-$s.time"
   t1=$(cpu_ticks "${pids[@]}")
+  o1=$(cpu_ticks "${all_ours[@]}")
+  m1=$(machine_busy_ticks)
   RSS[$s]="$(awk -v k="$(hwm_kib "${pids[@]}")" 'BEGIN { printf "%.1f MiB", k / 1024 }')$hwm_note"
   line=$(grep '^BENCH ' "$TMP/wrk-$s.txt" || true)
   if [[ -z $line ]]; then
@@ -454,6 +487,8 @@ measure() {
   SRV_CORES[$s]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v d="$duration_us" 'BEGIN { printf "%.2f", t / hz / (d / 1e6) }')
   read -r wu ws <"$TMP/wrk-$s.time"
   WRK_CORES[$s]=$(awk -v u="$wu" -v s="$ws" -v d="$duration_us" 'BEGIN { printf "%.2f", (u + s) / (d / 1e6) }')
+  OTHER_CORES[$s]=$(awk -v m=$((m1 - m0)) -v o=$((o1 - o0)) -v w="$wu" -v ws="$ws" -v hz="$CLK_TCK" -v d="$duration_us" \
+    'BEGIN { t = (m - o) / hz - (w + ws); if (t < 0) t = 0; printf "%.2f", t / (d / 1e6) }')
   if ((NON2XX[$s] + SOCKERR[$s] > 0)); then
     NOTE[$s]="ERRORS: ${NON2XX[$s]} non-2xx, socket connect ${kv[err_connect]} read ${kv[err_read]} write ${kv[err_write]} timeout ${kv[err_timeout]}"
   else
@@ -518,28 +553,31 @@ REPORT=$TMP/report.txt
   echo "host: $CORES cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(uname -sr)"
   echo "tools: $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }'), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
   if [[ $GW_STATE == ok ]]; then
-    echo "gateway: $GATEWAY_BIN ($("$GATEWAY_BIN" --version 2>/dev/null || echo '?'); commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')), RUST_LOG=${RUST_LOG:-warn}"
+    echo "gateway: $GATEWAY_BIN ($("$GATEWAY_BIN" --version 2>/dev/null || echo '?'); commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')), GATEWAY_LOG=${GATEWAY_LOG:-warn}"
   fi
   echo "load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION (after a $WARMUP warm-up), POST ${PAYLOAD_BYTES}-byte JSON with X-API-Key"
   echo "nginx: worker_processes $NGINX_WORKERS per instance, access_log off, keepalive_requests 1000000"
   echo "NOTE: wrk, the server under test and (a-c) the downstream all share these $CORES cores;"
   echo "      'wrk cores' is the load generator's own CPU. CPU/req counts only the server under test."
   echo
-  printf '%-33s %9s %9s %9s %8s %8s %9s %9s %9s %12s\n' \
-    scenario 'req/s' 'p50 ms' 'p99 ms' 'non-2xx' 'sockerr' 'CPU us/req' 'srv cores' 'wrk cores' 'peak RSS'
+  printf '%-33s %8s %7s %7s %7s %7s %10s %9s %9s %11s %10s\n' \
+    scenario 'req/s' 'p50 ms' 'p99 ms' 'non-2xx' 'sockerr' 'CPU us/req' 'srv cores' 'wrk cores' 'other cores' 'peak RSS'
   for s in $SCENARIOS; do
     if [[ ${NOTE[$s]} == SKIPPED* || ${NOTE[$s]} == FAILED* ]]; then
       printf '%-33s %s\n' "${NAME[$s]}" "${NOTE[$s]}"
       continue
     fi
-    printf '%-33s %9s %9s %9s %8s %8s %9s %9s %9s %12s%s\n' "${NAME[$s]}" "${RPS[$s]}" \
+    printf '%-33s %8s %7s %7s %7s %7s %10s %9s %9s %11s %10s%s\n' "${NAME[$s]}" "${RPS[$s]}" \
       "$(ms "${P50[$s]}")" "$(ms "${P99[$s]}")" "${NON2XX[$s]}" "${SOCKERR[$s]}" "${CPU_US[$s]}" \
-      "${SRV_CORES[$s]}" "${WRK_CORES[$s]}" "${RSS[$s]}" "$([[ ${NOTE[$s]} == ok ]] || echo '  <-- ERRORS')"
+      "${SRV_CORES[$s]}" "${WRK_CORES[$s]}" "${OTHER_CORES[$s]}" "${RSS[$s]}" \
+      "$([[ ${NOTE[$s]} == ok ]] || echo '  <-- ERRORS')"
   done
   echo
   echo "CPU us/req: utime+stime of the server process(es) under test (/proc/<pid>/stat) / requests;"
   echo "  a: downstream nginx (master+workers); b: proxy nginx only; c, d: the gateway process only."
   echo "peak RSS: VmHWM during the measured run (reset via clear_refs after warm-up), summed over processes."
+  echo "other cores: machine-wide busy CPU (/proc/stat) minus the benchmark's own processes: another workload"
+  echo "  (a build in another session, say) when above ~0.05; rows with more than $OTHER_MAX are flagged."
   echo
   have() { [[ ${NOTE[$1]:-} == ok ]]; }
   if have c && have b; then
@@ -553,6 +591,9 @@ REPORT=$TMP/report.txt
   fi
   for s in $SCENARIOS; do
     [[ ${NOTE[$s]} == ok || ${NOTE[$s]} == SKIPPED* ]] || echo "!! ${NAME[$s]}: ${NOTE[$s]}"
+    if [[ -n ${OTHER_CORES[$s]:-} ]] && awk -v o="${OTHER_CORES[$s]}" -v m="$OTHER_MAX" 'BEGIN { exit !(o > m) }'; then
+      echo "!! ${NAME[$s]}: other processes used ${OTHER_CORES[$s]} cores during the run; its numbers are disturbed"
+    fi
   done
   echo "total run time: $((SECONDS - START))s"
 } >"$REPORT"
