@@ -18,6 +18,8 @@ use crate::template::RenderMeta;
 pub struct OutboundRequest {
     pub method: http::Method,
     pub url: String,
+    /// `url`, parsed once (the client sends this; parsing is not free).
+    pub target: url::Url,
     /// Headers with a flag telling whether the value is secret (from the environment).
     pub headers: Vec<(HeaderName, HeaderValue, bool)>,
     /// Rendered JSON body (validated to parse).
@@ -130,6 +132,7 @@ pub fn build(
     Ok(OutboundRequest {
         method: ds.method.clone(),
         url,
+        target: parsed,
         headers,
         body,
         idempotency_key,

@@ -375,7 +375,7 @@ async fn send(
     }
     let mut builder = shared
         .client
-        .request(req.method.clone(), &req.url)
+        .request(req.method.clone(), req.target.clone())
         .headers(headers);
     if let Some(b) = body {
         builder = builder.body(b);
