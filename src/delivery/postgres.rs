@@ -405,11 +405,11 @@ impl Store for PgStore {
         Box::pin(async move {
             let now_ms = to_ms(now);
             let rows = sqlx::query(concat!(
-                "WITH due AS (SELECT id FROM deliveries WHERE due_at <= $3 \
+                "UPDATE deliveries SET state = 'leased', lease_owner = $1, leased_until = $2, \
+                 due_at = $2, lease_seq = lease_seq + 1, updated_at = $3 \
+                 WHERE id IN (SELECT id FROM deliveries WHERE due_at <= $3 \
                               ORDER BY due_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                 UPDATE deliveries d SET state = 'leased', lease_owner = $1, leased_until = $2, \
-                 due_at = $2, lease_seq = d.lease_seq + 1, updated_at = $3 \
-                 FROM due WHERE d.id = due.id RETURNING ",
+                 RETURNING ",
                 delivery_columns!()
             ))
             .bind(owner)
