@@ -180,22 +180,14 @@ async fn accept(
     let err = || StoreError::db("accept a delivery");
     let dedupe_key = cutoff.and(d.idempotency_key.as_deref());
     let id = new_id();
-    // Bounded: only a concurrent expiry of the conflicting key between our
-    // insert and our look-up sends us round again.
-    for _ in 0..3 {
-        let mut tx = conn.begin().await.map_err(err())?;
-        if let (Some(cutoff), Some(key)) = (cutoff, dedupe_key) {
-            sqlx::query(
-                "UPDATE deliveries SET dedupe_key = NULL \
-                 WHERE bot = $1 AND dedupe_key = $2 AND created_at <= $3",
-            )
-            .bind(&d.bot)
-            .bind(key)
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await
-            .map_err(err())?;
-        }
+    let headers = headers_json(&d.request.headers);
+    let mut tx = conn.begin().await.map_err(err())?;
+    // The common case (a fresh key, or no dedupe) is one INSERT. On a
+    // conflict (after waiting for a concurrent inserter of the same key to
+    // finish), an expired holder lets go of its key and we insert again. A
+    // few rounds at most: each round either finishes or sees a key that
+    // another transaction just took, which is then fresh.
+    for _ in 0..4 {
         let r = sqlx::query(
             "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
              idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
@@ -209,7 +201,7 @@ async fn accept(
         .bind(&d.payload)
         .bind(&d.request.method)
         .bind(&d.request.url)
-        .bind(headers_json(&d.request.headers))
+        .bind(&headers)
         .bind(&d.request.body)
         .bind(&d.idempotency_key)
         .bind(dedupe_key)
@@ -222,16 +214,36 @@ async fn accept(
             return Ok(Accept::Accepted { id });
         }
         // Read committed: this statement sees the committed row we conflicted with.
-        let first: Option<String> =
-            sqlx::query_scalar("SELECT id FROM deliveries WHERE bot = $1 AND dedupe_key = $2")
-                .bind(&d.bot)
+        let holder: Option<(String, i64)> = sqlx::query_as(
+            "SELECT id, created_at FROM deliveries WHERE bot = $1 AND dedupe_key = $2",
+        )
+        .bind(&d.bot)
+        .bind(dedupe_key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err())?;
+        match holder {
+            Some((first, created_at)) if cutoff.is_some_and(|c| created_at > c) => {
+                tx.commit().await.map_err(err())?;
+                return Ok(Accept::Duplicate { id: first });
+            }
+            Some((first, _)) => {
+                // Older than the window: forgotten. The row lock makes two
+                // accepters take turns; the second then conflicts with the
+                // first's new delivery and finds it fresh.
+                sqlx::query(
+                    "UPDATE deliveries SET dedupe_key = NULL \
+                     WHERE id = $1 AND dedupe_key = $2 AND created_at <= $3",
+                )
+                .bind(&first)
                 .bind(dedupe_key)
-                .fetch_optional(&mut *tx)
+                .bind(cutoff)
+                .execute(&mut *tx)
                 .await
                 .map_err(err())?;
-        tx.commit().await.map_err(err())?;
-        if let Some(first) = first {
-            return Ok(Accept::Duplicate { id: first });
+            }
+            // The holder let go between our insert and our look-up: insert again.
+            None => {}
         }
     }
     Err(StoreError::Db {

@@ -542,53 +542,57 @@ async fn accept(
     cutoff: Option<i64>,
     now: i64,
 ) -> Result<Accept> {
+    let err = || StoreError::db("accept a delivery");
     let dedupe_key = cutoff.and(d.idempotency_key.as_deref());
-    if let (Some(cutoff), Some(key)) = (cutoff, dedupe_key) {
-        // A key older than the window is forgotten: the new delivery may take it.
-        sqlx::query(
-            "UPDATE deliveries SET dedupe_key = NULL \
-             WHERE bot = ?1 AND dedupe_key = ?2 AND created_at <= ?3",
+    let id = new_id();
+    let headers = headers_json(&d.request.headers);
+    // The common case (a fresh key, or no dedupe) is this one statement. On a
+    // conflict, an expired holder lets go of its key and we insert again
+    // (the writer is alone, so at most twice).
+    for _ in 0..2 {
+        let r = sqlx::query(
+            "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
+             idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
+             updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', 0, ?11, ?11, ?11, ?11) \
+             ON CONFLICT (bot, dedupe_key) DO NOTHING",
         )
+        .bind(&id)
         .bind(&d.bot)
-        .bind(key)
-        .bind(cutoff)
+        .bind(&d.route)
+        .bind(&d.payload)
+        .bind(&d.request.method)
+        .bind(&d.request.url)
+        .bind(&headers)
+        .bind(&d.request.body)
+        .bind(&d.idempotency_key)
+        .bind(dedupe_key)
+        .bind(now)
         .execute(&mut *conn)
         .await
-        .map_err(StoreError::db("accept a delivery"))?;
-    }
-    let id = new_id();
-    let r = sqlx::query(
-        "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
-         idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
-         updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', 0, ?11, ?11, ?11, ?11) \
-         ON CONFLICT (bot, dedupe_key) DO NOTHING",
-    )
-    .bind(&id)
-    .bind(&d.bot)
-    .bind(&d.route)
-    .bind(&d.payload)
-    .bind(&d.request.method)
-    .bind(&d.request.url)
-    .bind(headers_json(&d.request.headers))
-    .bind(&d.request.body)
-    .bind(&d.idempotency_key)
-    .bind(dedupe_key)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::db("accept a delivery"))?;
-    if r.rows_affected() == 1 {
-        return Ok(Accept::Accepted { id });
-    }
-    let first: String =
-        sqlx::query_scalar("SELECT id FROM deliveries WHERE bot = ?1 AND dedupe_key = ?2")
-            .bind(&d.bot)
-            .bind(dedupe_key)
-            .fetch_one(&mut *conn)
+        .map_err(err())?;
+        if r.rows_affected() == 1 {
+            return Ok(Accept::Accepted { id });
+        }
+        let (first, created_at): (String, i64) = sqlx::query_as(
+            "SELECT id, created_at FROM deliveries WHERE bot = ?1 AND dedupe_key = ?2",
+        )
+        .bind(&d.bot)
+        .bind(dedupe_key)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(err())?;
+        if cutoff.is_some_and(|c| created_at > c) {
+            return Ok(Accept::Duplicate { id: first });
+        }
+        // Older than the window: forgotten, the new delivery takes the key.
+        sqlx::query("UPDATE deliveries SET dedupe_key = NULL WHERE id = ?1")
+            .bind(&first)
+            .execute(&mut *conn)
             .await
-            .map_err(StoreError::db("accept a delivery"))?;
-    Ok(Accept::Duplicate { id: first })
+            .map_err(err())?;
+    }
+    unreachable!("the single writer's second insert cannot conflict")
 }
 
 async fn settle(
@@ -815,14 +819,15 @@ impl Store for SqliteStore {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<DeliveryDetail>>> {
         Box::pin(async move {
             let err = || StoreError::db("read a delivery");
-            let mut conn = self.reader.acquire().await.map_err(err())?;
+            // One read transaction: the delivery and its tries from one snapshot.
+            let mut tx = self.reader.begin().await.map_err(err())?;
             let Some(row) = sqlx::query(concat!(
                 "SELECT ",
                 delivery_columns!(),
                 " FROM deliveries WHERE id = ?1"
             ))
             .bind(id)
-            .fetch_optional(&mut *conn)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(err())?
             else {
@@ -834,9 +839,10 @@ impl Store for SqliteStore {
                  WHERE delivery_id = ?1 ORDER BY id",
             )
             .bind(id)
-            .fetch_all(&mut *conn)
+            .fetch_all(&mut *tx)
             .await
             .map_err(err())?;
+            tx.commit().await.map_err(err())?;
             let attempts = rows
                 .iter()
                 .map(|r| attempt_from_row(id, r))
