@@ -615,6 +615,12 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     }
 }
 
+/// The database file a `sqlite://` URL names, or `None` for other URLs and
+/// unusable ones (for tools that must not create a store by opening it).
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    sqlite_path(url.strip_prefix("sqlite://")?).ok()
+}
+
 /// The file of a `sqlite://` URL (what follows the scheme).
 fn sqlite_path(rest: &str) -> Result<std::path::PathBuf> {
     if rest.is_empty() || rest == "/" {
