@@ -2,7 +2,12 @@
 # Runs every test of the project. This is the README's test command and what CI runs.
 # On a fresh Debian machine (as root) it first installs what the tests need:
 #   curl; chromium (the status page is tested in a real headless browser, driven by
-#   playwright-core from tests/browser/, installed with npm from its lockfile).
+#   playwright-core from tests/browser/, installed with npm from its lockfile);
+#   postgresql's server binaries: the delivery store's tests run against a real PostgreSQL,
+#   always (never skipped). Each test binary that needs one starts a throwaway cluster itself
+#   (tests/support/pg.rs: initdb in a temp dir as the `postgres` user, a free loopback port,
+#   stopped when the binary exits). To reuse a running server instead, export
+#   GATEWAY_TEST_PG_URL=postgres://user@host:port/db (each test makes its own schema in it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,10 +21,15 @@ apt_install() {
   fi
 }
 
+have_pg_server() {
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1
+}
+
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v node >/dev/null 2>&1 || need+=(nodejs npm)
+if [ -z "${GATEWAY_TEST_PG_URL:-}" ] && ! have_pg_server; then need+=(postgresql); fi
 if ((${#need[@]})); then apt_install "${need[@]}"; fi
 
 if [ ! -d tests/browser/node_modules/playwright-core ]; then

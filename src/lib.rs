@@ -2,6 +2,7 @@ pub mod auth;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod downstream;
 pub mod http;
 pub mod payload;

@@ -3,6 +3,7 @@
 //! 2 usage or I/O error.
 
 mod check;
+mod deliveries;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -61,6 +62,8 @@ enum Command {
     },
     /// Print the JSON Schema of route files.
     Schema,
+    /// List, show and replay stored async deliveries.
+    Deliveries(deliveries::DeliveriesArgs),
 }
 
 /// Runs the command line; the process exit code.
@@ -96,6 +99,7 @@ pub fn run() -> ExitCode {
             headers,
             routes,
         } => check::render(&routes, &route, &payload, bot.as_deref(), &headers),
+        Command::Deliveries(args) => deliveries::run(args),
         Command::Schema => {
             let s = serde_json::to_string_pretty(&crate::config::raw::route_file_schema())
                 .expect("schema serializes");

@@ -1,6 +1,9 @@
 //! Test support: a real local downstream (`TestDownstream`, with a token
-//! endpoint) and a real gateway (`TestGateway`) on 127.0.0.1:0.
+//! endpoint) and a real gateway (`TestGateway`) on 127.0.0.1:0; [`pg`] gives a
+//! real PostgreSQL.
 #![allow(dead_code)]
+
+pub mod pg;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

@@ -1,0 +1,679 @@
+//! The shared store: PostgreSQL (`--store postgres://…`), for several
+//! gateway instances working off one queue.
+//!
+//! Each operation is one transaction on a pooled connection. PostgreSQL
+//! already commits concurrent transactions with shared WAL flushes, so
+//! there is no writer task here.
+//!
+//! Claims take due rows with `SELECT … FOR UPDATE SKIP LOCKED` and mark them
+//! leased in the same statement: two instances claiming at once get
+//! disjoint rows, and a row whose lease expired (its instance died) is due
+//! again. Inbound dedupe rests on the unique index over (bot, dedupe_key):
+//! of two transactions inserting the same fresh key, the second waits for
+//! the first and then finds the conflict (`ON CONFLICT DO NOTHING`), so two
+//! instances never both accept one key. Keys older than the window are
+//! expired (set to NULL) in the accepting transaction itself.
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+
+use super::store::{
+    Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Lease, NewDelivery, Result,
+    STATS_SQL, Settle, SettlePlan, State, Stats, Store, StoreError, StoredAnswer, attempt_from_row,
+    begin_from_row, claimed_from_row, cutoff_ms, delivery_columns, delivery_from_row, dur_ms,
+    headers_json, new_id, not_replayable, stats_from_row, summary_columns, summary_from_row, to_ms,
+};
+
+/// The schema, one migration per version (version = index + 1); see the
+/// SQLite twin for the meaning of each column. Times are milliseconds since
+/// the Unix epoch (BIGINT), like in SQLite, so both backends share row code.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deliveries (
+    id              TEXT PRIMARY KEY,
+    bot             TEXT NOT NULL,
+    route           TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    method          TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    headers         TEXT NOT NULL,
+    body            TEXT,
+    idempotency_key TEXT,
+    dedupe_key      TEXT,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'leased', 'delivered', 'dead')),
+    attempts        BIGINT NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    due_at          BIGINT,
+    created_at      BIGINT NOT NULL,
+    updated_at      BIGINT NOT NULL,
+    lease_owner     TEXT,
+    leased_until    BIGINT,
+    lease_seq       BIGINT NOT NULL DEFAULT 0,
+    last_error      TEXT
+);
+CREATE UNIQUE INDEX deliveries_dedupe ON deliveries (bot, dedupe_key);
+CREATE INDEX deliveries_due ON deliveries (due_at) WHERE due_at IS NOT NULL;
+CREATE INDEX deliveries_state ON deliveries (state, created_at);
+
+CREATE TABLE attempts (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id TEXT NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+    number      BIGINT NOT NULL,
+    at          BIGINT NOT NULL,
+    status      BIGINT,
+    latency_ms  BIGINT NOT NULL,
+    error       TEXT
+);
+CREATE INDEX attempts_delivery ON attempts (delivery_id, id);
+
+CREATE TABLE idempotency (
+    bot          TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('in_progress', 'done')),
+    status       BIGINT,
+    body         BYTEA,
+    created_at   BIGINT NOT NULL,
+    locked_until BIGINT,
+    updated_at   BIGINT NOT NULL,
+    PRIMARY KEY (bot, key)
+);
+CREATE INDEX idempotency_created ON idempotency (created_at);
+"#];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Serialises schema migrations of instances starting together
+/// (`pg_advisory_xact_lock` key; "cgw-schema" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6367_772d_7363_6865;
+
+/// Tuning of the PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Connections in this instance's pool.
+    pub max_connections: u32,
+    /// How long an operation waits for a free connection before failing (transient).
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The PostgreSQL [`Store`].
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to `url` and brings the schema up to date (tables go in the
+    /// connection's `search_path`, normally `public`).
+    pub async fn open(url: &str, opts: PgOptions) -> Result<Self> {
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|_| StoreError::Url("not a valid postgres:// URL"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections.max(1))
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(StoreError::db("connect to PostgreSQL"))?;
+        migrate(&pool).await?;
+        Ok(PgStore { pool })
+    }
+
+    /// The connection pool (tests use it to look behind the API).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+async fn migrate(pool: &PgPool) -> Result<()> {
+    let err = || StoreError::db("migrate the schema");
+    let mut tx = pool.begin().await.map_err(err())?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(err())?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS schema_version \
+         (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(err())?;
+    let found: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err())?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(err())?;
+        sqlx::query("INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)")
+            .bind(i as i64 + 1)
+            .bind(to_ms(SystemTime::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(err())?;
+    }
+    tx.commit().await.map_err(err())
+}
+
+async fn accept(
+    conn: &mut PgConnection,
+    d: &NewDelivery,
+    cutoff: Option<i64>,
+    now: i64,
+) -> Result<Accept> {
+    let err = || StoreError::db("accept a delivery");
+    let dedupe_key = cutoff.and(d.idempotency_key.as_deref());
+    let id = new_id();
+    let headers = headers_json(&d.request.headers);
+    let mut tx = conn.begin().await.map_err(err())?;
+    // The common case (a fresh key, or no dedupe) is one INSERT. On a
+    // conflict (after waiting for a concurrent inserter of the same key to
+    // finish), an expired holder lets go of its key and we insert again. A
+    // few rounds at most: each round either finishes or sees a key that
+    // another transaction just took, which is then fresh.
+    for _ in 0..4 {
+        let r = sqlx::query(
+            "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
+             idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
+             updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending', 0, $11, $11, $11, $11) \
+             ON CONFLICT (bot, dedupe_key) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(&d.bot)
+        .bind(&d.route)
+        .bind(&d.payload)
+        .bind(&d.request.method)
+        .bind(&d.request.url)
+        .bind(&headers)
+        .bind(&d.request.body)
+        .bind(&d.idempotency_key)
+        .bind(dedupe_key)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(err())?;
+        if r.rows_affected() == 1 {
+            tx.commit().await.map_err(err())?;
+            return Ok(Accept::Accepted { id });
+        }
+        // Read committed: this statement sees the committed row we conflicted with.
+        let holder: Option<(String, i64)> = sqlx::query_as(
+            "SELECT id, created_at FROM deliveries WHERE bot = $1 AND dedupe_key = $2",
+        )
+        .bind(&d.bot)
+        .bind(dedupe_key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err())?;
+        match holder {
+            Some((first, created_at)) if cutoff.is_some_and(|c| created_at > c) => {
+                tx.commit().await.map_err(err())?;
+                return Ok(Accept::Duplicate { id: first });
+            }
+            Some((first, _)) => {
+                // Older than the window: forgotten. The row lock makes two
+                // accepters take turns; the second then conflicts with the
+                // first's new delivery and finds it fresh.
+                sqlx::query(
+                    "UPDATE deliveries SET dedupe_key = NULL \
+                     WHERE id = $1 AND dedupe_key = $2 AND created_at <= $3",
+                )
+                .bind(&first)
+                .bind(dedupe_key)
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await
+                .map_err(err())?;
+            }
+            // The holder let go between our insert and our look-up: insert again.
+            None => {}
+        }
+    }
+    Err(StoreError::Db {
+        op: "accept a delivery",
+        source: sqlx::Error::Protocol("dedupe key kept changing; try again".into()),
+    })
+}
+
+async fn settle(conn: &mut PgConnection, lease: &Lease, outcome: &Settle, now: i64) -> Result<()> {
+    let err = || StoreError::db("settle a delivery");
+    let plan = SettlePlan::of(outcome);
+    let mut tx = conn.begin().await.map_err(err())?;
+    let attempts: Option<i64> = sqlx::query_scalar(
+        "UPDATE deliveries SET state = $1, attempts = attempts + $2, \
+         next_attempt_at = COALESCE($3, next_attempt_at), due_at = $4, \
+         last_error = CASE WHEN $5 THEN $6 ELSE last_error END, \
+         lease_owner = NULL, leased_until = NULL, updated_at = $7 \
+         WHERE id = $8 AND state = 'leased' AND lease_owner = $9 AND lease_seq = $10 \
+         RETURNING attempts",
+    )
+    .bind(plan.state.as_str())
+    .bind(plan.increment)
+    .bind(plan.next_attempt_at)
+    .bind(plan.due_at)
+    .bind(plan.last_error.is_some())
+    .bind(plan.last_error.clone().flatten())
+    .bind(now)
+    .bind(&lease.id)
+    .bind(&lease.owner)
+    .bind(lease.seq)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(err())?;
+    let Some(number) = attempts else {
+        let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM deliveries WHERE id = $1")
+            .bind(&lease.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err())?;
+        return Err(match exists {
+            Some(_) => StoreError::LeaseLost {
+                id: lease.id.clone(),
+            },
+            None => StoreError::NotFound {
+                id: lease.id.clone(),
+            },
+        });
+    };
+    if let Some(a) = plan.attempt {
+        sqlx::query(
+            "INSERT INTO attempts (delivery_id, number, at, status, latency_ms, error) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&lease.id)
+        .bind(number)
+        .bind(to_ms(a.at))
+        .bind(a.status.map(i64::from))
+        .bind(dur_ms(a.latency))
+        .bind(&a.error)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("record a try"))?;
+    }
+    tx.commit().await.map_err(err())
+}
+
+async fn begin(
+    conn: &mut PgConnection,
+    bot: &str,
+    key: &str,
+    cutoff: i64,
+    until: i64,
+    now: i64,
+) -> Result<Begin> {
+    let err = || StoreError::db("begin an idempotent request");
+    for _ in 0..3 {
+        let mut tx = conn.begin().await.map_err(err())?;
+        sqlx::query("DELETE FROM idempotency WHERE bot = $1 AND key = $2 AND created_at <= $3")
+            .bind(bot)
+            .bind(key)
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(err())?;
+        let r = sqlx::query(
+            "INSERT INTO idempotency (bot, key, state, created_at, locked_until, updated_at) \
+             VALUES ($1, $2, 'in_progress', $3, $4, $3) ON CONFLICT (bot, key) DO NOTHING",
+        )
+        .bind(bot)
+        .bind(key)
+        .bind(now)
+        .bind(until)
+        .execute(&mut *tx)
+        .await
+        .map_err(err())?;
+        let taken = r.rows_affected() == 1 || {
+            // A stale in-progress marker (its request crashed) is taken over;
+            // the row lock makes two takers take turns, and the second finds it fresh.
+            sqlx::query(
+                "UPDATE idempotency SET locked_until = $3, updated_at = $4 \
+                 WHERE bot = $1 AND key = $2 AND state = 'in_progress' AND locked_until <= $4",
+            )
+            .bind(bot)
+            .bind(key)
+            .bind(until)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(err())?
+            .rows_affected()
+                == 1
+        };
+        if taken {
+            tx.commit().await.map_err(err())?;
+            return Ok(Begin::New);
+        }
+        let row =
+            sqlx::query("SELECT state, status, body FROM idempotency WHERE bot = $1 AND key = $2")
+                .bind(bot)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(err())?;
+        tx.commit().await.map_err(err())?;
+        if let Some(row) = row {
+            return begin_from_row(&row);
+        }
+        // The conflicting record was deleted (abandoned, or expired by
+        // another) after our insert saw it: go round again.
+    }
+    Err(StoreError::Db {
+        op: "begin an idempotent request",
+        source: sqlx::Error::Protocol("idempotency record kept changing; try again".into()),
+    })
+}
+
+impl PgStore {
+    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        self.pool
+            .acquire()
+            .await
+            .map_err(StoreError::db("get a connection"))
+    }
+}
+
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn accept(
+        &self,
+        delivery: NewDelivery,
+        dedupe_window: Option<Duration>,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<Accept>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let cutoff = dedupe_window.map(|w| cutoff_ms(now, w));
+            accept(&mut conn, &delivery, cutoff, to_ms(now)).await
+        })
+    }
+
+    fn claim_due<'a>(
+        &'a self,
+        owner: &'a str,
+        now: SystemTime,
+        limit: u32,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Vec<Claimed>>> {
+        Box::pin(async move {
+            let now_ms = to_ms(now);
+            let rows = sqlx::query(concat!(
+                "UPDATE deliveries SET state = 'leased', lease_owner = $1, leased_until = $2, \
+                 due_at = $2, lease_seq = lease_seq + 1, updated_at = $3 \
+                 WHERE id IN (SELECT id FROM deliveries WHERE due_at <= $3 \
+                              ORDER BY due_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 RETURNING ",
+                delivery_columns!()
+            ))
+            .bind(owner)
+            .bind(now_ms.saturating_add(dur_ms(lease)))
+            .bind(now_ms)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::db("claim deliveries"))?;
+            let mut claimed = rows
+                .iter()
+                .map(claimed_from_row)
+                .collect::<Result<Vec<_>>>()?;
+            claimed.sort_by(|a, b| {
+                (a.delivery.next_attempt_at, &a.delivery.id)
+                    .cmp(&(b.delivery.next_attempt_at, &b.delivery.id))
+            });
+            Ok(claimed)
+        })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        lease: &'a Lease,
+        outcome: Settle,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            settle(&mut conn, lease, &outcome, to_ms(now)).await
+        })
+    }
+
+    fn release_owner<'a>(&'a self, owner: &'a str, now: SystemTime) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            let r = sqlx::query(
+                "UPDATE deliveries SET state = 'pending', due_at = next_attempt_at, \
+                 lease_owner = NULL, leased_until = NULL, updated_at = $2 \
+                 WHERE state = 'leased' AND lease_owner = $1",
+            )
+            .bind(owner)
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::db("release leases"))?;
+            Ok(r.rows_affected())
+        })
+    }
+
+    fn list(
+        &self,
+        state: Option<State>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<DeliverySummary>>> {
+        Box::pin(async move {
+            let q = match state {
+                Some(s) => sqlx::query(concat!(
+                    "SELECT ",
+                    summary_columns!(),
+                    " FROM deliveries WHERE state = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+                ))
+                .bind(s.as_str()),
+                None => sqlx::query(concat!(
+                    "SELECT ",
+                    summary_columns!(),
+                    " FROM deliveries WHERE $1::text IS NULL \
+                     ORDER BY created_at DESC, id DESC LIMIT $2"
+                ))
+                .bind(None::<String>),
+            };
+            let rows = q
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::db("list deliveries"))?;
+            rows.iter().map(summary_from_row).collect()
+        })
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<DeliveryDetail>>> {
+        Box::pin(async move {
+            let err = || StoreError::db("read a delivery");
+            let mut conn = self.conn().await?;
+            // One snapshot for the delivery and its tries.
+            let mut tx = conn
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(err())?;
+            let Some(row) = sqlx::query(concat!(
+                "SELECT ",
+                delivery_columns!(),
+                " FROM deliveries WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err())?
+            else {
+                return Ok(None);
+            };
+            let (delivery, _) = delivery_from_row(&row)?;
+            let rows = sqlx::query(
+                "SELECT number, at, status, latency_ms, error FROM attempts \
+                 WHERE delivery_id = $1 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err())?;
+            tx.commit().await.map_err(err())?;
+            let attempts = rows
+                .iter()
+                .map(|r| attempt_from_row(id, r))
+                .collect::<Result<_>>()?;
+            Ok(Some(DeliveryDetail { delivery, attempts }))
+        })
+    }
+
+    fn replay<'a>(&'a self, id: &'a str, now: SystemTime) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let err = || StoreError::db("replay a delivery");
+            let r = sqlx::query(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $2, \
+                 due_at = $2, last_error = NULL, lease_owner = NULL, leased_until = NULL, \
+                 updated_at = $2 WHERE id = $1 AND state IN ('dead', 'delivered')",
+            )
+            .bind(id)
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await
+            .map_err(err())?;
+            if r.rows_affected() == 1 {
+                return Ok(());
+            }
+            let state: Option<String> =
+                sqlx::query_scalar("SELECT state FROM deliveries WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(err())?;
+            Err(not_replayable(id, state))
+        })
+    }
+
+    fn replay_dead(&self, now: SystemTime) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let r = sqlx::query(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1, \
+                 due_at = $1, last_error = NULL, updated_at = $1 WHERE state = 'dead'",
+            )
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::db("replay dead deliveries"))?;
+            Ok(r.rows_affected())
+        })
+    }
+
+    fn stats(&self, now: SystemTime) -> BoxFuture<'_, Result<Stats>> {
+        Box::pin(async move {
+            let row = sqlx::query(STATS_SQL)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::db("read stats"))?;
+            stats_from_row(&row, now)
+        })
+    }
+
+    fn begin<'a>(
+        &'a self,
+        bot: &'a str,
+        key: &'a str,
+        window: Duration,
+        lease: Duration,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<Begin>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let now_ms = to_ms(now);
+            let until = now_ms.saturating_add(dur_ms(lease));
+            begin(&mut conn, bot, key, cutoff_ms(now, window), until, now_ms).await
+        })
+    }
+
+    fn finish<'a>(
+        &'a self,
+        bot: &'a str,
+        key: &'a str,
+        answer: StoredAnswer,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let r = sqlx::query(
+                "UPDATE idempotency SET state = 'done', status = $3, body = $4, \
+                 locked_until = NULL, updated_at = $5 \
+                 WHERE bot = $1 AND key = $2 AND state = 'in_progress'",
+            )
+            .bind(bot)
+            .bind(key)
+            .bind(i64::from(answer.status))
+            .bind(&answer.body)
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::db("record an answer"))?;
+            Ok(r.rows_affected() == 1)
+        })
+    }
+
+    fn abandon<'a>(&'a self, bot: &'a str, key: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let r = sqlx::query(
+                "DELETE FROM idempotency WHERE bot = $1 AND key = $2 AND state = 'in_progress'",
+            )
+            .bind(bot)
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::db("abandon a key"))?;
+            Ok(r.rows_affected() == 1)
+        })
+    }
+
+    fn purge(&self, before: SystemTime, limit: u32) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let err = || StoreError::db("purge");
+            let mut conn = self.conn().await?;
+            let mut tx = conn.begin().await.map_err(err())?;
+            let d = sqlx::query(
+                "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
+                 WHERE state = 'delivered' AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(to_ms(before))
+            .bind(i64::from(limit))
+            .execute(&mut *tx)
+            .await
+            .map_err(err())?;
+            let i = sqlx::query(
+                "DELETE FROM idempotency WHERE (bot, key) IN (SELECT bot, key FROM idempotency \
+                 WHERE created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(to_ms(before))
+            .bind(i64::from(limit))
+            .execute(&mut *tx)
+            .await
+            .map_err(err())?;
+            tx.commit().await.map_err(err())?;
+            Ok(d.rows_affected() + i.rows_affected())
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.pool.close().await })
+    }
+}
