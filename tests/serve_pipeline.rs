@@ -519,23 +519,6 @@ async fn a_body_that_does_not_render_to_json_is_refused() {
 }
 
 #[tokio::test]
-async fn async_routes_are_refused_honestly_until_the_store_exists() {
-    let ds = TestDownstream::start().await;
-    let gw = TestGateway::builder()
-        .file("bots.yaml", &bot_file("b"))
-        .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("r.yaml", &format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    mode: async\n    downstream: {{ url: \"{}/x\" }}\n", ds.url()))
-        .start()
-        .await;
-    let (status, _, body) = gw.send("b", &json!({"sessionId": "s"})).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (503, Some("async_unavailable"))
-    );
-    assert!(ds.requests().is_empty());
-}
-
-#[tokio::test]
 async fn redirects_are_not_followed() {
     let ds = TestDownstream::start().await;
     let gw = gateway(&ds, "").await;

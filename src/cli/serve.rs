@@ -25,7 +25,7 @@ pub struct ServeArgs {
     /// Admin listener (status, routes, reload, breaker reset).
     #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
-    /// Delivery store URL (async delivery is not built yet; accepted for forward compatibility).
+    /// Delivery store: `sqlite://relative/path.db`, `sqlite:///absolute/path.db` or `postgres://…`.
     #[arg(
         long,
         env = "GATEWAY_STORE",
@@ -124,12 +124,20 @@ pub fn run(args: ServeArgs) -> u8 {
             ..Limits::default()
         };
         let runtime = Runtime::build(Arc::new(config), None, tokio::time::Instant::now());
+        let store = match crate::delivery::open(&args.store).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("gateway serve: cannot open the delivery store: {e}");
+                return 2;
+            }
+        };
         let gw = Gateway::new(
             runtime,
             Shared::new(limits),
             admin_token,
             args.routes.clone(),
             Box::new(super::process_env),
+            store,
         );
         let public = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
@@ -164,15 +172,12 @@ pub fn run(args: ServeArgs) -> u8 {
                 None
             }
         };
-        match crate::http::run(
-            public,
-            admin,
-            gw,
-            shutdown_signal(),
-            Duration::from_secs(args.shutdown_grace),
-        )
-        .await
-        {
+        let worker = crate::delivery::worker::spawn(gw.clone(), Default::default());
+        let served = crate::http::run(public, admin, gw.clone(), shutdown_signal(), Duration::from_secs(args.shutdown_grace)).await;
+        // Queued deliveries stay in the store; leased ones go back to it.
+        worker.stop().await;
+        gw.store.close().await;
+        match served {
             Ok(()) => {
                 tracing::info!("gateway stopped");
                 0

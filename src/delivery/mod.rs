@@ -23,5 +23,6 @@
 pub mod postgres;
 pub mod sqlite;
 pub mod store;
+pub mod worker;
 
 pub use store::*;

@@ -30,6 +30,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/admin/routes", get(routes))
         .route("/admin/breakers/{route}/reset", post(reset_breaker))
         .route("/admin/reload", post(reload))
+        .route("/admin/deliveries", get(deliveries))
+        .route("/admin/deliveries/{id}", get(delivery))
+        .route("/admin/deliveries/{id}/replay", post(replay_delivery))
         .layer(axum::middleware::from_fn_with_state(
             gw.clone(),
             require_token,
@@ -246,6 +249,108 @@ async fn reload(State(gw): State<Arc<Gateway>>) -> (StatusCode, Json<Value>) {
         status,
         Json(serde_json::to_value(report).unwrap_or_default()),
     )
+}
+
+#[derive(serde::Deserialize)]
+struct DeliveryQuery {
+    /// `pending`, `leased`, `delivered` or `dead`.
+    state: Option<String>,
+    limit: Option<u32>,
+}
+
+fn store_error(e: crate::delivery::StoreError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        e.to_string(),
+    )
+}
+
+async fn deliveries(
+    State(gw): State<Arc<Gateway>>,
+    axum::extract::Query(q): axum::extract::Query<DeliveryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(crate::delivery::State::parse(s).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_state",
+                "state must be pending, leased, delivered or dead",
+            )
+        })?),
+    };
+    let list = gw
+        .store
+        .list(state, q.limit.unwrap_or(100).min(1000))
+        .await
+        .map_err(store_error)?;
+    let stats = gw
+        .store
+        .stats(std::time::SystemTime::now())
+        .await
+        .map_err(store_error)?;
+    let rows: Vec<Value> = list
+        .iter()
+        .map(|d| {
+            json!({
+                "id": d.id, "bot": d.bot, "route": d.route, "state": d.state.as_str(), "attempts": d.attempts,
+                "created_at": humantime::format_rfc3339_seconds(d.created_at).to_string(),
+                "next_attempt_at": humantime::format_rfc3339_seconds(d.next_attempt_at).to_string(),
+                "last_error": d.last_error,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "pending": stats.pending, "leased": stats.leased, "dead": stats.dead,
+        "oldest_pending_age_seconds": stats.oldest_pending_age.map(|d| d.as_secs()),
+        "deliveries": rows,
+    })))
+}
+
+async fn delivery(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let d = gw
+        .store
+        .get(&id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_delivery",
+                format!("no delivery `{}`", super::status_page::esc(&id)),
+            )
+        })?;
+    let attempts: Vec<Value> = d
+        .attempts
+        .iter()
+        .map(|a| json!({"number": a.number, "at": humantime::format_rfc3339_millis(a.at).to_string(), "status": a.status, "latency_ms": a.latency.as_millis() as u64, "error": a.error}))
+        .collect();
+    let s = &d.delivery;
+    // The payload and request are not shown: they may hold personal data.
+    Ok(Json(
+        json!({"id": s.id, "bot": s.bot, "route": s.route, "state": s.state.as_str(), "attempts": attempts, "last_error": s.last_error}),
+    ))
+}
+
+async fn replay_delivery(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    gw.store
+        .replay(&id, std::time::SystemTime::now())
+        .await
+        .map_err(|e| match e {
+            crate::delivery::StoreError::NotFound { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_delivery", e.to_string())
+            }
+            e => store_error(e),
+        })?;
+    gw.delivery_wake.notify_one();
+    Ok(Json(json!({"id": id, "state": "pending"})))
 }
 
 async fn reset_breaker(

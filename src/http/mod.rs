@@ -42,6 +42,10 @@ pub struct Gateway {
     pub env: EnvLookup,
     /// Parsed route files of earlier loads: a reload re-parses only changed files.
     pub parse_cache: crate::config::compile::ParseCache,
+    /// Durable deliveries (async routes, `on_failure: queue`).
+    pub store: Arc<dyn crate::delivery::Store>,
+    /// Wakes the delivery worker when a delivery is accepted.
+    pub delivery_wake: tokio::sync::Notify,
 }
 
 /// A `${VAR}` lookup.
@@ -65,6 +69,7 @@ impl Gateway {
         admin_token: Option<SecretString>,
         routes_dir: std::path::PathBuf,
         env: EnvLookup,
+        store: Arc<dyn crate::delivery::Store>,
     ) -> Arc<Self> {
         let report = ReloadReport {
             at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -81,6 +86,8 @@ impl Gateway {
             routes_dir,
             env,
             parse_cache: Default::default(),
+            store,
+            delivery_wake: tokio::sync::Notify::new(),
         });
         crate::telemetry::events::reload(&gw.shared.metrics, true, gw.runtime.load().generation);
         crate::runtime::health::start_probes(&gw);

@@ -17,7 +17,8 @@ use tokio::time::Instant;
 
 use super::error::{ApiError, retry_after_secs};
 use super::{Gateway, RequestId};
-use crate::config::model::{Bot, Mode, Route};
+use crate::config::model::{Bot, Mode, OnFailure, Route};
+use crate::delivery::{Accept, NewDelivery, StoredRequest};
 use crate::downstream::client::{self, Answer, CallResult};
 use crate::runtime::{RouteState, Runtime};
 use crate::template::RenderMeta;
@@ -103,50 +104,46 @@ async fn pipeline(
     step3_auth(bot, headers, &bytes)?;
     let payload = step4_json(&bytes, gw.shared.limits.max_depth)?;
     let (route, state) = step5_6_schema_and_route(rt, bot, &payload, log)?;
-    if route.mode == Mode::Async {
-        // Durable async delivery is not built yet: refuse honestly rather than lose work.
-        log.outcome = "async_unavailable";
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "async_unavailable",
-            format!(
-                "route `{}` is async, and this gateway has no delivery store yet; nothing was accepted",
-                route.name
-            ),
-        ));
-    }
     let mut ctx = Context::from(payload);
     let mut meta = RenderMeta::new(&bot.id, &route.name);
     meta.now = SystemTime::now();
     meta.headers = headers.clone();
+    let render = |ctx: &Context, log: &mut Log| {
+        crate::render::build(route, ctx, &meta).map_err(|e| {
+            log.outcome = "render_error";
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "render", e.to_string())
+                .with("route", route.name.clone())
+        })
+    };
+    if route.mode == Mode::Async {
+        let req = render(&ctx, log)?;
+        return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
+    }
     // Step 9 before rendering: a route that will not be called costs no rendering.
     let now = Instant::now();
-    if let Some(until) = state.breaker.blocked_until(now) {
-        log.outcome = "open";
-        crate::telemetry::events::rejected(&gw.shared.metrics, &route.name, "open");
-        return step9_unavailable(
-            route,
-            &mut ctx,
-            &meta,
-            until.saturating_duration_since(now),
-            "open",
-        );
+    let blocked = match (state.breaker.blocked_until(now), state.paused_until(now)) {
+        (Some(until), _) => Some((until.saturating_duration_since(now), "open")),
+        (None, Some(until)) => Some((until - now, "paused")),
+        (None, None) => None,
+    };
+    if let Some((retry_after, why)) = blocked {
+        log.outcome = why;
+        crate::telemetry::events::rejected(&gw.shared.metrics, &route.name, why);
+        if route.on_failure == OnFailure::Queue {
+            let req = render(&ctx, log)?;
+            return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
+        }
+        return step9_unavailable(route, &mut ctx, &meta, retry_after, why);
     }
-    if let Some(until) = state.paused_until(now) {
-        log.outcome = "paused";
-        crate::telemetry::events::rejected(&gw.shared.metrics, &route.name, "paused");
-        return step9_unavailable(route, &mut ctx, &meta, until - now, "paused");
-    }
-    let req = crate::render::build(route, &ctx, &meta).map_err(|e| {
-        log.outcome = "render_error";
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "render", e.to_string())
-            .with("route", route.name.clone())
-    })?;
+    let req = render(&ctx, log)?;
     let deadline_at = Instant::now() + route.deadline;
     let permit = match state.bulkhead.clone().try_acquire_owned() {
         Ok(p) => p,
         Err(_) => {
             log.outcome = "bulkhead_full";
+            if route.on_failure == OnFailure::Queue {
+                return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
+            }
             return step9_unavailable(
                 route,
                 &mut ctx,
@@ -158,7 +155,66 @@ async fn pipeline(
     };
     let result = client::call(&gw.shared, state, &req, deadline_at).await;
     drop(permit);
+    let failed = matches!(
+        result,
+        CallResult::Failed { .. }
+            | CallResult::DeadlineExceeded { .. }
+            | CallResult::Unavailable { .. }
+    );
+    if failed && route.on_failure == OnFailure::Queue {
+        // on_failure: queue: the call did not go through now; deliver it later instead.
+        return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
+    }
     step10_answer(route, result, &mut ctx, &meta, log)
+}
+
+/// How long an idempotency key dedupes inbound duplicates (SPEC §5 step 7).
+pub const DEDUPE_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Step 8 (and `on_failure: queue`): commits the delivery to the store, then answers
+/// 202 with its id. A duplicate (same bot and idempotency key within the window) gets
+/// the first delivery's id again and is not stored twice.
+async fn step8_accept(
+    gw: &Gateway,
+    bot: &str,
+    route: &Route,
+    ctx: &Context,
+    req: &crate::render::OutboundRequest,
+    log: &mut Log,
+) -> Result<Response, ApiError> {
+    let delivery = NewDelivery {
+        bot: bot.to_owned(),
+        route: route.name.clone(),
+        payload: ctx.data().to_string(),
+        request: StoredRequest::from_outbound(req),
+        idempotency_key: req.idempotency_key.clone(),
+    };
+    let window = req.idempotency_key.as_ref().map(|_| DEDUPE_WINDOW);
+    match gw
+        .store
+        .accept(delivery, window, std::time::SystemTime::now())
+        .await
+    {
+        Ok(accepted) => {
+            let duplicate = matches!(accepted, Accept::Duplicate { .. });
+            log.outcome = if duplicate { "duplicate" } else { "accepted" };
+            if !duplicate {
+                gw.delivery_wake.notify_one();
+            }
+            let body = json!({"delivery_id": accepted.id()}).to_string();
+            Ok(json_response(202, Bytes::from(body)))
+        }
+        Err(e) => {
+            tracing::error!(route = %route.name, error = %e, "delivery store: accept failed");
+            log.outcome = "store_error";
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the delivery could not be stored; nothing was accepted, try again",
+            )
+            .retry_after(1))
+        }
+    }
 }
 
 fn step1_bot<'a>(rt: &'a Runtime, id: &str) -> Result<&'a Arc<Bot>, ApiError> {

@@ -253,6 +253,7 @@ pub struct TestGateway {
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
     _watch: Option<cognigy_gateway::runtime::watch::WatchHandle>,
+    worker: Option<cognigy_gateway::delivery::worker::WorkerHandle>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -320,6 +321,9 @@ impl TestGateway {
     }
 
     pub async fn stop(mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -414,6 +418,19 @@ impl GatewayBuilder {
             self.admin_token.map(Into::into),
             routes,
             Box::new(move |k: &str| env2.get(k).cloned()),
+            cognigy_gateway::delivery::open(&format!(
+                "sqlite://{}",
+                dir.path().join("gateway.db").display()
+            ))
+            .await
+            .expect("sqlite store opens"),
+        );
+        let worker = cognigy_gateway::delivery::worker::spawn(
+            gw.clone(),
+            cognigy_gateway::delivery::worker::WorkerOptions {
+                poll: Duration::from_millis(20),
+                ..Default::default()
+            },
         );
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -439,6 +456,7 @@ impl GatewayBuilder {
             client: reqwest::Client::new(),
             dir,
             _watch,
+            worker: Some(worker),
             shutdown: Some(tx),
             task: Some(task),
         }

@@ -1,0 +1,260 @@
+//! The delivery worker: claims due deliveries from the store with a lease,
+//! makes one try each through the same downstream code, breaker and retry
+//! policy as sync calls ([`client::attempt`]), and settles the result:
+//! delivered; tried again on the route's async `schedule`; postponed without
+//! using a try while the route is open or paused; or dead after the last try.
+//!
+//! Never sends a delivery without a live lease (the store refuses writes from
+//! a lost lease), and returns its leased work to the store when stopped.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use handlebars::Context;
+use tokio::sync::watch;
+
+use super::{AttemptRecord, Claimed, Settle, StoredRequest};
+use crate::downstream::client::{self, Attempt};
+use crate::downstream::retry::TryOutcome;
+use crate::http::Gateway;
+use crate::render::{OutboundRequest, header_value};
+use crate::template::RenderMeta;
+
+/// How the worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// This instance's name in leases.
+    pub owner: String,
+    /// Most deliveries claimed (and tried concurrently) at once.
+    pub batch: u32,
+    /// How long a claim is exclusive; an instance that dies holding it loses it after this.
+    pub lease: Duration,
+    /// How often to look for due deliveries when nothing wakes the worker.
+    pub poll: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            owner: format!("gw-{}", uuid::Uuid::now_v7()),
+            batch: 64,
+            lease: Duration::from_secs(60),
+            poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    /// Stops claiming, finishes the tries under way, returns leased work to the store.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the worker of `gw`.
+pub fn spawn(gw: Arc<Gateway>, opts: WorkerOptions) -> WorkerHandle {
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        loop {
+            if *stopped.borrow() {
+                break;
+            }
+            let claimed = match gw
+                .store
+                .claim_due(&opts.owner, SystemTime::now(), opts.batch, opts.lease)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "delivery store: claim failed");
+                    Vec::new()
+                }
+            };
+            if claimed.is_empty() {
+                tokio::select! {
+                    _ = gw.delivery_wake.notified() => {}
+                    _ = tokio::time::sleep(opts.poll) => {}
+                    _ = stopped.changed() => {}
+                }
+                continue;
+            }
+            let mut tries = tokio::task::JoinSet::new();
+            for c in claimed {
+                let gw = gw.clone();
+                tries.spawn(async move { deliver(&gw, c).await });
+            }
+            while tries.join_next().await.is_some() {}
+        }
+        match gw.store.release_owner(&opts.owner, SystemTime::now()).await {
+            Ok(n) if n > 0 => {
+                tracing::info!(released = n, "returned leased deliveries to the store")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "delivery store: release failed (leases expire on their own)")
+            }
+        }
+    });
+    WorkerHandle { stop, task }
+}
+
+/// One try of one claimed delivery, and its settlement.
+async fn deliver(gw: &Gateway, claimed: Claimed) {
+    let Claimed { delivery: d, lease } = claimed;
+    let rt = gw.runtime.load_full();
+    let now = SystemTime::now();
+    let settle = |outcome: Settle| async move {
+        if let Err(e) = gw.store.settle(&lease, outcome, SystemTime::now()).await {
+            tracing::warn!(delivery = %lease.id, error = %e, "delivery store: settle refused");
+        }
+    };
+    let Some(state) = rt.routes.get(&d.route) else {
+        // The route is not configured now (a reload removed it): keep the delivery and look again later.
+        tracing::warn!(delivery = %d.id, route = %d.route, "route not configured; delivery postponed");
+        return settle(Settle::Postpone {
+            until: now + Duration::from_secs(60),
+        })
+        .await;
+    };
+    let route = &state.route;
+    let req = match rebuild(
+        route,
+        &d.request,
+        &d.payload,
+        &d.bot,
+        d.idempotency_key.clone(),
+    ) {
+        Ok(r) => r,
+        Err(reason) => {
+            return settle(Settle::Dead {
+                attempt: None,
+                reason: Some(reason),
+            })
+            .await;
+        }
+    };
+    let body = req.body.clone().map(Bytes::from);
+    let attempt = client::attempt(&gw.shared, state, &req, body, route.downstream.timeout).await;
+    let (outcome, record) = match attempt {
+        Attempt::Blocked { retry_after, why } => {
+            tracing::debug!(delivery = %d.id, route = %d.route, why, "route not taking calls; delivery waits");
+            // A health probe or an admin reset can end the open period early: look again
+            // at least every probe interval (or 30 s) rather than only when it was due to end.
+            let cap = route
+                .health
+                .as_ref()
+                .map_or(Duration::from_secs(30), |h| h.interval)
+                .min(Duration::from_secs(30));
+            return settle(Settle::Postpone {
+                until: now + retry_after.min(cap),
+            })
+            .await;
+        }
+        Attempt::Token(e) => (
+            TryOutcome::ConnectError,
+            AttemptRecord {
+                at: now,
+                status: None,
+                latency: Duration::ZERO,
+                error: Some(e.to_string()),
+            },
+        ),
+        Attempt::OutOfTime => (
+            TryOutcome::Timeout,
+            AttemptRecord {
+                at: now,
+                status: None,
+                latency: route.downstream.timeout,
+                error: Some("timeout (token)".into()),
+            },
+        ),
+        Attempt::Tried(t) => {
+            let status = t.answer.as_ref().map(|a| a.status);
+            let error = (!matches!(t.outcome, TryOutcome::Success)).then(|| t.reason.to_string());
+            (
+                t.outcome,
+                AttemptRecord {
+                    at: now,
+                    status,
+                    latency: t.latency,
+                    error,
+                },
+            )
+        }
+    };
+    if matches!(outcome, TryOutcome::Success) {
+        return settle(Settle::Delivered(record)).await;
+    }
+    match route.retry.next_async(d.attempts + 1, &outcome) {
+        Some(wait) => {
+            settle(Settle::RetryAt {
+                attempt: record,
+                next_at: SystemTime::now() + wait,
+            })
+            .await
+        }
+        None => {
+            tracing::warn!(delivery = %d.id, route = %d.route, tries = d.attempts + 1, "delivery is dead");
+            settle(Settle::Dead {
+                attempt: Some(record),
+                reason: None,
+            })
+            .await
+        }
+    }
+}
+
+/// The request to send for a stored delivery: what was rendered at acceptance
+/// (same URL, body and idempotency key on every try), plus the headers whose
+/// values come from the environment, which are never stored and are rendered
+/// again from the current route.
+pub fn rebuild(
+    route: &crate::config::model::Route,
+    stored: &StoredRequest,
+    payload: &str,
+    bot: &str,
+    idempotency_key: Option<String>,
+) -> Result<OutboundRequest, String> {
+    let method = http::Method::from_bytes(stored.method.as_bytes())
+        .map_err(|_| "stored method is invalid".to_string())?;
+    let target = url::Url::parse(&stored.url).map_err(|_| "stored URL is invalid".to_string())?;
+    let mut headers = Vec::with_capacity(stored.headers.len() + 2);
+    for (k, v) in &stored.headers {
+        let name = http::HeaderName::try_from(k.as_str())
+            .map_err(|_| "stored header name is invalid".to_string())?;
+        headers.push((name, header_value(v)?, false));
+    }
+    let secret: Vec<_> = route
+        .downstream
+        .headers
+        .iter()
+        .filter(|h| h.secret)
+        .collect();
+    if !secret.is_empty() {
+        let value: serde_json::Value =
+            serde_json::from_str(payload).map_err(|_| "stored payload is not JSON".to_string())?;
+        let ctx = Context::from(value);
+        let meta = RenderMeta::new(bot, &route.name);
+        for h in secret {
+            let v = h.value.render(&ctx, &meta)?;
+            headers.retain(|(n, _, _)| *n != h.name);
+            headers.push((h.name.clone(), header_value(&v)?, true));
+        }
+    }
+    Ok(OutboundRequest {
+        method,
+        url: stored.url.clone(),
+        target,
+        headers,
+        body: stored.body.clone(),
+        idempotency_key,
+    })
+}

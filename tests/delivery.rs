@@ -1,0 +1,279 @@
+//! Durable async delivery end to end: a real gateway with a real SQLite store
+//! and its worker, in front of a real local downstream. Waits are bounded polls.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Scripted, TestDownstream, TestGateway};
+
+fn files(ds: &TestDownstream, extra: &str) -> String {
+    format!(
+        r#"bots:
+  - id: b
+    auth: {{ api_key: {{ keys: ["test-key"] }} }}
+routes:
+  - name: async-crm
+    bot: b
+    intent: a
+    mode: async
+    idempotency_key: "{{{{inputId}}}}"
+    downstream: {{ url: "{u}/crm/{{{{sessionId}}}}", timeout: 500ms }}
+    body: '{{"session": "{{{{sessionId}}}}"}}'
+    retry: {{ schedule: [20ms, 20ms, 20ms] }}
+{extra}
+  - name: sync-queue
+    bot: b
+    intent: q
+    on_failure: queue
+    idempotency_key: "{{{{inputId}}}}"
+    downstream: {{ url: "{u}/sync" }}
+    retry: {{ attempts: 1, schedule: [20ms] }}
+"#,
+        u = ds.url()
+    )
+}
+
+async fn eventually<F: AsyncFn() -> bool>(what: &str, check: F) {
+    for _ in 0..500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+async fn admin(gw: &TestGateway, path: &str) -> Value {
+    support::json(gw.client.get(gw.admin_url(path)).send().await.unwrap()).await
+}
+
+fn crm_calls(ds: &TestDownstream) -> Vec<support::Recorded> {
+    ds.requests()
+        .into_iter()
+        .filter(|r| r.uri.starts_with("/crm"))
+        .collect()
+}
+
+#[tokio::test]
+async fn accepted_with_202_then_delivered_by_the_worker() {
+    let ds = TestDownstream::start().await;
+    let gw = TestGateway::builder()
+        .file("r.yaml", &files(&ds, ""))
+        .start()
+        .await;
+    let (status, _, body) = gw
+        .send(
+            "b",
+            &json!({"intent": "a", "sessionId": "s1", "inputId": "in-1"}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let id = body["delivery_id"].as_str().unwrap().to_string();
+    eventually("delivered", async || crm_calls(&ds).len() == 1).await;
+    let r = &crm_calls(&ds)[0];
+    assert_eq!(
+        (r.uri.as_str(), r.header("idempotency-key").as_deref()),
+        ("/crm/s1", Some("in-1"))
+    );
+    assert_eq!(r.json(), json!({"session": "s1"}));
+    eventually("marked delivered", async || {
+        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_inbound_duplicate_gets_the_first_answer_and_is_sent_once() {
+    let ds = TestDownstream::start().await;
+    let gw = TestGateway::builder()
+        .file("r.yaml", &files(&ds, ""))
+        .start()
+        .await;
+    let p = json!({"intent": "a", "sessionId": "s1", "inputId": "same-input"});
+    let (s1, _, b1) = gw.send("b", &p).await;
+    let (s2, _, b2) = gw.send("b", &p).await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(b1, b2, "the first answer again");
+    eventually("delivered", async || crm_calls(&ds).len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // a window in which a second send would show
+    assert_eq!(crm_calls(&ds).len(), 1, "nothing sent twice");
+}
+
+#[tokio::test]
+async fn retries_follow_the_schedule_with_the_same_idempotency_key() {
+    let ds = TestDownstream::start().await;
+    let gw = TestGateway::builder()
+        .file("r.yaml", &files(&ds, ""))
+        .start()
+        .await;
+    ds.push(Scripted::status(503));
+    ds.push(Scripted::status(502));
+    let (_, _, body) = gw
+        .send(
+            "b",
+            &json!({"intent": "a", "sessionId": "s1", "inputId": "in-r"}),
+        )
+        .await;
+    let id = body["delivery_id"].as_str().unwrap().to_string();
+    eventually("delivered on the third try", async || {
+        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
+    })
+    .await;
+    let calls = crm_calls(&ds);
+    assert_eq!(calls.len(), 3);
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.header("idempotency-key").as_deref() == Some("in-r"))
+    );
+    let d = admin(&gw, &format!("/admin/deliveries/{id}")).await;
+    let statuses: Vec<Value> = d["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].clone())
+        .collect();
+    assert_eq!(statuses, [json!(503), json!(502), json!(200)]);
+}
+
+#[tokio::test]
+async fn dead_letter_and_replay_round_trip() {
+    let ds = TestDownstream::start().await;
+    let gw = TestGateway::builder()
+        .file("r.yaml", &files(&ds, ""))
+        .start()
+        .await;
+    ds.set_default(Scripted::status(503));
+    let (_, _, body) = gw
+        .send(
+            "b",
+            &json!({"intent": "a", "sessionId": "s1", "inputId": "in-d"}),
+        )
+        .await;
+    let id = body["delivery_id"].as_str().unwrap().to_string();
+    eventually("dead after 1 + 3 tries", async || {
+        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "dead"
+    })
+    .await;
+    assert_eq!(crm_calls(&ds).len(), 4);
+    let dead = admin(&gw, "/admin/deliveries?state=dead").await;
+    assert_eq!(
+        (dead["dead"].as_u64(), dead["deliveries"][0]["id"].as_str()),
+        (Some(1), Some(id.as_str()))
+    );
+    // the CRM recovers; replay it
+    ds.set_default(Scripted::status(200));
+    let resp = gw
+        .client
+        .post(gw.admin_url(&format!("/admin/deliveries/{id}/replay")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    eventually("delivered after replay", async || {
+        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
+    })
+    .await;
+    assert_eq!(crm_calls(&ds).len(), 5);
+    assert_eq!(admin(&gw, "/admin/deliveries?state=dead").await["dead"], 0);
+}
+
+#[tokio::test]
+async fn an_open_route_holds_deliveries_without_using_their_tries() {
+    let ds = TestDownstream::start().await;
+    let breaker = format!(
+        "    breaker: {{ consecutive_failures: 1, open_for: 1h, health: {{ url: \"{}/health\", interval: 50ms }} }}",
+        ds.url()
+    );
+    let gw = TestGateway::builder()
+        .file("r.yaml", &files(&ds, &breaker))
+        .start()
+        .await;
+    // the first delivery fails and opens the breaker; the health endpoint fails for a while too
+    ds.push(Scripted::status(503));
+    for _ in 0..5 {
+        ds.push(Scripted::status(503)); // health probes
+    }
+    let (_, _, b1) = gw
+        .send(
+            "b",
+            &json!({"intent": "a", "sessionId": "s1", "inputId": "in-1"}),
+        )
+        .await;
+    eventually("breaker open", async || {
+        let r = admin(&gw, "/admin/routes").await;
+        r["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "async-crm" && r["breaker"]["state"] == "open")
+    })
+    .await;
+    let (_, _, b2) = gw
+        .send(
+            "b",
+            &json!({"intent": "a", "sessionId": "s2", "inputId": "in-2"}),
+        )
+        .await;
+    // while open, nothing reaches /crm; once a probe succeeds (health → 200) both are delivered
+    eventually("both delivered", async || {
+        let a = admin(
+            &gw,
+            &format!("/admin/deliveries/{}", b1["delivery_id"].as_str().unwrap()),
+        )
+        .await;
+        let b = admin(
+            &gw,
+            &format!("/admin/deliveries/{}", b2["delivery_id"].as_str().unwrap()),
+        )
+        .await;
+        a["state"] == "delivered" && b["state"] == "delivered"
+    })
+    .await;
+    let second = admin(
+        &gw,
+        &format!("/admin/deliveries/{}", b2["delivery_id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        second["attempts"].as_array().unwrap().len(),
+        1,
+        "waiting while open used no try: {second}"
+    );
+    assert_eq!(crm_calls(&ds).len(), 3, "one failure, then one call each");
+}
+
+#[tokio::test]
+async fn on_failure_queue_turns_a_failed_sync_call_into_a_delivery() {
+    let ds = TestDownstream::start().await;
+    let gw = TestGateway::builder()
+        .file("r.yaml", &files(&ds, ""))
+        .start()
+        .await;
+    ds.push(Scripted::status(503));
+    let (status, _, body) = gw
+        .send(
+            "b",
+            &json!({"intent": "q", "sessionId": "s1", "inputId": "in-q"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["delivery_id"].as_str().unwrap().to_string();
+    eventually("delivered later", async || {
+        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
+    })
+    .await;
+    let sync_calls: Vec<_> = ds
+        .requests()
+        .into_iter()
+        .filter(|r| r.uri == "/sync")
+        .collect();
+    assert_eq!(sync_calls.len(), 2);
+    assert!(
+        sync_calls
+            .iter()
+            .all(|c| c.header("idempotency-key").as_deref() == Some("in-q"))
+    );
+}
