@@ -121,7 +121,15 @@ async fn login(State(gw): State<Arc<Gateway>>, body: String) -> Response {
 }
 
 async fn status_page(State(gw): State<Arc<Gateway>>) -> axum::response::Html<String> {
-    axum::response::Html(super::status_page::render(&gw))
+    let now = std::time::SystemTime::now();
+    let deliveries = match (
+        gw.store.stats(now).await,
+        gw.store.list(Some(crate::delivery::State::Dead), 20).await,
+    ) {
+        (Ok(stats), Ok(dead)) => Some(super::status_page::Deliveries { stats, dead }),
+        _ => None,
+    };
+    axum::response::Html(super::status_page::render(&gw, deliveries))
 }
 
 async fn latency(State(gw): State<Arc<Gateway>>) -> Json<Value> {
@@ -160,6 +168,23 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl axum::response::IntoRes
         crate::telemetry::events::breaker_state(m, name, state.breaker.state(now).state);
     }
     m.config_generation.set(rt.generation as i64);
+    drop(rt);
+    if let Ok(s) = gw.store.stats(std::time::SystemTime::now()).await {
+        use crate::telemetry::metrics::StateOnlyLabels;
+        m.queue_depth
+            .get_or_create(&StateOnlyLabels {
+                state: "pending".into(),
+            })
+            .set(s.pending as i64);
+        m.queue_depth
+            .get_or_create(&StateOnlyLabels {
+                state: "leased".into(),
+            })
+            .set(s.leased as i64);
+        m.oldest_pending_age
+            .set(s.oldest_pending_age.map_or(0, |d| d.as_secs() as i64));
+        m.dead_letters.set(s.dead as i64);
+    }
     let stats = gw.shared.tokens.stats();
     for (result, total) in [
         ("ok", stats.grants - stats.grant_failures),
@@ -258,6 +283,14 @@ struct DeliveryQuery {
     limit: Option<u32>,
 }
 
+/// A submission of one of the status page's forms.
+fn is_form(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"))
+}
+
 fn store_error(e: crate::delivery::StoreError) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -339,7 +372,8 @@ async fn delivery(
 async fn replay_delivery(
     State(gw): State<Arc<Gateway>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     gw.store
         .replay(&id, std::time::SystemTime::now())
         .await
@@ -350,7 +384,10 @@ async fn replay_delivery(
             e => store_error(e),
         })?;
     gw.delivery_wake.notify_one();
-    Ok(Json(json!({"id": id, "state": "pending"})))
+    if is_form(&headers) {
+        return Ok(axum::response::Redirect::to("/").into_response());
+    }
+    Ok(Json(json!({"id": id, "state": "pending"})).into_response())
 }
 
 async fn reset_breaker(

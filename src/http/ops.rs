@@ -1,4 +1,5 @@
-//! `GET /healthz` (the process answers) and `GET /readyz` (a configuration is loaded).
+//! `GET /healthz` (the process answers) and `GET /readyz` (a configuration is loaded
+//! and the delivery store answers).
 
 use std::sync::Arc;
 
@@ -13,10 +14,22 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready when a configuration is loaded (always, once serving) and the delivery store answers.
 pub async fn readyz(State(gw): State<Arc<Gateway>>) -> (StatusCode, Json<serde_json::Value>) {
-    let rt = gw.runtime.load();
-    (
-        StatusCode::OK,
-        Json(json!({"status": "ready", "generation": rt.generation, "routes": rt.routes.len()})),
-    )
+    let (generation, routes) = {
+        let rt = gw.runtime.load();
+        (rt.generation, rt.routes.len())
+    };
+    match gw.store.stats(std::time::SystemTime::now()).await {
+        Ok(_) => (
+            StatusCode::OK,
+            Json(
+                json!({"status": "ready", "generation": generation, "routes": routes, "store": gw.store.backend()}),
+            ),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reason": format!("delivery store: {e}")})),
+        ),
+    }
 }

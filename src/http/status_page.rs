@@ -14,8 +14,14 @@ use super::Gateway;
 use crate::breaker::State;
 use crate::config::model::Intent;
 
-/// Renders the page.
-pub fn render(gw: &Gateway) -> String {
+/// Queue figures and the newest dead letters, read from the store by the caller.
+pub struct Deliveries {
+    pub stats: crate::delivery::Stats,
+    pub dead: Vec<crate::delivery::DeliverySummary>,
+}
+
+/// Renders the page (`deliveries` is `None` when the store did not answer).
+pub fn render(gw: &Gateway, deliveries: Option<Deliveries>) -> String {
     let rt = gw.runtime.load();
     let now = Instant::now();
     let sla = gw.shared.limits.sla;
@@ -130,7 +136,38 @@ pub fn render(gw: &Gateway) -> String {
     }
 
     // dead letters
-    h.push_str("<section id=\"dead-letters\"><h2>Dead letters</h2><p>Durable async delivery is not enabled in this build, so there are no dead letters.</p></section>");
+    h.push_str("<section id=\"dead-letters\"><h2>Dead letters</h2>");
+    match deliveries {
+        None => h.push_str("<p>The delivery store does not answer.</p>"),
+        Some(d) => {
+            let _ = write!(
+                h,
+                "<p>{} pending · {} in flight · {} dead{}</p>",
+                d.stats.pending,
+                d.stats.leased,
+                d.stats.dead,
+                d.stats
+                    .oldest_pending_age
+                    .map(|a| format!(" · oldest waiting {}s", a.as_secs()))
+                    .unwrap_or_default()
+            );
+            if !d.dead.is_empty() {
+                h.push_str("<div class=\"scroll\"><table><thead><tr><th>delivery</th><th>route</th><th>tries</th><th>last error</th><th></th></tr></thead><tbody>");
+                for x in &d.dead {
+                    let _ = write!(
+                        h,
+                        "<tr><td data-label=\"delivery\"><code>{id}</code></td><td data-label=\"route\">{}</td><td data-label=\"tries\">{}</td><td data-label=\"last error\">{}</td><td><form method=\"post\" action=\"/admin/deliveries/{id}/replay\"><button type=\"submit\" name=\"redirect\" value=\"/\">Replay</button></form></td></tr>",
+                        esc(&x.route),
+                        x.attempts,
+                        esc(x.last_error.as_deref().unwrap_or("—")),
+                        id = esc(&x.id),
+                    );
+                }
+                h.push_str("</tbody></table></div>");
+            }
+        }
+    }
+    h.push_str("</section>");
     let _ = write!(
         h,
         "<footer>refreshes every 5 s · {}</footer></body></html>",

@@ -96,6 +96,15 @@ pub struct Metrics {
     pub token_grants: Family<ResultLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub config_generation: Gauge,
+    pub queue_depth: Family<StateOnlyLabels, Gauge>,
+    pub oldest_pending_age: Gauge,
+    pub dead_letters: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateOnlyLabels {
+    /// `pending` or `leased`.
+    pub state: String,
 }
 
 impl Default for Metrics {
@@ -120,6 +129,9 @@ impl Metrics {
             token_grants: Family::default(),
             reloads: Family::default(),
             config_generation: Gauge::default(),
+            queue_depth: Family::default(),
+            oldest_pending_age: Gauge::default(),
+            dead_letters: Gauge::default(),
             registry: Registry::default(),
             enabled: true,
         };
@@ -182,6 +194,21 @@ impl Metrics {
             "config_generation",
             "Generation of the running configuration",
             m.config_generation.clone(),
+        );
+        registry.register(
+            "delivery_queue_depth",
+            "Deliveries waiting (pending) or being tried (leased)",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "delivery_oldest_pending_age_seconds",
+            "Age of the oldest delivery not yet delivered nor dead",
+            m.oldest_pending_age.clone(),
+        );
+        registry.register(
+            "delivery_dead_letters",
+            "Deliveries moved to the dead-letter list",
+            m.dead_letters.clone(),
         );
         Metrics { registry, ..m }
     }
