@@ -59,10 +59,30 @@ impl WorkerHandle {
     }
 }
 
+/// The owner name of the one worker of an embedded (SQLite) store.
+pub const LOCAL_OWNER: &str = "local";
+
 /// Starts the worker of `gw`.
-pub fn spawn(gw: Arc<Gateway>, opts: WorkerOptions) -> WorkerHandle {
+///
+/// With the embedded SQLite store only one process ever works on the file, so the
+/// worker takes the fixed owner [`LOCAL_OWNER`] and first returns whatever that owner
+/// still holds: the leases of a predecessor that was killed. With PostgreSQL, owners
+/// are per instance and a dead instance's leases expire instead.
+pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
     let (stop, mut stopped) = watch::channel(false);
+    if gw.store.backend() == "sqlite" {
+        opts.owner = LOCAL_OWNER.to_owned();
+    }
     let task = tokio::spawn(async move {
+        if opts.owner == LOCAL_OWNER {
+            match gw.store.release_owner(LOCAL_OWNER, SystemTime::now()).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(released = n, "took back deliveries leased before a crash")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "delivery store: release at start failed"),
+            }
+        }
         loop {
             if *stopped.borrow() {
                 break;
