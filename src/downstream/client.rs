@@ -244,14 +244,10 @@ pub async fn attempt(
         }
         None => permit.cancel(),
     }
-    events::downstream_try(
-        &shared.metrics,
-        &route.name,
-        label,
-        latency.as_secs_f64(),
-        false,
-    );
     if shared.metrics.enabled {
+        state
+            .metrics(&shared.metrics)
+            .try_outcome(label, latency.as_secs_f64());
         state.latency.downstream.record(latency, Instant::now());
     }
     Attempt::Tried(Tried {
@@ -297,13 +293,7 @@ pub async fn call(
         };
         tries += 1;
         if tries > 1 && shared.metrics.enabled {
-            shared
-                .metrics
-                .retries
-                .get_or_create(&crate::telemetry::metrics::RouteLabels {
-                    route: route.name.clone(),
-                })
-                .inc();
+            state.metrics(&shared.metrics).retry();
         }
         if matches!(tried.outcome, TryOutcome::Timeout) && cut_by_deadline {
             return CallResult::DeadlineExceeded { tries };

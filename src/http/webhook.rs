@@ -52,14 +52,24 @@ pub async fn handle(
     });
     let elapsed = started.elapsed();
     let status = resp.status().as_u16();
-    crate::telemetry::events::request(
-        &gw.shared.metrics,
-        &log.bot,
-        log.route.as_deref().unwrap_or("-"),
-        status,
-        elapsed.as_secs_f64(),
-    );
-    if let Some(state) = log.route.as_deref().and_then(|r| rt.routes.get(r)) {
+    let state = log.route.as_deref().and_then(|r| rt.routes.get(r));
+    let m = &gw.shared.metrics;
+    // the route's pre-resolved handles when there is a route; the label path otherwise
+    let counted = m.enabled
+        && state.is_some_and(|s| {
+            s.metrics(m)
+                .request(&log.bot, status, elapsed.as_secs_f64())
+        });
+    if !counted {
+        crate::telemetry::events::request(
+            m,
+            &log.bot,
+            log.route.as_deref().unwrap_or("-"),
+            status,
+            elapsed.as_secs_f64(),
+        );
+    }
+    if let Some(state) = state {
         state.stats.record(status, log.outcome);
         if gw.shared.metrics.enabled {
             state.latency.end_to_end.record(elapsed, Instant::now());

@@ -107,6 +107,8 @@ pub struct RouteState {
     pub latency: Arc<RouteLatency>,
     /// Answer counts and the last error, for the status page.
     pub stats: Arc<RouteStats>,
+    /// Pre-resolved metric handles (made on first use).
+    metric_handles: Arc<std::sync::OnceLock<crate::telemetry::metrics::RouteMetrics>>,
 }
 
 /// How long the latency windows of `/metrics/latency` and the status page reach back.
@@ -145,6 +147,7 @@ impl RouteState {
             identity: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             latency: Arc::new(RouteLatency::new(LATENCY_WINDOW, now)),
             stats: Arc::new(RouteStats::default()),
+            metric_handles: Default::default(),
             route,
         }
     }
@@ -167,6 +170,13 @@ impl RouteState {
             route.breaker.settings(),
             route.health
         )
+    }
+
+    /// This route's metric handles.
+    pub fn metrics(&self, m: &Metrics) -> &crate::telemetry::metrics::RouteMetrics {
+        self.metric_handles.get_or_init(|| {
+            crate::telemetry::metrics::RouteMetrics::new(m, &self.route.name, &self.route.bots)
+        })
     }
 
     /// When the route is paused by a 429, until when.
@@ -206,6 +216,8 @@ impl Runtime {
                     identity: old.identity.clone(),
                     latency: old.latency.clone(),
                     stats: old.stats.clone(),
+                    // the bots served may have changed: resolve the handles again
+                    metric_handles: Default::default(),
                 }),
                 _ => Arc::new(RouteState::new(route.clone(), now)),
             };

@@ -225,3 +225,84 @@ impl Metrics {
 pub fn status_class(status: u16) -> String {
     format!("{}xx", status / 100)
 }
+
+/// One route's metric handles, resolved once (label strings allocated and looked
+/// up once, not per request); recording is then a few atomic operations.
+pub struct RouteMetrics {
+    downstream_duration: Histogram,
+    /// By outcome: success, failure, rate_limited, refused.
+    tries: [Counter; 4],
+    retries: Counter,
+    /// Per bot the route serves: requests by status class (1xx…5xx) and request duration.
+    by_bot: Vec<(String, [Counter; 5], Histogram)>,
+}
+
+/// The `outcome` labels of `downstream_tries`, in `RouteMetrics::tries` order.
+pub const TRY_OUTCOMES: [&str; 4] = ["success", "failure", "rate_limited", "refused"];
+
+impl RouteMetrics {
+    pub fn new(m: &Metrics, route: &str, bots: &[String]) -> Self {
+        let r = RouteLabels {
+            route: route.into(),
+        };
+        let tries = TRY_OUTCOMES.map(|o| {
+            m.downstream_tries
+                .get_or_create(&OutcomeLabels {
+                    route: route.into(),
+                    outcome: o.into(),
+                })
+                .clone()
+        });
+        let by_bot = bots
+            .iter()
+            .map(|bot| {
+                let classes = [1u16, 2, 3, 4, 5].map(|c| {
+                    m.requests
+                        .get_or_create(&RequestLabels {
+                            bot: bot.clone(),
+                            route: route.into(),
+                            status: format!("{c}xx"),
+                        })
+                        .clone()
+                });
+                let h = m
+                    .request_duration
+                    .get_or_create(&BotRouteLabels {
+                        bot: bot.clone(),
+                        route: route.into(),
+                    })
+                    .clone();
+                (bot.clone(), classes, h)
+            })
+            .collect();
+        RouteMetrics {
+            downstream_duration: m.downstream_duration.get_or_create(&r).clone(),
+            tries,
+            retries: m.retries.get_or_create(&r).clone(),
+            by_bot,
+        }
+    }
+
+    /// Counts one answered request of `bot`; false when the bot is not one of the route's.
+    pub fn request(&self, bot: &str, status: u16, seconds: f64) -> bool {
+        let Some((_, classes, h)) = self.by_bot.iter().find(|(b, _, _)| b == bot) else {
+            return false;
+        };
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        classes[class].inc();
+        h.observe(seconds);
+        true
+    }
+
+    /// Counts one downstream try.
+    pub fn try_outcome(&self, outcome: &str, seconds: f64) {
+        if let Some(i) = TRY_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.tries[i].inc();
+        }
+        self.downstream_duration.observe(seconds);
+    }
+
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
+}
