@@ -6,30 +6,18 @@
 mod support;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::TestDownstream;
+use support::process::{Proc, start};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
-struct Gw {
-    child: Child,
-    listen: String,
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(routes: &std::path::Path, store: &str) -> Gw {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--routes"])
+fn start_gw(routes: &std::path::Path, store: &str) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--routes"])
         .arg(routes)
         .args([
             "--listen",
@@ -43,30 +31,10 @@ fn start(routes: &std::path::Path, store: &str) -> Gw {
         ])
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("GATEWAY_LOG", "info")
+        .env("GATEWAY_LOG", "warn,cognigy_gateway::cli=info")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut gw = Gw {
-        child,
-        listen: String::new(),
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("gateway serving") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("gateway starts");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    gw.listen = v["listen"].as_str().unwrap().to_owned();
-    gw
+        .stderr(Stdio::piped());
+    start(cmd)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +53,7 @@ async fn no_accepted_delivery_is_lost_across_ten_sigkills() {
     )
     .unwrap();
     let store = format!("sqlite://{}", dir.path().join("gateway.db").display());
-    let current = Arc::new(Mutex::new(start(&routes, &store)));
+    let current = Arc::new(Mutex::new(start_gw(&routes, &store)));
     let accepted: Arc<Mutex<HashSet<String>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = reqwest::Client::builder()
@@ -139,7 +107,7 @@ async fn no_accepted_delivery_is_lost_across_ten_sigkills() {
                 .success()
         );
         let _ = g.child.wait();
-        *g = start(&routes, &store);
+        *g = start_gw(&routes, &store);
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     for s in senders {

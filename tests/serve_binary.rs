@@ -3,28 +3,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use support::process::{kill, start};
 use support::{Scripted, TestDownstream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
-
-struct Proc {
-    child: Child,
-    listen: String,
-    admin: String,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn routes_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
@@ -50,49 +35,6 @@ fn command(dir: &std::path::Path, extra: &[&str]) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default());
     c.stdout(Stdio::null()).stderr(Stdio::piped());
     c
-}
-
-/// Starts the binary and waits for its "gateway serving" line (bounded).
-fn start(mut cmd: Command) -> Proc {
-    let child = cmd.spawn().unwrap();
-    // Owned by `Proc` at once, so every path (even a panic below) kills and waits.
-    let mut p = Proc {
-        child,
-        listen: String::new(),
-        admin: String::new(),
-        lines: mpsc::channel().1,
-    };
-    let stderr = p.child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("gateway starts and logs");
-        if line.contains("gateway serving") {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            p.listen = v["listen"].as_str().unwrap().into();
-            p.admin = v["admin"].as_str().unwrap().into();
-            p.lines = rx;
-            return p;
-        }
-    }
-}
-
-fn kill(p: &Child, sig: &str) {
-    assert!(
-        Command::new("kill")
-            .args([sig, &p.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
 }
 
 fn route_file(url: &str, path: &str) -> String {

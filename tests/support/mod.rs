@@ -5,6 +5,8 @@
 
 pub mod pg;
 
+pub mod process;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
