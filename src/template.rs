@@ -125,11 +125,11 @@ pub fn compile(source: &str, kind: Kind, strict: bool) -> Result<Template, Compi
                 },
             });
     }
-    if let Some((line, col, name)) = t.find_partial() {
+    if let Some((line, col)) = t.find_partial() {
         return Err(CompileError {
             line,
             col,
-            message: format!("partials (`{{{{> {name}}}}}`) are not supported"),
+            message: "partials (`{{> …}}`) are not supported".into(),
         });
     }
     Ok(t)
@@ -185,14 +185,13 @@ impl Template {
         })
     }
 
-    fn find_partial(&self) -> Option<(usize, usize, String)> {
-        let pos = find_element(&self.inner, None, &|e| {
+    fn find_partial(&self) -> Option<(usize, usize)> {
+        find_element(&self.inner, None, &|e| {
             matches!(
                 e,
                 TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_)
             )
-        })?;
-        Some((pos.0, pos.1, "partial".into()))
+        })
     }
 }
 

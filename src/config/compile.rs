@@ -793,12 +793,6 @@ impl Compiler<'_> {
             (None, Some(bs)) => bs,
             (None, None) => vec![],
         };
-        let bots_key = if bots.len() == 1 && at.pointer.is_empty() {
-            "bot"
-        } else {
-            ""
-        };
-        let _ = bots_key;
         for (i, b) in bots.iter().enumerate() {
             if !bot_ids.contains(b) {
                 let hint = diagnostic::did_you_mean(b, bot_ids.iter().map(String::as_str))

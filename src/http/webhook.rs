@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::{Instant as StdInstant, SystemTime};
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
 use bytes::Bytes;
 use handlebars::Context;
 use serde_json::{Value, json};
@@ -545,6 +545,3 @@ fn truncate(s: &str, max: usize) -> &str {
         None => s,
     }
 }
-
-#[allow(dead_code)]
-fn _assert_json(_: Json<Value>) {}

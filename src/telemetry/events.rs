@@ -45,25 +45,6 @@ pub fn rejected(m: &Metrics, route: &str, reason: &'static str) {
         .inc();
 }
 
-pub fn downstream_try(m: &Metrics, route: &str, outcome: &'static str, seconds: f64, retry: bool) {
-    if !m.enabled {
-        return;
-    }
-    let r = RouteLabels {
-        route: route.into(),
-    };
-    m.downstream_duration.get_or_create(&r).observe(seconds);
-    m.downstream_tries
-        .get_or_create(&OutcomeLabels {
-            route: route.into(),
-            outcome: outcome.into(),
-        })
-        .inc();
-    if retry {
-        m.retries.get_or_create(&r).inc();
-    }
-}
-
 pub fn health_probe(m: &Metrics, route: &str, ok: bool) {
     tracing::info!(route, ok, "health probe");
     m.health_probes
