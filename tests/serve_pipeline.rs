@@ -34,13 +34,16 @@ fn route(ds: &TestDownstream, extra: &str) -> String {
     )
 }
 
-async fn gateway(ds: &TestDownstream, extra: &str) -> TestGateway {
+/// A gateway with bot `b` (api_key, the payload schema) and the given route file.
+fn builder(routes: &str) -> support::GatewayBuilder {
     TestGateway::builder()
         .file("bots.yaml", &bot_file("b"))
         .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("routes.yaml", &route(ds, extra))
-        .start()
-        .await
+        .file("routes.yaml", routes)
+}
+
+async fn gateway(ds: &TestDownstream, extra: &str) -> TestGateway {
+    builder(&route(ds, extra)).start().await
 }
 
 fn payload(id: &str) -> Value {
@@ -106,10 +109,7 @@ async fn step1_unknown_bot_is_404() {
 #[tokio::test]
 async fn step2_body_over_the_limit_is_413_before_auth() {
     let ds = TestDownstream::start().await;
-    let gw = TestGateway::builder()
-        .file("bots.yaml", &bot_file("b"))
-        .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("routes.yaml", &route(&ds, ""))
+    let gw = builder(&route(&ds, ""))
         .limits(cognigy_gateway::runtime::Limits {
             max_body: 1000,
             ..Default::default()
@@ -230,10 +230,7 @@ async fn step6_intent_routing_default_route_and_no_route() {
     assert_eq!(ds.requests()[1].json(), json!({"intent": null}));
 
     // a bot without a default route: 422 no_route
-    let gw2 = TestGateway::builder()
-        .file("bots.yaml", &bot_file("b"))
-        .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("r.yaml", &format!("routes:\n  - name: only\n    bot: b\n    intent: x\n    min_score: 0.5\n    downstream: {{ url: \"{}/x\" }}\n", ds.url()))
+    let gw2 = builder(&format!("routes:\n  - name: only\n    bot: b\n    intent: x\n    min_score: 0.5\n    downstream: {{ url: \"{}/x\" }}\n", ds.url()))
         .start()
         .await;
     let (status, _, body) = gw2
@@ -326,10 +323,7 @@ async fn step10_connect_error_is_502_after_retries() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let gw = TestGateway::builder()
-        .file("bots.yaml", &bot_file("b"))
-        .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("r.yaml", &format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"http://127.0.0.1:{port}/x\" }}\n    retry: {{ attempts: 2, backoff: {{ initial: 1ms, max: 1ms }} }}\n"))
+    let gw = builder(&format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"http://127.0.0.1:{port}/x\" }}\n    retry: {{ attempts: 2, backoff: {{ initial: 1ms, max: 1ms }} }}\n"))
         .start()
         .await;
     let (status, _, body) = gw.send("b", &json!({"sessionId": "s"})).await;
@@ -342,10 +336,7 @@ async fn step10_connect_error_is_502_after_retries() {
 #[tokio::test]
 async fn step10_deadline_exhaustion_is_504() {
     let ds = TestDownstream::start().await;
-    let gw = TestGateway::builder()
-        .file("bots.yaml", &bot_file("b"))
-        .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("r.yaml", &format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    deadline: 300ms\n    downstream: {{ url: \"{}/slow\", timeout: 5s }}\n", ds.url()))
+    let gw = builder(&format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    deadline: 300ms\n    downstream: {{ url: \"{}/slow\", timeout: 5s }}\n", ds.url()))
         .start()
         .await;
     ds.set_default(Scripted::status(200).delay(Duration::from_secs(3)));
@@ -361,10 +352,7 @@ async fn step10_deadline_exhaustion_is_504() {
 #[tokio::test]
 async fn step10_per_try_timeout_is_502_and_retried() {
     let ds = TestDownstream::start().await;
-    let gw = TestGateway::builder()
-        .file("bots.yaml", &bot_file("b"))
-        .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("r.yaml", &format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    deadline: 5s\n    downstream: {{ url: \"{}/slow\", timeout: 100ms }}\n    retry: {{ attempts: 2, backoff: {{ initial: 1ms, max: 1ms }} }}\n", ds.url()))
+    let gw = builder(&format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    deadline: 5s\n    downstream: {{ url: \"{}/slow\", timeout: 100ms }}\n    retry: {{ attempts: 2, backoff: {{ initial: 1ms, max: 1ms }} }}\n", ds.url()))
         .start()
         .await;
     ds.set_default(Scripted::status(200).delay(Duration::from_secs(2)));
@@ -409,10 +397,7 @@ async fn step9_429_pauses_the_route_with_retry_after() {
 #[tokio::test]
 async fn step9_bulkhead_full_is_503_at_once() {
     let ds = TestDownstream::start().await;
-    let gw = TestGateway::builder()
-        .file("bots.yaml", &bot_file("b"))
-        .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("r.yaml", &format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"{}/slow\", max_in_flight: 1 }}\n", ds.url()))
+    let gw = builder(&format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"{}/slow\", max_in_flight: 1 }}\n", ds.url()))
         .start()
         .await;
     ds.push(Scripted::status(200).delay(Duration::from_millis(800)));
@@ -503,10 +488,7 @@ async fn crlf_in_a_rendered_header_is_refused_and_nothing_is_sent() {
 #[tokio::test]
 async fn a_body_that_does_not_render_to_json_is_refused() {
     let ds = TestDownstream::start().await;
-    let gw = TestGateway::builder()
-        .file("bots.yaml", &bot_file("b"))
-        .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("r.yaml", &format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"{}/x\" }}\n    body: '{{\"n\": {{{{sessionId}}}}}}'\n", ds.url()))
+    let gw = builder(&format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"{}/x\" }}\n    body: '{{\"n\": {{{{sessionId}}}}}}'\n", ds.url()))
         .start()
         .await;
     let (status, _, body) = gw.send("b", &json!({"sessionId": "not a number"})).await;
@@ -538,10 +520,7 @@ async fn redirects_are_not_followed() {
 #[tokio::test]
 async fn downstream_bodies_are_capped() {
     let ds = TestDownstream::start().await;
-    let gw = TestGateway::builder()
-        .file("bots.yaml", &bot_file("b"))
-        .file("schemas/payload.json", PAYLOAD_SCHEMA)
-        .file("routes.yaml", &route(&ds, ""))
+    let gw = builder(&route(&ds, ""))
         .limits(cognigy_gateway::runtime::Limits {
             max_response: 64,
             ..Default::default()
