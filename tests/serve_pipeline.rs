@@ -14,7 +14,7 @@ fn route(ds: &TestDownstream, extra: &str) -> String {
   - name: upsert
     bot: b
     intent: update
-    idempotency_key: "{{{{sessionId}}}}"
+    idempotency_key: "{{{{sessionId}}}}/{{{{slots.id}}}}"
     downstream:
       method: PUT
       url: "{url}/contacts/{{{{slots.id}}}}?src={{{{bot}}}}"
@@ -63,7 +63,7 @@ async fn delivered_request_is_what_the_route_renders() {
     let r = &reqs[0];
     assert_eq!(r.method, "PUT");
     assert_eq!(r.uri, "/contacts/C-1?src=b");
-    assert_eq!(r.header("idempotency-key").as_deref(), Some("s-1"));
+    assert_eq!(r.header("idempotency-key").as_deref(), Some("s-1/C-1"));
     assert_eq!(r.header("x-session").as_deref(), Some("s-1"));
     assert_eq!(
         r.header("content-type").as_deref(),
@@ -265,10 +265,10 @@ async fn step10_success_set_and_passed_through_refusals() {
     let (status, _, body) = gw.send("b", &payload("C-1")).await;
     assert_eq!((status, body), (409, json!({"conflict": true})));
     ds.push(Scripted::status(404).body(r#"{"missing": "contact"}"#));
-    let (status, _, body) = gw.send("b", &payload("C-1")).await;
+    let (status, _, body) = gw.send("b", &payload("C-2")).await;
     assert_eq!((status, body), (404, json!({"missing": "contact"})));
     ds.push(Scripted::status(400).body("plain text"));
-    let (status, _, body) = gw.send("b", &payload("C-1")).await;
+    let (status, _, body) = gw.send("b", &payload("C-3")).await;
     assert_eq!((status, body), (400, json!({"body": "plain text"})));
     // 4xx are not retried
     assert_eq!(ds.requests().len(), 3);
@@ -288,7 +288,7 @@ async fn step10_retries_then_502_with_the_last_status() {
     // every try carries the same idempotency key
     assert!(
         reqs.iter()
-            .all(|r| r.header("idempotency-key").as_deref() == Some("s-1"))
+            .all(|r| r.header("idempotency-key").as_deref() == Some("s-1/C-1"))
     );
 }
 
@@ -313,7 +313,7 @@ async fn step10_recovers_after_a_dropped_connection_and_a_503() {
     assert_eq!(ds.requests().len(), 3);
     // a connection dropped mid-request is not retried (the CRM may have acted on it)
     ds.push(Scripted::dropped());
-    let (status, _, body) = gw.send("b", &payload("C-1")).await;
+    let (status, _, body) = gw.send("b", &payload("C-2")).await;
     assert_eq!((status, body["reason"].as_str()), (502, Some("broken")));
     assert_eq!(ds.requests().len(), 4);
 }

@@ -83,9 +83,14 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
                 Err(e) => tracing::warn!(error = %e, "delivery store: release at start failed"),
             }
         }
+        let mut next_purge = tokio::time::Instant::now();
         loop {
             if *stopped.borrow() {
                 break;
+            }
+            if tokio::time::Instant::now() >= next_purge {
+                next_purge += PURGE_EVERY;
+                purge(&gw).await;
             }
             let claimed = match gw
                 .store
@@ -124,6 +129,40 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
         }
     });
     WorkerHandle { stop, task }
+}
+
+/// How often the worker removes what the dedupe window no longer needs.
+pub const PURGE_EVERY: Duration = Duration::from_secs(600);
+
+/// Housekeeping: delivered deliveries and idempotency records older than the
+/// dedupe window go (in bounded batches, so the store is never locked for long).
+/// Dead letters stay until replayed. With several instances each purges; the
+/// deletes are idempotent.
+async fn purge(gw: &Gateway) {
+    let Some(before) = SystemTime::now().checked_sub(crate::http::webhook::DEDUPE_WINDOW) else {
+        return;
+    };
+    let mut total = 0;
+    loop {
+        match gw.store.purge(before, 1000).await {
+            Ok(n) => {
+                total += n;
+                if n < 1000 {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "delivery store: purge failed");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::info!(
+            removed = total,
+            "purged deliveries and idempotency records past the dedupe window"
+        );
+    }
 }
 
 /// One try of one claimed delivery, and its settlement.

@@ -1,6 +1,6 @@
 //! `POST /webhooks/{bot}`: the pipeline of SPEC §5, one function per step,
 //! in the SPEC's order: bot → body limit → auth → JSON → schemas and route →
-//! (idempotency, async: the delivery store, later) → availability → tries.
+//! idempotency → async: the delivery store → availability → tries.
 
 use std::sync::Arc;
 use std::time::{Instant as StdInstant, SystemTime};
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::error::{ApiError, retry_after_secs};
 use super::{Gateway, RequestId};
 use crate::config::model::{Bot, Mode, OnFailure, Route};
-use crate::delivery::{Accept, NewDelivery, StoredRequest};
+use crate::delivery::{Accept, Begin, NewDelivery, StoredAnswer, StoredRequest};
 use crate::downstream::client::{self, Answer, CallResult};
 use crate::runtime::{RouteState, Runtime};
 use crate::template::RenderMeta;
@@ -114,21 +114,56 @@ async fn pipeline(
     step3_auth(bot, headers, &bytes)?;
     let payload = step4_json(&bytes, gw.shared.limits.max_depth)?;
     let (route, state) = step5_6_schema_and_route(rt, bot, &payload, log)?;
-    let mut ctx = Context::from(payload);
+    let ctx = Context::from(payload);
     let mut meta = RenderMeta::new(&bot.id, &route.name);
     meta.now = SystemTime::now();
     meta.headers = headers.clone();
-    let render = |ctx: &Context, log: &mut Log| {
-        crate::render::build(route, ctx, &meta).map_err(|e| {
-            log.outcome = "render_error";
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "render", e.to_string())
-                .with("route", route.name.clone())
-        })
-    };
     if route.mode == Mode::Async {
-        let req = render(&ctx, log)?;
+        let req = render(route, &ctx, &meta, log)?;
         return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
     }
+    if route.idempotency_key.is_none() {
+        return sync_call(gw, &bot.id, route, state, ctx, &meta, None, log).await;
+    }
+    // Step 7 needs the key, so a route with one renders before step 9.
+    let req = render(route, &ctx, &meta, log)?;
+    let Some(key) = req.idempotency_key.clone() else {
+        return sync_call(gw, &bot.id, route, state, ctx, &meta, Some(req), log).await;
+    };
+    if let Some(first) = step7_begin(gw, &bot.id, route, &key, log).await? {
+        return Ok(first);
+    }
+    let result = sync_call(gw, &bot.id, route, state, ctx, &meta, Some(req), log).await;
+    step7_settle(gw, &bot.id, &key, result, log.outcome).await
+}
+
+/// The route's downstream request for this payload; a failure names the route and sends nothing.
+fn render(
+    route: &Route,
+    ctx: &Context,
+    meta: &RenderMeta,
+    log: &mut Log,
+) -> Result<crate::render::OutboundRequest, ApiError> {
+    crate::render::build(route, ctx, meta).map_err(|e| {
+        log.outcome = "render_error";
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "render", e.to_string())
+            .with("route", route.name.clone())
+    })
+}
+
+/// Steps 9–10 for a sync route (and `on_failure: queue`). `req` is the request
+/// when it was already rendered (step 7 needs the key first).
+#[allow(clippy::too_many_arguments)]
+async fn sync_call(
+    gw: &Gateway,
+    bot: &str,
+    route: &Route,
+    state: &RouteState,
+    mut ctx: Context,
+    meta: &RenderMeta,
+    req: Option<crate::render::OutboundRequest>,
+    log: &mut Log,
+) -> Result<Response, ApiError> {
     // Step 9 before rendering: a route that will not be called costs no rendering.
     let now = Instant::now();
     let blocked = match (state.breaker.blocked_until(now), state.paused_until(now)) {
@@ -140,24 +175,30 @@ async fn pipeline(
         log.outcome = why;
         crate::telemetry::events::rejected(&gw.shared.metrics, &route.name, why);
         if route.on_failure == OnFailure::Queue {
-            let req = render(&ctx, log)?;
-            return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
+            let req = match req {
+                Some(r) => r,
+                None => render(route, &ctx, meta, log)?,
+            };
+            return step8_accept(gw, bot, route, &ctx, &req, log).await;
         }
-        return step9_unavailable(route, &mut ctx, &meta, retry_after, why);
+        return step9_unavailable(route, &mut ctx, meta, retry_after, why);
     }
-    let req = render(&ctx, log)?;
+    let req = match req {
+        Some(r) => r,
+        None => render(route, &ctx, meta, log)?,
+    };
     let deadline_at = Instant::now() + route.deadline;
     let permit = match state.bulkhead.clone().try_acquire_owned() {
         Ok(p) => p,
         Err(_) => {
             log.outcome = "bulkhead_full";
             if route.on_failure == OnFailure::Queue {
-                return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
+                return step8_accept(gw, bot, route, &ctx, &req, log).await;
             }
             return step9_unavailable(
                 route,
                 &mut ctx,
-                &meta,
+                meta,
                 std::time::Duration::from_secs(1),
                 "max_in_flight",
             );
@@ -173,9 +214,111 @@ async fn pipeline(
     );
     if failed && route.on_failure == OnFailure::Queue {
         // on_failure: queue: the call did not go through now; deliver it later instead.
-        return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
+        return step8_accept(gw, bot, route, &ctx, &req, log).await;
     }
-    step10_answer(route, result, &mut ctx, &meta, log)
+    step10_answer(route, result, &mut ctx, meta, log)
+}
+
+/// How long an in-progress idempotency key is held past the route's deadline
+/// before another request may take it over (the first one crashed or was dropped).
+const IN_PROGRESS_SLACK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Step 7 for a sync route: `Some(answer)` ends the request — the first
+/// request's answer again, or 409 while that request is still under way.
+/// `None`: this request holds the key; [`step7_settle`] must follow.
+async fn step7_begin(
+    gw: &Gateway,
+    bot: &str,
+    route: &Route,
+    key: &str,
+    log: &mut Log,
+) -> Result<Option<Response>, ApiError> {
+    let lease = route.deadline + IN_PROGRESS_SLACK;
+    match gw
+        .store
+        .begin(bot, key, DEDUPE_WINDOW, lease, SystemTime::now())
+        .await
+    {
+        Ok(Begin::New) => Ok(None),
+        Ok(Begin::Done(first)) => {
+            log.outcome = "replayed";
+            let mut resp = json_response(first.status, Bytes::from(first.body));
+            resp.headers_mut().insert(
+                IDEMPOTENT_REPLAYED,
+                header::HeaderValue::from_static("true"),
+            );
+            Ok(Some(resp))
+        }
+        Ok(Begin::InProgress) => {
+            log.outcome = "in_progress";
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "in_progress",
+                "a request with this idempotency key is being handled now; try again",
+            )
+            .with("route", route.name.clone())
+            .retry_after(1))
+        }
+        Err(e) => {
+            tracing::error!(route = %route.name, error = %e, "delivery store: idempotency check failed");
+            log.outcome = "store_error";
+            Err(store_unavailable(
+                "the idempotency key could not be checked; nothing was sent, try again",
+            ))
+        }
+    }
+}
+
+/// Marks a replayed answer (as Stripe and the IETF idempotency draft's users do).
+const IDEMPOTENT_REPLAYED: header::HeaderName =
+    header::HeaderName::from_static("idempotent-replayed");
+
+/// After step 7: keeps the answer for duplicates when it is final — the
+/// downstream answered (success set, or a refusal such as a 4xx that a repeat
+/// would only get again), or the call was queued (202, its `delivery_id`).
+/// Anything else (unavailable, failed tries, deadline, render errors) releases
+/// the key, so the bot's retry is a real retry; the downstream still sees the
+/// same `Idempotency-Key` on it.
+async fn step7_settle(
+    gw: &Gateway,
+    bot: &str,
+    key: &str,
+    result: Result<Response, ApiError>,
+    outcome: &str,
+) -> Result<Response, ApiError> {
+    let keep = matches!(outcome, "delivered" | "refused" | "accepted" | "duplicate");
+    let resp = match result {
+        Ok(resp) if keep => resp,
+        other => {
+            if let Err(e) = gw.store.abandon(bot, key).await {
+                // the key stays in progress until its lease ends; then a retry takes it over
+                tracing::warn!(error = %e, "delivery store: releasing an idempotency key failed");
+            }
+            return other;
+        }
+    };
+    let (parts, body) = resp.into_parts();
+    // (a body built from bytes: collecting it is a move, not a copy of a stream)
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let answer = StoredAnswer {
+        status: parts.status.as_u16(),
+        body: body.to_vec(),
+    };
+    if let Err(e) = gw.store.finish(bot, key, answer, SystemTime::now()).await {
+        tracing::warn!(error = %e, "delivery store: keeping an idempotent answer failed");
+    }
+    Ok(Response::from_parts(parts, Body::from(body)))
+}
+
+fn store_unavailable(message: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        message,
+    )
+    .retry_after(1)
 }
 
 /// How long an idempotency key dedupes inbound duplicates (SPEC §5 step 7).
@@ -217,12 +360,9 @@ async fn step8_accept(
         Err(e) => {
             tracing::error!(route = %route.name, error = %e, "delivery store: accept failed");
             log.outcome = "store_error";
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
+            Err(store_unavailable(
                 "the delivery could not be stored; nothing was accepted, try again",
-            )
-            .retry_after(1))
+            ))
         }
     }
 }
