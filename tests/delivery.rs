@@ -277,3 +277,30 @@ async fn on_failure_queue_turns_a_failed_sync_call_into_a_delivery() {
             .all(|c| c.header("idempotency-key").as_deref() == Some("in-q"))
     );
 }
+
+#[tokio::test]
+async fn a_slow_delivery_does_not_hold_up_the_others() {
+    let ds = TestDownstream::start().await;
+    let routes = format!(
+        "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"test-key\"] }} }}\nroutes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    mode: async\n    downstream: {{ url: \"{}/crm\", timeout: 60s }}\n",
+        ds.url()
+    );
+    let gw = TestGateway::builder().file("r.yaml", &routes).start().await;
+    // the first delivery's downstream takes a minute to answer
+    ds.push(Scripted::status(200).delay(Duration::from_secs(60)));
+    assert_eq!(gw.send("b", &json!({"n": 0})).await.0, 202);
+    eventually("the slow one is under way", async || {
+        crm_calls(&ds).len() == 1
+    })
+    .await;
+    for n in 1..=5 {
+        assert_eq!(gw.send("b", &json!({ "n": n })).await.0, 202);
+    }
+    // the others are delivered while the first still waits (a worker that ran
+    // claims batch by batch would hold them for the minute)
+    eventually("the others delivered", async || crm_calls(&ds).len() == 6).await;
+    assert!(
+        ds.max_in_flight() >= 2,
+        "sent while the slow one was in flight"
+    );
+}

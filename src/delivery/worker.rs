@@ -84,6 +84,11 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
             }
         }
         let mut next_purge = tokio::time::Instant::now();
+        // Up to `batch` tries in flight; more are claimed as slots free up (a
+        // quarter of the batch at least, so a fast drain is not one claim per
+        // delivery), so one hanging downstream never holds up the rest.
+        let refill = (opts.batch / 4).max(1) as usize;
+        let mut tries = tokio::task::JoinSet::new();
         loop {
             if *stopped.borrow() {
                 break;
@@ -92,32 +97,38 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
                 next_purge += PURGE_EVERY;
                 purge(&gw).await;
             }
-            let claimed = match gw
-                .store
-                .claim_due(&opts.owner, SystemTime::now(), opts.batch, opts.lease)
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "delivery store: claim failed");
-                    Vec::new()
+            let free = opts.batch as usize - tries.len();
+            let mut got = 0;
+            if free >= refill.min(opts.batch as usize) || tries.is_empty() {
+                match gw
+                    .store
+                    .claim_due(&opts.owner, SystemTime::now(), free as u32, opts.lease)
+                    .await
+                {
+                    Ok(claimed) => {
+                        got = claimed.len();
+                        for c in claimed {
+                            let gw = gw.clone();
+                            tries.spawn(async move { deliver(&gw, c).await });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "delivery store: claim failed"),
                 }
-            };
-            if claimed.is_empty() {
-                tokio::select! {
-                    _ = gw.delivery_wake.notified() => {}
-                    _ = tokio::time::sleep(opts.poll) => {}
-                    _ = stopped.changed() => {}
+                if got == free {
+                    continue; // a full claim: more may be due
                 }
-                continue;
             }
-            let mut tries = tokio::task::JoinSet::new();
-            for c in claimed {
-                let gw = gw.clone();
-                tries.spawn(async move { deliver(&gw, c).await });
+            let slots_left = tries.len() < opts.batch as usize;
+            tokio::select! {
+                Some(_) = tries.join_next(), if !tries.is_empty() => {
+                    while tries.try_join_next().is_some() {}
+                }
+                _ = gw.delivery_wake.notified(), if slots_left => {}
+                _ = tokio::time::sleep(opts.poll), if slots_left => {}
+                _ = stopped.changed() => {}
             }
-            while tries.join_next().await.is_some() {}
         }
+        while tries.join_next().await.is_some() {}
         match gw.store.release_owner(&opts.owner, SystemTime::now()).await {
             Ok(n) if n > 0 => {
                 tracing::info!(released = n, "returned leased deliveries to the store")
