@@ -38,6 +38,23 @@ pub struct RenderFailure {
 
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
+/// Parses a rendered URL: relative to the route's parsed origin when there is one
+/// (the host was parsed and checked once, at load), else whole. A rest that
+/// starts like a network-path reference (`//`, or `\` which special schemes
+/// read as `/`) is parsed whole, where it can only be a path.
+fn parse_within(
+    base: Option<&url::Url>,
+    url: &str,
+    rest: &str,
+) -> Result<url::Url, url::ParseError> {
+    match base {
+        Some(base) if !matches!(rest.as_bytes(), [b'/' | b'\\', b'/' | b'\\', ..]) => {
+            base.join(rest)
+        }
+        _ => url::Url::parse(url),
+    }
+}
+
 /// Renders `route`'s request for the payload in `ctx`.
 pub fn build(
     route: &Route,
@@ -63,11 +80,19 @@ pub fn build(
             "rendered URL leaves the configured origin".into(),
         ));
     }
-    let parsed =
-        url::Url::parse(&url).map_err(|e| fail("url", format!("rendered URL is invalid: {e}")))?;
+    let rest = &url[ds.origin.len()..];
+    let parsed = parse_within(ds.base.as_ref(), &url, rest)
+        .map_err(|e| fail("url", format!("rendered URL is invalid: {e}")))?;
+    if let Some(base) = &ds.base
+        && (parsed.host() != base.host() || parsed.port() != base.port())
+    {
+        return Err(fail(
+            "url",
+            "rendered URL leaves the configured origin".into(),
+        ));
+    }
     // URL parsers treat `.`/`..` segments, even percent-encoded (`%2E%2E`), as dot
     // segments and remove them. Refuse any rendered path that would be normalized.
-    let rest = &url[ds.origin.len()..];
     let path = rest.split(['?', '#']).next().unwrap_or("");
     if parsed.path() != if path.is_empty() { "/" } else { path } {
         return Err(fail(
@@ -160,4 +185,39 @@ pub fn header_value(v: &str) -> Result<HeaderValue, String> {
         return Err("rendered value contains CR, LF or NUL".into());
     }
     HeaderValue::from_str(v).map_err(|_| "rendered value is not a valid header value".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_within;
+
+    /// Parsing relative to the parsed origin gives exactly what parsing the whole
+    /// URL gives, and nothing a value can render reaches another host.
+    #[test]
+    fn relative_parse_matches_a_whole_parse_and_keeps_the_host() {
+        for origin in ["http://127.0.0.1:8080", "https://crm.example.com"] {
+            let base = url::Url::parse(&format!("{origin}/")).unwrap();
+            for rest in [
+                "",
+                "/",
+                "/a/b?x=1&y=%2F#f",
+                "?q=1",
+                "#frag",
+                "/a%2F..%2Fb",
+                "//evil.example/x",
+                "/\\evil.example/x",
+                "\\\\evil.example",
+                "/%2F%2Fevil.example",
+                "/a b",
+            ] {
+                let url = format!("{origin}{rest}");
+                let got = parse_within(Some(&base), &url, rest).map(|u| u.to_string());
+                let whole = url::Url::parse(&url).map(|u| u.to_string());
+                assert_eq!(got, whole, "{url}");
+                if let Ok(u) = parse_within(Some(&base), &url, rest) {
+                    assert_eq!((u.host(), u.port()), (base.host(), base.port()), "{url}");
+                }
+            }
+        }
+    }
 }

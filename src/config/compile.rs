@@ -1101,10 +1101,13 @@ impl Compiler<'_> {
             .max_in_flight
             .or(d.and_then(|d| d.max_in_flight))
             .unwrap_or(64);
+        let origin = origin?;
+        let base = url::Url::parse(&format!("{origin}/")).ok();
         Some(Downstream {
             method,
             url: url?,
-            origin: origin?,
+            base,
+            origin,
             timeout,
             headers,
             auth,

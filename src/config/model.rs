@@ -114,6 +114,10 @@ pub struct Downstream {
     pub url: Template,
     /// `scheme://host[:port]` fixed by the file; a rendered URL always starts with it.
     pub origin: String,
+    /// `origin` + `/`, parsed once: rendered URLs are parsed relative to it, so
+    /// the host is not parsed again on every request. `None` only when the origin
+    /// could not be resolved (validate without the environment).
+    pub base: Option<url::Url>,
     pub timeout: Duration,
     pub headers: Vec<HeaderSpec>,
     pub auth: OutboundAuth,
