@@ -45,10 +45,10 @@ pub enum InboundAuth {
     /// `Authorization: ApiKey …` option of Cognigy's HTTP Request node).
     ApiKey {
         header: HeaderName,
-        keys: Vec<SecretString>,
+        keys: StaticSecrets,
     },
     /// `Authorization: Bearer <token>` (scheme case-insensitive).
-    Bearer { tokens: Vec<SecretString> },
+    Bearer { tokens: StaticSecrets },
     /// `Authorization: Basic base64(username:password)`.
     Basic {
         username: String,
@@ -69,6 +69,44 @@ pub enum InboundAuth {
     },
     /// Explicit opt-out: every request is accepted.
     None,
+}
+
+/// Static secrets (API keys, bearer tokens) kept only as their SHA-256
+/// digests: a request hashes just the presented value, and the plain secrets
+/// are not held in memory after load. `Debug` prints only how many there are.
+#[derive(Clone)]
+pub struct StaticSecrets(Vec<[u8; 32]>);
+
+impl StaticSecrets {
+    pub fn new(secrets: &[SecretString]) -> Self {
+        StaticSecrets(
+            secrets
+                .iter()
+                .map(|s| Sha256::digest(secret_bytes(s)).into())
+                .collect(),
+        )
+    }
+
+    /// As [`matches_any`]: equal-length compares of digests, every one made.
+    fn matches(&self, presented: &[u8]) -> Choice {
+        let presented_digest = Sha256::digest(presented);
+        let any = self.0.iter().fold(Choice::from(0), |any, secret| {
+            any | secret.as_slice().ct_eq(presented_digest.as_slice())
+        });
+        any & Choice::from(u8::from(!presented.is_empty()))
+    }
+}
+
+impl From<Vec<SecretString>> for StaticSecrets {
+    fn from(secrets: Vec<SecretString>) -> Self {
+        StaticSecrets::new(&secrets)
+    }
+}
+
+impl fmt::Debug for StaticSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StaticSecrets(<{}>)", self.0.len())
+    }
 }
 
 /// A decoded Standard Webhooks signing key. Zeroized on drop; `Debug` prints
@@ -185,8 +223,7 @@ pub fn verify(
         InboundAuth::ApiKey { header, keys } => verify_api_key(header, keys, headers),
         InboundAuth::Bearer { tokens } => {
             let token = scheme_credential(headers, "Bearer")?;
-            let ok = matches_any(token.as_bytes(), tokens.iter().map(secret_bytes));
-            mismatch_unless(ok, &AUTHORIZATION)
+            mismatch_unless(tokens.matches(token.as_bytes()), &AUTHORIZATION)
         }
         InboundAuth::Basic { username, password } => verify_basic(username, password, headers),
         InboundAuth::Hmac { header, secrets } => verify_hmac(header, secrets, headers, body),
@@ -199,16 +236,15 @@ pub fn verify(
 
 fn verify_api_key(
     header: &HeaderName,
-    keys: &[SecretString],
+    keys: &StaticSecrets,
     headers: &HeaderMap,
 ) -> Result<(), AuthError> {
     let value = credential_header(headers, header)?;
-    let keys = || keys.iter().map(secret_bytes);
-    let mut ok = matches_any(value.as_bytes(), keys());
+    let mut ok = keys.matches(value.as_bytes());
     if *header == AUTHORIZATION {
         let (scheme, key) = split_scheme(value);
         if scheme.eq_ignore_ascii_case("ApiKey") {
-            ok |= matches_any(key.as_bytes(), keys());
+            ok |= keys.matches(key.as_bytes());
         }
     }
     mismatch_unless(ok, header)
@@ -499,7 +535,7 @@ mod tests {
     fn api_key(header: &str, keys: &[&str]) -> InboundAuth {
         InboundAuth::ApiKey {
             header: HeaderName::try_from(header).unwrap(),
-            keys: secrets(keys),
+            keys: secrets(keys).into(),
         }
     }
 
@@ -569,7 +605,7 @@ mod tests {
     #[test]
     fn bearer() {
         let auth = InboundAuth::Bearer {
-            tokens: secrets(&["t-one", "t-two"]),
+            tokens: secrets(&["t-one", "t-two"]).into(),
         };
         assert_cases(
             &auth,
@@ -873,7 +909,7 @@ mod tests {
         let auths = [
             api_key("authorization", &[configured[0]]),
             InboundAuth::Bearer {
-                tokens: secrets(&[configured[1]]),
+                tokens: secrets(&[configured[1]]).into(),
             },
             InboundAuth::Basic {
                 username: "user".into(),

@@ -707,11 +707,16 @@ impl Compiler<'_> {
                 k.header.as_deref().unwrap_or("X-API-Key"),
             )?;
             let keys = self.secrets(&at.child("keys"), k.keys)?;
-            return Some(InboundAuth::ApiKey { header, keys });
+            return Some(InboundAuth::ApiKey {
+                header,
+                keys: keys.into(),
+            });
         }
         if let Some(b) = a.bearer {
             let tokens = self.secrets(&at.child("bearer").child("tokens"), b.tokens)?;
-            return Some(InboundAuth::Bearer { tokens });
+            return Some(InboundAuth::Bearer {
+                tokens: tokens.into(),
+            });
         }
         if let Some(b) = a.basic {
             let at = at.child("basic");
