@@ -20,6 +20,7 @@
 //!                └──────── replay / replay_dead ◄── dead, delivered
 //! ```
 
+pub mod detached;
 pub mod postgres;
 pub mod sqlite;
 pub mod store;

@@ -607,7 +607,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         Ok(Arc::new(store))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = super::postgres::PgStore::open(url, Default::default()).await?;
-        Ok(Arc::new(store))
+        // no caller may cancel a PostgreSQL operation half-way (see `detached`)
+        Ok(Arc::new(super::detached::Detached(Arc::new(store))))
     } else {
         Err(StoreError::Url(
             "must start with sqlite:// (e.g. sqlite://data/gateway.db) or postgres://",
