@@ -73,6 +73,24 @@ fn missing_env_var_is_an_error_for_serve() {
 }
 
 #[test]
+fn a_lease_under_one_second_is_refused() {
+    let d = routes_dir(&[("r.yaml", "")]);
+    let flag = command(d.path(), &["--lease", "500ms"]).output().unwrap();
+    let env = command(d.path(), &[])
+        .env("GATEWAY_LEASE", "999ms")
+        .output()
+        .unwrap();
+    for (out, value) in [(flag, "500ms"), (env, "999ms")] {
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("the lease must be at least 1s, got `{value}`")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn admin_listener_off_loopback_needs_a_token() {
     let d = routes_dir(&[("r.yaml", "")]);
     let out = command(d.path(), &["--admin-listen", "0.0.0.0:0"])

@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Latency SLA for `/metrics/latency` and the status page (e.g. 2s, 500ms).
     #[arg(long, env = "GATEWAY_SLA", default_value = "2s", value_parser = parse_duration)]
     pub sla: Duration,
+    /// How long a claimed async delivery is exclusive to this instance (at least 1s). An
+    /// instance that dies holding deliveries leaves them to the others after it.
+    #[arg(long, env = "GATEWAY_LEASE", default_value = "60s", value_parser = parse_lease)]
+    pub lease: Duration,
     /// Metrics and latency windows: `on`, or `off` to measure what they cost.
     #[arg(long, env = "GATEWAY_TELEMETRY", default_value = "on", value_parser = ["on", "off"])]
     pub telemetry: String,
@@ -172,7 +176,13 @@ pub fn run(args: ServeArgs) -> u8 {
                 None
             }
         };
-        let worker = crate::delivery::worker::spawn(gw.clone(), Default::default());
+        let worker = crate::delivery::worker::spawn(
+            gw.clone(),
+            crate::delivery::worker::WorkerOptions {
+                lease: args.lease,
+                ..Default::default()
+            },
+        );
         let served = crate::http::run(public, admin, gw.clone(), shutdown_signal(), Duration::from_secs(args.shutdown_grace)).await;
         // Queued deliveries stay in the store; leased ones go back to it.
         worker.stop().await;
@@ -235,4 +245,15 @@ fn spawn_sighup(gw: Arc<Gateway>) {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::config::raw::Dur::parse(s)
         .ok_or_else(|| format!("expected a duration like 250ms, 5s, 2m or 1h, got `{s}`"))
+}
+
+/// The shortest `--lease`: below it leases would expire while claims and tries run.
+const MIN_LEASE: Duration = Duration::from_secs(1);
+
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_LEASE {
+        return Err(format!("the lease must be at least 1s, got `{s}`"));
+    }
+    Ok(d)
 }

@@ -27,7 +27,8 @@
 //! anyone, the same owner included); the old claim's writes are then refused,
 //! so a slow worker never overwrites the result of the one that took over.
 //! A worker must therefore choose a lease longer than its longest try (the
-//! downstream timeout) plus a margin: [`DEFAULT_LEASE`] is 5 minutes.
+//! downstream timeout) plus a margin: [`DEFAULT_LEASE`] is 60 s (`gateway
+//! serve --lease`).
 //!
 //! # Inbound dedupe (SPEC §5 step 7)
 //!
@@ -60,10 +61,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// The store URL when `--store` is not given (SPEC §4).
 pub const DEFAULT_STORE_URL: &str = "sqlite://data/gateway.db";
 
-/// A lease long enough for any single try (route timeouts are seconds)
-/// with a wide margin, short enough that a dead instance's work resumes
-/// within minutes.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(5 * 60);
+/// The default of `gateway serve --lease`: long enough for any single try
+/// (route timeouts are seconds) with a wide margin, short enough that a
+/// dead instance's work resumes within a minute.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
 /// SPEC §5 step 7's default dedupe window.
 pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);

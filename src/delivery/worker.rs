@@ -39,7 +39,7 @@ impl Default for WorkerOptions {
         WorkerOptions {
             owner: format!("gw-{}", uuid::Uuid::now_v7()),
             batch: 64,
-            lease: Duration::from_secs(60),
+            lease: super::DEFAULT_LEASE,
             poll: Duration::from_millis(500),
         }
     }
