@@ -51,7 +51,8 @@ pub struct ServeArgs {
     #[arg(long, env = "GATEWAY_SLA", default_value = "2s", value_parser = parse_duration)]
     pub sla: Duration,
     /// How long a claimed async delivery is exclusive to this instance (at least 1s). An
-    /// instance that dies holding deliveries leaves them to the others after it.
+    /// instance that dies holding deliveries leaves them to the others after it; each try is
+    /// cut short to end a tenth of the lease before the lease does.
     #[arg(long, env = "GATEWAY_LEASE", default_value = "60s", value_parser = parse_lease)]
     pub lease: Duration,
     /// Metrics and latency windows: `on`, or `off` to measure what they cost.
@@ -109,6 +110,7 @@ pub fn run(args: ServeArgs) -> u8 {
     for d in &loaded.diagnostics {
         tracing::warn!(diagnostic = %d.to_text(&base), "configuration warning");
     }
+    crate::delivery::worker::warn_about_short_lease(&config, args.lease);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -247,7 +249,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("expected a duration like 250ms, 5s, 2m or 1h, got `{s}`"))
 }
 
-/// The shortest `--lease`: below it leases would expire while claims and tries run.
+/// The shortest `--lease`: below it a try's budget (the lease less a tenth) is
+/// too small for any real downstream, and leases would expire while claims run.
 const MIN_LEASE: Duration = Duration::from_secs(1);
 
 fn parse_lease(s: &str) -> Result<Duration, String> {

@@ -26,9 +26,11 @@
 //! very claim*. When a lease expires, the delivery may be claimed again (by
 //! anyone, the same owner included); the old claim's writes are then refused,
 //! so a slow worker never overwrites the result of the one that took over.
-//! A worker must therefore choose a lease longer than its longest try (the
-//! downstream timeout) plus a margin: [`DEFAULT_LEASE`] is 60 s (`gateway
-//! serve --lease`).
+//! Leases are not renewed: a worker must end each try within its lease (the
+//! gateway's worker cuts a try short to fit, see
+//! [`try_budget`](super::worker::try_budget)), so a lease should be longer
+//! than the longest downstream timeout plus a margin. [`DEFAULT_LEASE`] is
+//! 60 s (`gateway serve --lease`).
 //!
 //! # Inbound dedupe (SPEC §5 step 7)
 //!

@@ -4,8 +4,13 @@
 //! delivered; tried again on the route's async `schedule`; postponed without
 //! using a try while the route is open or paused; or dead after the last try.
 //!
-//! Never sends a delivery without a live lease (the store refuses writes from
-//! a lost lease), and returns its leased work to the store when stopped.
+//! Never sends a delivery without a live lease, and returns its leased work to
+//! the store when stopped. Leases are not renewed: a try is cut short so that
+//! it ends within its lease (see [`try_budget`]), so no other instance can
+//! claim a delivery while this one is still sending it. Should a settle come
+//! too late all the same (the process stalled, or clocks differ by more than
+//! the margin), the store refuses it as `LeaseLost` and the delivery is tried
+//! again by whoever claimed it: at least once, with the same idempotency key.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,7 +33,8 @@ pub struct WorkerOptions {
     pub owner: String,
     /// Most deliveries claimed (and tried concurrently) at once.
     pub batch: u32,
-    /// How long a claim is exclusive; an instance that dies holding it loses it after this.
+    /// How long a claim is exclusive; an instance that dies holding it loses it
+    /// after this. A try is cut short to end [`lease_margin`] before its lease does.
     pub lease: Duration,
     /// How often to look for due deliveries when nothing wakes the worker.
     pub poll: Duration,
@@ -88,6 +94,7 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
         // quarter of the batch at least, so a fast drain is not one claim per
         // delivery), so one hanging downstream never holds up the rest.
         let refill = (opts.batch / 4).max(1) as usize;
+        let margin = lease_margin(opts.lease);
         let mut tries = tokio::task::JoinSet::new();
         loop {
             if *stopped.borrow() {
@@ -109,7 +116,7 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
                         got = claimed.len();
                         for c in claimed {
                             let gw = gw.clone();
-                            tries.spawn(async move { deliver(&gw, c).await });
+                            tries.spawn(async move { deliver(&gw, c, margin).await });
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "delivery store: claim failed"),
@@ -176,9 +183,44 @@ async fn purge(gw: &Gateway) {
     }
 }
 
+/// What a try leaves unused at the end of its lease: time for the settle to
+/// commit, and for clock differences between instances (PostgreSQL).
+pub fn lease_margin(lease: Duration) -> Duration {
+    lease / 10
+}
+
+/// How long a try that starts at `now` may take: what is left of its lease
+/// less `margin`. Zero when the lease is (nearly) over already.
+pub fn try_budget(until: SystemTime, now: SystemTime, margin: Duration) -> Duration {
+    until
+        .duration_since(now)
+        .unwrap_or_default()
+        .saturating_sub(margin)
+}
+
+/// Logs a warning for each route that uses the worker (`mode: async` or
+/// `on_failure: queue`) and whose downstream timeout does not fit in what
+/// `lease` leaves a try: its async tries will be cut short.
+pub fn warn_about_short_lease(config: &crate::config::model::Config, lease: Duration) {
+    let budget = lease.saturating_sub(lease_margin(lease));
+    for route in config.routes.values() {
+        let queued = route.mode == crate::config::model::Mode::Async
+            || route.on_failure == crate::config::model::OnFailure::Queue;
+        if queued && route.downstream.timeout > budget {
+            tracing::warn!(
+                route = %route.name,
+                timeout = ?route.downstream.timeout,
+                lease = ?lease,
+                "the route's timeout is longer than a lease leaves a try; async tries are cut at {budget:?} (raise --lease)"
+            );
+        }
+    }
+}
+
 /// One try of one claimed delivery, and its settlement.
-async fn deliver(gw: &Gateway, claimed: Claimed) {
+async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
     let Claimed { delivery: d, lease } = claimed;
+    let lease_until = lease.until;
     let rt = gw.runtime.load_full();
     let now = SystemTime::now();
     let settle = |outcome: Settle| async move {
@@ -211,8 +253,24 @@ async fn deliver(gw: &Gateway, claimed: Claimed) {
             .await;
         }
     };
+    let budget = try_budget(lease_until, SystemTime::now(), margin);
+    if budget.is_zero() {
+        // Claimed too long ago (the process stalled): sending now could overlap
+        // a takeover. Back to pending at once, no try used.
+        return settle(Settle::Postpone { until: now }).await;
+    }
     let body = req.body.clone().map(Bytes::from);
-    let attempt = client::attempt(&gw.shared, state, &req, body, route.downstream.timeout).await;
+    // The per-try timeout, capped by the budget. A hard stop half a margin
+    // later also bounds a token refresh after a 401 (it has no timeout of its
+    // own); it comes after the per-try timeout, so a slow answer ends as that
+    // (a timeout the breaker counts), not as a cancelled call.
+    let timeout = route.downstream.timeout.min(budget);
+    let attempt = tokio::time::timeout(
+        budget + margin / 2,
+        client::attempt(&gw.shared, state, &req, body, timeout),
+    )
+    .await
+    .unwrap_or(Attempt::OutOfTime);
     let (outcome, record) = match attempt {
         Attempt::Blocked { retry_after, why } => {
             tracing::debug!(delivery = %d.id, route = %d.route, why, "route not taking calls; delivery waits");
@@ -242,7 +300,7 @@ async fn deliver(gw: &Gateway, claimed: Claimed) {
             AttemptRecord {
                 at: now,
                 status: None,
-                latency: route.downstream.timeout,
+                latency: timeout,
                 error: Some("timeout (token)".into()),
             },
         ),
@@ -327,4 +385,30 @@ pub fn rebuild(
         body: stored.body.clone(),
         idempotency_key,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_try_ends_a_tenth_of_the_lease_before_the_lease() {
+        let lease = Duration::from_secs(10);
+        let margin = lease_margin(lease);
+        assert_eq!(margin, Duration::from_secs(1));
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let until = t0 + lease;
+        assert_eq!(try_budget(until, t0, margin), Duration::from_secs(9));
+        assert_eq!(
+            try_budget(until, t0 + Duration::from_secs(4), margin),
+            Duration::from_secs(5)
+        );
+        // nearly over, over, and long over: nothing left to try with
+        assert_eq!(
+            try_budget(until, t0 + Duration::from_millis(9_500), margin),
+            Duration::ZERO
+        );
+        assert_eq!(try_budget(until, until, margin), Duration::ZERO);
+        assert_eq!(try_budget(until, until + lease, margin), Duration::ZERO);
+    }
 }
