@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -34,6 +34,8 @@ pub struct Recorded {
     pub uri: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When it arrived (wall clock, comparable with lease times in the store).
+    pub received: SystemTime,
 }
 
 impl Recorded {
@@ -97,6 +99,12 @@ struct DsState {
     grants: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// `Idempotency-Key`s of the requests being answered right now, with how many of each.
+    keys_in_flight: Mutex<HashMap<String, usize>>,
+    /// Keys that arrived again while a request with the same key was still being answered.
+    overlaps: Mutex<Vec<String>>,
+    /// While true, requests (token requests excepted) wait before being answered.
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 /// A real HTTP downstream on 127.0.0.1 that records what it receives.
@@ -157,6 +165,52 @@ impl TestDownstream {
     pub fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
+    /// Idempotency keys that were in flight twice at once: a second request
+    /// with the key arrived before the first one was answered (or abandoned
+    /// by its client). Requests without the header are not tracked.
+    pub fn overlaps(&self) -> Vec<String> {
+        self.state.overlaps.lock().unwrap().clone()
+    }
+    /// From now on, requests wait unanswered (after being recorded) until [`Self::release`].
+    pub fn hold(&self) {
+        self.state.held.send_replace(true);
+    }
+    /// Answers the held requests and stops holding.
+    pub fn release(&self) {
+        self.state.held.send_replace(false);
+    }
+}
+
+/// An idempotency key in flight at the downstream, from arrival until its
+/// answer is written or its client goes away (the handler is then dropped).
+struct KeyInFlight<'a> {
+    st: &'a DsState,
+    key: String,
+}
+
+impl<'a> KeyInFlight<'a> {
+    fn enter(st: &'a DsState, key: String) -> Self {
+        let mut keys = st.keys_in_flight.lock().unwrap();
+        let n = keys.entry(key.clone()).or_default();
+        *n += 1;
+        if *n > 1 {
+            st.overlaps.lock().unwrap().push(key.clone());
+        }
+        drop(keys);
+        KeyInFlight { st, key }
+    }
+}
+
+impl Drop for KeyInFlight<'_> {
+    fn drop(&mut self) {
+        let mut keys = self.st.keys_in_flight.lock().unwrap();
+        if let Some(n) = keys.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                keys.remove(&self.key);
+            }
+        }
+    }
 }
 
 async fn handle(State(st): State<Arc<DsState>>, req: Request) -> Response {
@@ -169,11 +223,18 @@ async fn handle(State(st): State<Arc<DsState>>, req: Request) -> Response {
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
+    let key = parts
+        .headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let _key = key.map(|k| KeyInFlight::enter(&st, k));
     st.requests.lock().unwrap().push(Recorded {
         method: parts.method.to_string(),
         uri: uri.clone(),
         headers: parts.headers,
         body,
+        received: SystemTime::now(),
     });
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     st.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -193,6 +254,7 @@ async fn handle(State(st): State<Arc<DsState>>, req: Request) -> Response {
         )
             .into_response();
     }
+    let _ = st.held.subscribe().wait_for(|held| !held).await;
     let next = st.script.lock().unwrap().pop_front();
     let s = next
         .or_else(|| st.default.lock().unwrap().clone())
@@ -485,3 +547,68 @@ pub const PAYLOAD_SCHEMA: &str = r#"{
     "slots": {"type": "object"}
   }
 }"#;
+
+/// A route file for the real binary: bot `b` (API key `k`) and one async route
+/// `r` to `{url}/crm`, keyed by the payload's `inputId` (also sent as the
+/// body `{"inputId": …}`), with the async `schedule` and `downstream` keys
+/// added to its downstream block. The route's keys end the file: append
+/// lines of the form `    key: value` for more.
+pub fn async_route_file(url: &str, downstream: &[(&str, &str)], schedule: &str) -> String {
+    let more: String = downstream
+        .iter()
+        .map(|(k, v)| format!(", {k}: {v}"))
+        .collect();
+    format!(
+        "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"k\"] }} }}\nroutes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    mode: async\n    idempotency_key: \"{{{{inputId}}}}\"\n    downstream: {{ url: \"{url}/crm\"{more} }}\n    body: '{{\"inputId\": {{{{json inputId}}}}}}'\n    retry: {{ schedule: [{schedule}] }}\n"
+    )
+}
+
+/// Every request the downstream saw carries an idempotency key, and it is
+/// the key of the delivery in its body: a delivery sent twice is sent with
+/// the same key. Returns the keys, one per request.
+pub fn keys_of_requests(ds: &TestDownstream) -> Vec<String> {
+    ds.requests()
+        .iter()
+        .map(|r| {
+            let key = r.header("idempotency-key").expect("an idempotency key");
+            assert_eq!(r.json()["inputId"], key.as_str(), "body and key differ");
+            key
+        })
+        .collect()
+}
+
+/// POSTs a webhook for [`async_route_file`] with `inputId` = `key` to the
+/// gateway listening on `listen`: the delivery id when it answered 202,
+/// `None` when it refused or the request failed (e.g. cut off by a kill).
+pub async fn post_keyed(client: &reqwest::Client, listen: &str, key: &str) -> Option<String> {
+    let resp = client
+        .post(format!("http://{listen}/webhooks/b"))
+        .header("x-api-key", "k")
+        .body(format!(r#"{{"sessionId":"s","inputId":"{key}"}}"#))
+        .send()
+        .await
+        .ok()?;
+    if resp.status().as_u16() != 202 {
+        return None;
+    }
+    let body: serde_json::Value = serde_json::from_str(&resp.text().await.ok()?).ok()?;
+    body["delivery_id"].as_str().map(str::to_owned)
+}
+
+/// Runs `check` every 50 ms until it gives `Some`, for at most `within`
+/// (then `None`): the one way tests wait for something to happen.
+pub async fn poll_until<T>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -2,7 +2,8 @@
 //! its "gateway serving" log line, read the addresses it bound, signal it.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -53,6 +54,28 @@ pub fn start(mut cmd: Command) -> Proc {
             return p;
         }
     }
+}
+
+/// Starts `gateway serve` on free loopback ports with `routes` and `store`,
+/// `extra` flags, and an environment of only PATH and `env`. It logs JSON:
+/// warnings, and the start-up and delivery-worker lines.
+pub fn serve(routes: &Path, store: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    cmd.args(["serve", "--routes"])
+        .arg(routes)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--store", store])
+        .args(extra)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "GATEWAY_LOG",
+            "warn,cognigy_gateway::cli=info,cognigy_gateway::delivery=info",
+        )
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    start(cmd)
 }
 
 pub fn kill(p: &Child, sig: &str) {
