@@ -304,3 +304,19 @@ async fn a_slow_delivery_does_not_hold_up_the_others() {
         "sent while the slow one was in flight"
     );
 }
+
+#[tokio::test]
+async fn the_worker_keeps_to_the_route_s_max_in_flight() {
+    let ds = TestDownstream::start().await;
+    let routes = format!(
+        "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"test-key\"] }} }}\nroutes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    mode: async\n    downstream: {{ url: \"{}/crm\", max_in_flight: 2 }}\n",
+        ds.url()
+    );
+    let gw = TestGateway::builder().file("r.yaml", &routes).start().await;
+    ds.set_default(Scripted::status(200).delay(Duration::from_millis(100)));
+    for n in 0..8 {
+        assert_eq!(gw.send("b", &json!({ "n": n })).await.0, 202);
+    }
+    eventually("all delivered", async || crm_calls(&ds).len() == 8).await;
+    assert_eq!(ds.max_in_flight(), 2, "two at a time, never more");
+}

@@ -217,6 +217,10 @@ pub fn warn_about_short_lease(config: &crate::config::model::Config, lease: Dura
     }
 }
 
+/// Longest wait for a slot under the route's `max_in_flight` before a delivery
+/// goes back to pending (and how long it then waits).
+const BULKHEAD_WAIT: Duration = Duration::from_secs(1);
+
 /// One try of one claimed delivery, and its settlement.
 async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
     let Claimed { delivery: d, lease } = claimed;
@@ -259,6 +263,17 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
         // a takeover. Back to pending at once, no try used.
         return settle(Settle::Postpone { until: now }).await;
     }
+    // The route's `max_in_flight` holds for queued work too (sync calls share
+    // it): wait a while for a slot, within the lease; else back to pending, no try used.
+    let wait = (budget / 2).min(BULKHEAD_WAIT);
+    let Ok(Ok(_permit)) = tokio::time::timeout(wait, state.bulkhead.clone().acquire_owned()).await
+    else {
+        return settle(Settle::Postpone {
+            until: SystemTime::now() + BULKHEAD_WAIT,
+        })
+        .await;
+    };
+    let budget = try_budget(lease_until, SystemTime::now(), margin);
     let body = req.body.clone().map(Bytes::from);
     // The per-try timeout, capped by the budget. A hard stop half a margin
     // later also bounds a token refresh after a 401 (it has no timeout of its
