@@ -12,6 +12,8 @@
 #      then how long the worker takes to deliver the rest (the drain)
 #   f  the same on PostgreSQL: a throwaway cluster started by this script
 #      (initdb in the temp dir, fsync and synchronous_commit on)
+#   g  c on a second gateway started with --telemetry off: c / g is the cost of
+#      metrics and latency windows (run right after c, so both see the same machine)
 #
 # Every scenario POSTs the same ~600-byte Cognigy payload with wrk
 # (bench/post.lua; e and f: bench/async.lua, which counts 202s and, with
@@ -22,7 +24,7 @@
 # PostgreSQL cannot be installed or started.
 #
 # Environment (all optional):
-#   SCENARIOS="a b c d e f"  DURATION=10s  WARMUP=2s  CONNECTIONS=32  THREADS=2
+#   SCENARIOS="a b c g d e f"  DURATION=10s  WARMUP=2s  CONNECTIONS=32  THREADS=2
 #   NGINX_WORKERS=1      worker_processes of both nginx instances
 #   GATEWAY_BIN=target/release/gateway   BUILD=auto|0 (0: never run cargo)
 #   READY_TIMEOUT=30     seconds to wait for the gateway's /readyz
@@ -46,7 +48,7 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-2}
-SCENARIOS=${SCENARIOS:-"a b c d e f"}
+SCENARIOS=${SCENARIOS:-"a b c g d e f"}
 NGINX_WORKERS=${NGINX_WORKERS:-1}
 READY_TIMEOUT=${READY_TIMEOUT:-30}
 GATEWAY_BIN=${GATEWAY_BIN:-$REPO/target/release/gateway}
@@ -65,7 +67,7 @@ log() { printf '[load %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 2; }
 
 for s in $SCENARIOS; do
-  case $s in a|b|c|d|e|f) ;; *) die "unknown scenario '$s' in SCENARIOS (known: a b c d e f)";; esac
+  case $s in a|b|c|d|e|f|g) ;; *) die "unknown scenario '$s' in SCENARIOS (known: a b c d e f g)";; esac
 done
 case $ASYNC_KEY in unique|none) ;; *) die "ASYNC_KEY must be unique or none, got '$ASYNC_KEY'";; esac
 wants() { [[ " $SCENARIOS " == *" $1 "* ]]; }
@@ -505,6 +507,7 @@ gateway_usable() {  # build (BUILD=auto) and check the binary once; else GW_BIN_
 LAUNCHED_PID= LAUNCH_WHY=
 launch_gateway() {
   local dir=$1 port=$2 admin=$3 store=$4 pid
+  local extra=("${@:5}")   # more `serve` flags
   LAUNCHED_PID= LAUNCH_WHY=
   if ! "$GATEWAY_BIN" validate "$dir/routes" >"$dir/validate.log" 2>&1; then
     cat "$dir/validate.log" >&2
@@ -513,7 +516,7 @@ launch_gateway() {
   fi
   (cd "$dir" && GATEWAY_LOG=${GATEWAY_LOG:-warn} exec "$GATEWAY_BIN" serve --routes "$dir/routes" \
     --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    --store "$store") >"$dir/gateway.log" 2>&1 &
+    --store "$store" "${extra[@]}") >"$dir/gateway.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
   LAUNCHED_PID=$pid
@@ -761,6 +764,7 @@ NAME[c]="c  gateway, sync pipeline"
 NAME[d]="d  gateway, open-breaker reject"
 NAME[e]="e  gateway async, SQLite"
 NAME[f]="f  gateway async, PostgreSQL"
+NAME[g]="g  gateway sync, telemetry off"
 
 skip() { NOTE[$1]="SKIPPED: $2"; log "scenario $1 skipped: $2"; }
 
@@ -878,6 +882,27 @@ scenario_d() {
   log "scenario d: breaker open, probe answered $r"
   # shellcheck disable=SC2046
   measure d "$url" "$PAYLOAD_OPEN" $(tree_pids "$GW_PID")
+}
+
+# g: c again on a second gateway started with `--telemetry off` (no metrics, no
+# latency windows): c / g is what telemetry costs. Same routes, same downstream.
+scenario_g() {
+  ensure_gateway || { skip g "$GW_STATE"; return; }
+  local dir=$TMP/gw-g port admin r
+  mkdir -p "$dir"
+  cp -r "$TMP/gw/routes" "$dir/"
+  cp -r "$TMP/gw/schemas" "$dir/" 2>/dev/null || true
+  pick_port port
+  pick_port admin
+  launch_gateway "$dir" "$port" "$admin" "sqlite://$dir/gateway.db" --telemetry off ||
+    { skip g "$LAUNCH_WHY"; return; }
+  local pid=$LAUNCHED_PID url="http://127.0.0.1:$port/webhooks/bench-bot"
+  log "gateway with --telemetry off (pid $pid) on 127.0.0.1:$port"
+  r=$(post "$url" "$PAYLOAD")
+  [[ $r == 2* ]] || { skip g "a single request did not succeed: ${r:0:300}"; return; }
+  # shellcheck disable=SC2046
+  measure g "$url" "$PAYLOAD" $(tree_pids "$pid")
+  stop_gateway "$pid"
 }
 
 # e and f: a fresh gateway with only the async route, on a fresh store;
@@ -1097,6 +1122,9 @@ REPORT=$TMP/report.txt
   fi
   if have d && have b; then
     echo "open-breaker reject (d) / nginx proxy (b): throughput x$(ratio "${RPS[d]}" "${RPS[b]}"), p99 x$(ratio "${P99[d]}" "${P99[b]}"), CPU/req x$(ratio "${CPU_US[d]}" "${CPU_US[b]}")"
+  fi
+  if have c && have g; then
+    echo "telemetry (c: on / g: off): CPU/req x$(ratio "${CPU_US[c]}" "${CPU_US[g]}"), throughput x$(ratio "${RPS[c]}" "${RPS[g]}"), p99 x$(ratio "${P99[c]}" "${P99[g]}")"
   fi
   if have b && have a; then
     echo "nginx proxy (b) / direct (a): throughput x$(ratio "${RPS[b]}" "${RPS[a]}"), p99 x$(ratio "${P99[b]}" "${P99[a]}")"
