@@ -153,7 +153,13 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(opts.busy_timeout)
             .foreign_keys(true);
-        let mut conn = SqliteConnection::connect_with(&connect)
+        // The writer's page cache: 16 MiB instead of SQLite's 2 MiB default, so the
+        // index pages that random idempotency keys touch stay in memory under load.
+        // (Measured with bench/load.sh e: 3.9k -> 4.5k accepted/s, p99 of the 202
+        // 68 -> 17 ms; peak RSS under async load 30 -> 45 MiB. A larger WAL
+        // autocheckpoint did not help.)
+        let writer = connect.clone().pragma("cache_size", "-16384");
+        let mut conn = SqliteConnection::connect_with(&writer)
             .await
             .map_err(StoreError::db("open the SQLite file"))?;
         migrate(&mut conn).await?;
