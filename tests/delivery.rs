@@ -278,23 +278,36 @@ async fn on_failure_queue_turns_a_failed_sync_call_into_a_delivery() {
     );
 }
 
+/// A gateway with the shared async test route (`support::async_route_file`),
+/// its downstream set with `downstream`.
+async fn async_gateway(ds: &TestDownstream, downstream: &[(&str, &str)]) -> TestGateway {
+    let routes = support::async_route_file(&ds.url(), downstream, "1s");
+    TestGateway::builder().file("r.yaml", &routes).start().await
+}
+
+async fn accept(gw: &TestGateway, key: &str) {
+    let listen = gw.addr.to_string();
+    assert!(
+        support::post_keyed(&gw.client, &listen, key)
+            .await
+            .is_some(),
+        "{key} accepted"
+    );
+}
+
 #[tokio::test]
 async fn a_slow_delivery_does_not_hold_up_the_others() {
     let ds = TestDownstream::start().await;
-    let routes = format!(
-        "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"test-key\"] }} }}\nroutes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    mode: async\n    downstream: {{ url: \"{}/crm\", timeout: 60s }}\n",
-        ds.url()
-    );
-    let gw = TestGateway::builder().file("r.yaml", &routes).start().await;
+    let gw = async_gateway(&ds, &[("timeout", "60s")]).await;
     // the first delivery's downstream takes a minute to answer
     ds.push(Scripted::status(200).delay(Duration::from_secs(60)));
-    assert_eq!(gw.send("b", &json!({"n": 0})).await.0, 202);
+    accept(&gw, "slow").await;
     eventually("the slow one is under way", async || {
         crm_calls(&ds).len() == 1
     })
     .await;
     for n in 1..=5 {
-        assert_eq!(gw.send("b", &json!({ "n": n })).await.0, 202);
+        accept(&gw, &format!("in-{n}")).await;
     }
     // the others are delivered while the first still waits (a worker that ran
     // claims batch by batch would hold them for the minute)
@@ -308,14 +321,10 @@ async fn a_slow_delivery_does_not_hold_up_the_others() {
 #[tokio::test]
 async fn the_worker_keeps_to_the_route_s_max_in_flight() {
     let ds = TestDownstream::start().await;
-    let routes = format!(
-        "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"test-key\"] }} }}\nroutes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    mode: async\n    downstream: {{ url: \"{}/crm\", max_in_flight: 2 }}\n",
-        ds.url()
-    );
-    let gw = TestGateway::builder().file("r.yaml", &routes).start().await;
+    let gw = async_gateway(&ds, &[("max_in_flight", "2")]).await;
     ds.set_default(Scripted::status(200).delay(Duration::from_millis(100)));
     for n in 0..8 {
-        assert_eq!(gw.send("b", &json!({ "n": n })).await.0, 202);
+        accept(&gw, &format!("in-{n}")).await;
     }
     eventually("all delivered", async || crm_calls(&ds).len() == 8).await;
     assert_eq!(ds.max_in_flight(), 2, "two at a time, never more");
