@@ -89,11 +89,7 @@ impl StaticSecrets {
 
     /// As [`matches_any`]: equal-length compares of digests, every one made.
     fn matches(&self, presented: &[u8]) -> Choice {
-        let presented_digest = Sha256::digest(presented);
-        let any = self.0.iter().fold(Choice::from(0), |any, secret| {
-            any | secret.as_slice().ct_eq(presented_digest.as_slice())
-        });
-        any & Choice::from(u8::from(!presented.is_empty()))
+        matches_any_digest(presented, self.0.iter().copied())
     }
 }
 
@@ -434,11 +430,17 @@ fn split_scheme(value: &str) -> (&str, &str) {
 /// guess went wrong. Every secret is compared; the results are OR-ed. An
 /// empty presented value never matches, even an (invalid) empty secret.
 fn matches_any<'s>(presented: &[u8], secrets: impl IntoIterator<Item = &'s [u8]>) -> Choice {
+    matches_any_digest(
+        presented,
+        secrets.into_iter().map(|s| Sha256::digest(s).into()),
+    )
+}
+
+/// [`matches_any`] against secrets already hashed.
+fn matches_any_digest(presented: &[u8], digests: impl Iterator<Item = [u8; 32]>) -> Choice {
     let presented_digest = Sha256::digest(presented);
-    let any = secrets.into_iter().fold(Choice::from(0), |any, secret| {
-        any | Sha256::digest(secret)
-            .as_slice()
-            .ct_eq(presented_digest.as_slice())
+    let any = digests.fold(Choice::from(0), |any, secret| {
+        any | secret.as_slice().ct_eq(presented_digest.as_slice())
     });
     any & Choice::from(u8::from(!presented.is_empty()))
 }
