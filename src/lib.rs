@@ -8,5 +8,6 @@ pub mod http;
 pub mod payload;
 pub mod render;
 pub mod runtime;
+pub mod server;
 pub mod telemetry;
 pub mod template;

@@ -1,18 +1,16 @@
-//! `gateway serve`: settings from flags and `GATEWAY_*`, start-up as a load
-//! that must succeed, the two listeners, SIGHUP reload, SIGTERM/SIGINT shutdown.
+//! `gateway serve`: flags and `GATEWAY_*` → [`Settings`]; binds the two
+//! listeners; SIGTERM/SIGINT → shutdown; errors → exit codes. Everything else
+//! (the first load, worker, watcher, SIGHUP, listeners) is [`crate::server`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use secrecy::SecretString;
 
-use crate::config::compile::{LoadOptions, load};
-use crate::config::diagnostic::{self, Format};
-use crate::http::Gateway;
-use crate::runtime::{Limits, Runtime, Shared};
+use crate::runtime::Limits;
+use crate::server::{ServeError, Server, Settings};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -82,35 +80,23 @@ pub fn run(args: ServeArgs) -> u8 {
         );
         return 2;
     }
-    if let Err(e) = std::fs::metadata(&args.routes) {
-        eprintln!(
-            "gateway serve: routes directory {}: {e}",
-            args.routes.display()
-        );
-        return 2;
-    }
-    let loaded = load(
-        std::slice::from_ref(&args.routes),
-        &LoadOptions {
-            env: &super::process_env,
-            require_env: true,
-            check_examples: false,
-            cache: None,
-        },
+    let mut settings = Settings::new(
+        args.routes.clone(),
+        args.store.clone(),
+        Box::new(super::process_env),
     );
-    let base = std::env::current_dir().unwrap_or_default();
-    let Some(config) = loaded.config else {
-        eprint!(
-            "{}",
-            diagnostic::render(&loaded.diagnostics, Format::Text, &base)
-        );
-        eprintln!("gateway serve: the configuration is invalid; not starting");
-        return 1;
+    settings.limits = Limits {
+        max_body: args.max_body,
+        max_depth: args.max_depth,
+        sla: args.sla,
+        telemetry: args.telemetry == "on",
+        ..Limits::default()
     };
-    for d in &loaded.diagnostics {
-        tracing::warn!(diagnostic = %d.to_text(&base), "configuration warning");
-    }
-    crate::delivery::worker::warn_about_short_lease(&config, args.lease);
+    settings.admin_token = admin_token;
+    settings.shutdown_grace = Duration::from_secs(args.shutdown_grace);
+    settings.watch = Some(Duration::from_millis(args.reload_debounce_ms));
+    settings.poll = (args.reload_poll_secs > 0).then(|| Duration::from_secs(args.reload_poll_secs));
+    settings.worker.lease = args.lease;
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,29 +108,10 @@ pub fn run(args: ServeArgs) -> u8 {
         }
     };
     rt.block_on(async move {
-        let limits = Limits {
-            max_body: args.max_body,
-            max_depth: args.max_depth,
-            sla: args.sla,
-            telemetry: args.telemetry == "on",
-            ..Limits::default()
-        };
-        let runtime = Runtime::build(Arc::new(config), None, tokio::time::Instant::now());
-        let store = match crate::delivery::open(&args.store).await {
+        let server = match Server::start(settings).await {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("gateway serve: cannot open the delivery store: {e}");
-                return 2;
-            }
+            Err(e) => return exit_code(e),
         };
-        let gw = Gateway::new(
-            runtime,
-            Shared::new(limits),
-            admin_token,
-            args.routes.clone(),
-            Box::new(super::process_env),
-            store,
-        );
         let public = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -159,47 +126,23 @@ pub fn run(args: ServeArgs) -> u8 {
                 return 2;
             }
         };
-        let cfg = gw.runtime.load();
-        tracing::info!(
-            listen = %public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            bots = cfg.config.bots.len(),
-            routes = cfg.config.routes.len(),
-            hash = %cfg.config.hash,
-            "gateway serving"
-        );
-        drop(cfg);
-        spawn_sighup(gw.clone());
-        let poll = (args.reload_poll_secs > 0).then(|| Duration::from_secs(args.reload_poll_secs));
-        let _watch = match crate::runtime::watch::spawn(gw.clone(), Duration::from_millis(args.reload_debounce_ms), poll) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the routes directory; reload with SIGHUP or POST /admin/reload");
-                None
-            }
-        };
-        let worker = crate::delivery::worker::spawn(
-            gw.clone(),
-            crate::delivery::worker::WorkerOptions {
-                lease: args.lease,
-                ..Default::default()
-            },
-        );
-        let served = crate::http::run(public, admin, gw.clone(), shutdown_signal(), Duration::from_secs(args.shutdown_grace)).await;
-        // Queued deliveries stay in the store; leased ones go back to it.
-        worker.stop().await;
-        gw.store.close().await;
-        match served {
-            Ok(()) => {
-                tracing::info!("gateway stopped");
-                0
-            }
-            Err(e) => {
-                eprintln!("gateway serve: {e}");
-                2
-            }
+        match server.run(public, admin, shutdown_signal()).await {
+            Ok(()) => 0,
+            Err(e) => exit_code(e),
         }
     })
+}
+
+/// Errors → messages and exit codes (1: invalid configuration, 2: I/O).
+fn exit_code(e: ServeError) -> u8 {
+    let base = std::env::current_dir().unwrap_or_default();
+    if let Some(text) = e.diagnostics_text(&base) {
+        eprint!("{text}");
+        eprintln!("gateway serve: {e}");
+        return 1;
+    }
+    eprintln!("gateway serve: {e}");
+    2
 }
 
 fn init_tracing(format: LogFormat) {
@@ -228,20 +171,6 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
-}
-
-fn spawn_sighup(gw: Arc<Gateway>) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let gw = gw.clone();
-            let _ = tokio::task::spawn_blocking(move || gw.reload()).await;
-        }
-    });
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -22,8 +22,8 @@ use tokio::sync::watch;
 use super::{AttemptRecord, Claimed, Settle, StoredRequest};
 use crate::downstream::client::{self, Attempt};
 use crate::downstream::retry::TryOutcome;
-use crate::http::Gateway;
 use crate::render::{OutboundRequest, header_value};
+use crate::runtime::Gateway;
 use crate::template::RenderMeta;
 
 /// How the worker runs.
@@ -157,7 +157,7 @@ pub const PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Dead letters stay until replayed. With several instances each purges; the
 /// deletes are idempotent.
 async fn purge(gw: &Gateway) {
-    let Some(before) = SystemTime::now().checked_sub(crate::http::webhook::DEDUPE_WINDOW) else {
+    let Some(before) = SystemTime::now().checked_sub(gw.shared.limits.dedupe_window) else {
         return;
     };
     let mut total = 0;

@@ -17,9 +17,9 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use super::Gateway;
 use super::error::ApiError;
 use crate::config::model::OutboundAuth;
+use crate::runtime::Gateway;
 
 pub fn router(gw: Arc<Gateway>) -> Router {
     let protected = Router::new()
@@ -208,11 +208,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl axum::response::IntoRes
 
 async fn status(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     let rt = gw.runtime.load();
-    let last = gw
-        .last_reload
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let last = gw.last_reload();
     Json(json!({
         "generation": rt.generation,
         "hash": rt.config.hash,
@@ -262,14 +258,15 @@ async fn routes(State(gw): State<Arc<Gateway>>) -> Json<Value> {
 }
 
 async fn reload(State(gw): State<Arc<Gateway>>) -> (StatusCode, Json<Value>) {
-    let report = tokio::task::spawn_blocking(move || gw.reload())
+    let outcome = tokio::task::spawn_blocking(move || gw.reload())
         .await
         .unwrap_or_else(|_| unreachable!("reload does not panic"));
-    let status = if report.ok {
-        StatusCode::OK
-    } else {
+    let status = if outcome.is_rejected() {
         StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
     };
+    let report = outcome.report();
     (
         status,
         Json(serde_json::to_value(report).unwrap_or_default()),

@@ -1,5 +1,5 @@
 //! The HTTP surface (SPEC §5): the public listener (webhooks, health) and the
-//! admin listener, built as axum routers over one shared [`Gateway`].
+//! admin listener, built as axum routers over one shared [`Gateway`] (owned by `runtime`).
 //!
 //! `run` takes its listeners and a shutdown future as arguments (mini-redis
 //! style), so tests bind `127.0.0.1:0` and stop the server cleanly.
@@ -11,96 +11,18 @@ pub mod status_page;
 pub mod webhook;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
-use secrecy::SecretString;
 use tokio::net::TcpListener;
 
-use crate::runtime::{Runtime, Shared};
-
-/// Everything the handlers share.
-pub struct Gateway {
-    /// The running configuration; swapped whole on reload, so a request keeps
-    /// the generation it started with.
-    pub runtime: ArcSwap<Runtime>,
-    pub shared: Arc<Shared>,
-    /// Protects the admin listener when set (`GATEWAY_ADMIN_TOKEN`).
-    pub admin_token: Option<SecretString>,
-    /// Outcome of the last load (start-up or reload), for `/admin/status`.
-    pub last_reload: Mutex<ReloadReport>,
-    /// The routes directory, for reloads.
-    pub routes_dir: std::path::PathBuf,
-    /// Where `${VAR}` values come from at reload (the process environment in `serve`).
-    pub env: EnvLookup,
-    /// Parsed route files of earlier loads: a reload re-parses only changed files.
-    pub parse_cache: crate::config::compile::ParseCache,
-    /// Durable deliveries (async routes, `on_failure: queue`).
-    pub store: Arc<dyn crate::delivery::Store>,
-    /// Wakes the delivery worker when a delivery is accepted.
-    pub delivery_wake: tokio::sync::Notify,
-}
-
-/// A `${VAR}` lookup.
-pub type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
-
-/// What the last load did.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ReloadReport {
-    pub at: String,
-    pub ok: bool,
-    pub generation: u64,
-    pub hash: String,
-    pub diagnostics: Vec<String>,
-}
-
-impl Gateway {
-    /// Must be called inside a tokio runtime (it starts the health probe tasks).
-    pub fn new(
-        runtime: Runtime,
-        shared: Shared,
-        admin_token: Option<SecretString>,
-        routes_dir: std::path::PathBuf,
-        env: EnvLookup,
-        store: Arc<dyn crate::delivery::Store>,
-    ) -> Arc<Self> {
-        let report = ReloadReport {
-            at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            ok: true,
-            generation: runtime.generation,
-            hash: runtime.config.hash.clone(),
-            diagnostics: vec![],
-        };
-        let gw = Arc::new(Gateway {
-            runtime: ArcSwap::from_pointee(runtime),
-            shared: Arc::new(shared),
-            admin_token,
-            last_reload: Mutex::new(report),
-            routes_dir,
-            env,
-            parse_cache: Default::default(),
-            store,
-            delivery_wake: tokio::sync::Notify::new(),
-        });
-        crate::telemetry::events::reload(&gw.shared.metrics, true, gw.runtime.load().generation);
-        crate::runtime::health::start_probes(&gw);
-        gw
-    }
-
-    /// Reloads the routes directory from the process environment.
-    pub fn reload(self: &Arc<Self>) -> ReloadReport {
-        let report = crate::runtime::reload::reload(self, &self.routes_dir, &self.env);
-        crate::runtime::health::start_probes(self);
-        report
-    }
-}
+use crate::runtime::Gateway;
 
 /// The public router: webhooks and health.
 pub fn public_router(gw: Arc<Gateway>) -> Router {

@@ -10,9 +10,9 @@ use std::time::SystemTime;
 
 use tokio::time::Instant;
 
-use super::Gateway;
 use crate::breaker::State;
 use crate::config::model::Intent;
+use crate::runtime::Gateway;
 
 /// Queue figures and the newest dead letters, read from the store by the caller.
 pub struct Deliveries {
@@ -25,11 +25,7 @@ pub fn render(gw: &Gateway, deliveries: Option<Deliveries>) -> String {
     let rt = gw.runtime.load();
     let now = Instant::now();
     let sla = gw.shared.limits.sla;
-    let last = gw
-        .last_reload
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let last = gw.last_reload();
     let mut h = String::with_capacity(16 * 1024);
     h.push_str(HEAD);
     let _ = write!(
@@ -48,7 +44,7 @@ pub fn render(gw: &Gateway, deliveries: Option<Deliveries>) -> String {
         "<section id=\"reload\" class=\"{}\"><h2>Last reload</h2><p>{} at {} (generation {})</p>",
         if last.ok { "ok" } else { "failed" },
         if last.ok {
-            "applied"
+            last.result
         } else {
             "<b>rejected</b>: the running configuration keeps serving"
         },

@@ -15,11 +15,12 @@ use handlebars::Context;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use super::RequestId;
 use super::error::{ApiError, retry_after_secs};
-use super::{Gateway, RequestId};
 use crate::config::model::{Bot, Mode, OnFailure, Route};
 use crate::delivery::{Accept, Begin, NewDelivery, StoredAnswer, StoredRequest};
 use crate::downstream::client::{self, Answer, CallResult};
+use crate::runtime::Gateway;
 use crate::runtime::{RouteState, Runtime};
 use crate::template::RenderMeta;
 
@@ -236,7 +237,13 @@ async fn step7_begin(
     let lease = route.deadline + IN_PROGRESS_SLACK;
     match gw
         .store
-        .begin(bot, key, DEDUPE_WINDOW, lease, SystemTime::now())
+        .begin(
+            bot,
+            key,
+            gw.shared.limits.dedupe_window,
+            lease,
+            SystemTime::now(),
+        )
         .await
     {
         Ok(Begin::New) => Ok(None),
@@ -321,9 +328,6 @@ fn store_unavailable(message: &'static str) -> ApiError {
     .retry_after(1)
 }
 
-/// How long an idempotency key dedupes inbound duplicates (SPEC §5 step 7).
-pub const DEDUPE_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-
 /// Step 8 (and `on_failure: queue`): commits the delivery to the store, then answers
 /// 202 with its id. A duplicate (same bot and idempotency key within the window) gets
 /// the first delivery's id again and is not stored twice.
@@ -342,7 +346,10 @@ async fn step8_accept(
         request: StoredRequest::from_outbound(req),
         idempotency_key: req.idempotency_key.clone(),
     };
-    let window = req.idempotency_key.as_ref().map(|_| DEDUPE_WINDOW);
+    let window = req
+        .idempotency_key
+        .as_ref()
+        .map(|_| gw.shared.limits.dedupe_window);
     match gw
         .store
         .accept(delivery, window, std::time::SystemTime::now())

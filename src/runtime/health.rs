@@ -11,7 +11,7 @@ use std::sync::{Arc, Weak};
 use tokio::time::Instant;
 
 use crate::config::model::OutboundAuth;
-use crate::http::Gateway;
+use crate::runtime::Gateway;
 use crate::telemetry::events;
 
 /// Starts the probe task of every route that has a health probe and none running yet.

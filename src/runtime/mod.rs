@@ -13,9 +13,13 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+pub mod gateway;
 pub mod health;
 pub mod reload;
 pub mod watch;
+
+pub use gateway::{EnvLookup, Gateway, ReloadReport};
+pub use reload::ReloadOutcome;
 
 use crate::breaker::Breaker;
 use crate::config::model::{Config, OutboundAuth, Route};
@@ -44,6 +48,8 @@ pub struct Limits {
     pub sla: Duration,
     /// Count metrics and record latency windows (off only to measure their cost).
     pub telemetry: bool,
+    /// How long an idempotency key dedupes inbound duplicates (SPEC §5 step 7).
+    pub dedupe_window: Duration,
 }
 
 impl Default for Limits {
@@ -54,6 +60,7 @@ impl Default for Limits {
             max_response: 1024 * 1024,
             sla: Duration::from_secs(2),
             telemetry: true,
+            dedupe_window: crate::delivery::DEFAULT_DEDUPE_WINDOW,
         }
     }
 }
@@ -202,6 +209,15 @@ impl RouteState {
 }
 
 impl Runtime {
+    /// Nothing running: generation 0, no bots, no routes (before the first load).
+    pub fn empty() -> Runtime {
+        Runtime {
+            config: Arc::new(Config::default()),
+            generation: 0,
+            routes: HashMap::new(),
+        }
+    }
+
     /// Builds the runtime for `config`, keeping the state of unchanged routes from `prev`.
     pub fn build(config: Arc<Config>, prev: Option<&Runtime>, now: Instant) -> Runtime {
         let mut routes = HashMap::with_capacity(config.routes.len());

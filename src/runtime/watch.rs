@@ -14,7 +14,7 @@ use std::time::Duration;
 use notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 
-use crate::http::Gateway;
+use crate::runtime::Gateway;
 
 /// Keeps the watcher alive; dropping it stops watching.
 pub struct WatchHandle {

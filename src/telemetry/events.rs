@@ -55,10 +55,17 @@ pub fn health_probe(m: &Metrics, route: &str, ok: bool) {
         .inc();
 }
 
-pub fn reload(m: &Metrics, ok: bool, generation: u64) {
+/// A reload ended: `result` is `applied`, `unchanged` or `rejected`, counted
+/// as `ok`, `unchanged` and `error` in `gateway_reloads_total`.
+pub fn reload(m: &Metrics, result: &str, generation: u64) {
+    let label = match result {
+        "applied" => "ok",
+        "unchanged" => "unchanged",
+        _ => "error",
+    };
     m.reloads
         .get_or_create(&ResultLabels {
-            result: if ok { "ok" } else { "error" }.into(),
+            result: label.into(),
         })
         .inc();
     m.config_generation.set(generation as i64);

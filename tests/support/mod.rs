@@ -18,9 +18,8 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use cognigy_gateway::config::compile::{LoadOptions, load};
-use cognigy_gateway::http::Gateway;
-use cognigy_gateway::runtime::{Limits, Runtime, Shared};
+use cognigy_gateway::runtime::{Gateway, Limits};
+use cognigy_gateway::server::{ServeError, Server, Settings};
 
 pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -316,10 +315,8 @@ pub struct TestGateway {
     pub gw: Arc<Gateway>,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
-    _watch: Option<cognigy_gateway::runtime::watch::WatchHandle>,
-    worker: Option<cognigy_gateway::delivery::worker::WorkerHandle>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
 }
 
 pub struct GatewayBuilder {
@@ -385,9 +382,6 @@ impl TestGateway {
     }
 
     pub async fn stop(mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop().await;
-        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -453,74 +447,40 @@ impl GatewayBuilder {
         };
         std::fs::create_dir_all(&routes).unwrap();
         let env = self.env.clone();
-        let env2 = self.env.clone();
-        let lookup = move |k: &str| env.get(k).cloned();
-        let loaded = load(
-            std::slice::from_ref(&routes),
-            &LoadOptions {
-                env: &lookup,
-                require_env: true,
-                check_examples: false,
-                cache: None,
-            },
-        );
-        let base = std::path::Path::new("/");
-        let config = loaded.config.unwrap_or_else(|| {
-            panic!(
-                "test routes are invalid:\n{}",
-                cognigy_gateway::config::diagnostic::render(
-                    &loaded.diagnostics,
-                    cognigy_gateway::config::diagnostic::Format::Text,
-                    base
-                )
-            )
-        });
-        let runtime = Runtime::build(Arc::new(config), None, tokio::time::Instant::now());
-        let gw = Gateway::new(
-            runtime,
-            Shared::new(self.limits),
-            self.admin_token.map(Into::into),
+        let mut settings = Settings::new(
             routes,
-            Box::new(move |k: &str| env2.get(k).cloned()),
-            cognigy_gateway::delivery::open(&format!(
-                "sqlite://{}",
-                dir.path().join("gateway.db").display()
-            ))
-            .await
-            .expect("sqlite store opens"),
+            format!("sqlite://{}", dir.path().join("gateway.db").display()),
+            Box::new(move |k: &str| env.get(k).cloned()),
         );
-        let worker = cognigy_gateway::delivery::worker::spawn(
-            gw.clone(),
-            cognigy_gateway::delivery::worker::WorkerOptions {
-                poll: Duration::from_millis(20),
-                ..Default::default()
-            },
-        );
+        settings.limits = self.limits;
+        settings.admin_token = self.admin_token.map(Into::into);
+        settings.shutdown_grace = Duration::from_secs(5);
+        settings.watch = self.watch.then(|| Duration::from_millis(50));
+        settings.sighup = false;
+        settings.worker.poll = Duration::from_millis(20);
+        // The production start-up: the first load, store, worker, watcher, probes.
+        let server = match Server::start(settings).await {
+            Ok(s) => s,
+            Err(e) => panic!(
+                "the test gateway does not start: {e}\n{}",
+                e.diagnostics_text(std::path::Path::new("/"))
+                    .unwrap_or_default()
+            ),
+        };
+        let gw = server.gateway().clone();
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(cognigy_gateway::http::run(
-            public,
-            admin,
-            gw.clone(),
-            async move {
-                let _ = rx.await;
-            },
-            Duration::from_secs(5),
-        ));
-        let _watch = self.watch.then(|| {
-            cognigy_gateway::runtime::watch::spawn(gw.clone(), Duration::from_millis(50), None)
-                .expect("watcher starts")
-        });
+        let task = tokio::spawn(server.run(public, admin, async move {
+            let _ = rx.await;
+        }));
         TestGateway {
             addr,
             admin: admin_addr,
             gw,
             client: reqwest::Client::new(),
             dir,
-            _watch,
-            worker: Some(worker),
             shutdown: Some(tx),
             task: Some(task),
         }

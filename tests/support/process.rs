@@ -70,7 +70,7 @@ pub fn serve(routes: &Path, store: &str, extra: &[&str], env: &[(&str, &str)]) -
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env(
             "GATEWAY_LOG",
-            "warn,cognigy_gateway::cli=info,cognigy_gateway::delivery=info",
+            "warn,cognigy_gateway::server=info,cognigy_gateway::delivery=info",
         )
         .envs(env.iter().copied())
         .stdout(Stdio::null())

@@ -1,0 +1,214 @@
+//! The library entry point of `gateway serve`: [`serve`] (or [`Server::start`]
+//! then [`Server::run`]) opens the store, builds the gateway, applies the first
+//! load (start-up is a reload from nothing), starts the delivery worker, the
+//! file watcher, the SIGHUP handler and the health probes, and serves both
+//! listeners until `shutdown` completes.
+//!
+//! The binary (`cli::serve`) only turns flags into [`Settings`] and errors into
+//! exit codes; the integration tests start the gateway through this same code.
+//! Listeners and the shutdown future are arguments (mini-redis style), so tests
+//! bind `127.0.0.1:0` and stop the server cleanly.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+
+use crate::config::diagnostic::{Diagnostic, Format};
+use crate::delivery::worker::{self, WorkerOptions};
+use crate::runtime::{EnvLookup, Gateway, Limits, ReloadOutcome, Shared};
+
+/// Everything `serve` needs; settings that need a restart (never route files).
+pub struct Settings {
+    /// The routes directory.
+    pub routes: PathBuf,
+    /// The delivery store URL (`sqlite://…` or `postgres://…`).
+    pub store: String,
+    /// Body, depth, response and SLA limits; telemetry on/off; dedupe window.
+    pub limits: Limits,
+    /// `GATEWAY_ADMIN_TOKEN`.
+    pub admin_token: Option<SecretString>,
+    /// Where `${VAR}` values come from (the process environment in the binary).
+    pub env: EnvLookup,
+    /// How long in-flight requests may take to finish after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// Reload on file changes with this debounce; `None`: no file watcher.
+    pub watch: Option<Duration>,
+    /// Also rescan the routes directory this often (filesystems without events).
+    pub poll: Option<Duration>,
+    /// Reload on SIGHUP (the binary; tests reload through the admin API instead).
+    pub sighup: bool,
+    /// The delivery worker's lease, batch and poll interval.
+    pub worker: WorkerOptions,
+}
+
+impl Settings {
+    /// The binary's defaults for `routes`, with `env` as the `${VAR}` source.
+    pub fn new(routes: PathBuf, store: String, env: EnvLookup) -> Self {
+        Settings {
+            routes,
+            store,
+            limits: Limits::default(),
+            admin_token: None,
+            env,
+            shutdown_grace: Duration::from_secs(10),
+            watch: Some(Duration::from_millis(250)),
+            poll: None,
+            sighup: true,
+            worker: WorkerOptions::default(),
+        }
+    }
+}
+
+/// Why the gateway did not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The first load was rejected: the diagnostics say why.
+    #[error("the configuration is invalid; not starting")]
+    InvalidConfig(Vec<Diagnostic>),
+    #[error("routes directory {path}: {source}")]
+    RoutesDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the delivery store: {0}")]
+    Store(crate::delivery::StoreError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ServeError {
+    /// `validate`'s text output of a rejected first load.
+    pub fn diagnostics_text(&self, base: &std::path::Path) -> Option<String> {
+        match self {
+            ServeError::InvalidConfig(d) => {
+                Some(crate::config::diagnostic::render(d, Format::Text, base))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A gateway whose first load is applied, ready to serve.
+pub struct Server {
+    gw: Arc<Gateway>,
+    settings: Settings,
+}
+
+impl Server {
+    /// Opens the store, builds the gateway and applies the first load. Must run
+    /// inside a tokio runtime.
+    pub async fn start(mut settings: Settings) -> Result<Server, ServeError> {
+        std::fs::metadata(&settings.routes).map_err(|source| ServeError::RoutesDir {
+            path: settings.routes.clone(),
+            source,
+        })?;
+        let store = crate::delivery::open(&settings.store)
+            .await
+            .map_err(ServeError::Store)?;
+        let env = std::mem::replace(&mut settings.env, Box::new(|_| None));
+        let gw = Gateway::new(
+            Shared::new(settings.limits.clone()),
+            settings.admin_token.clone(),
+            settings.routes.clone(),
+            env,
+            store,
+        );
+        let g = gw.clone();
+        let first = tokio::task::spawn_blocking(move || g.reload())
+            .await
+            .map_err(std::io::Error::other)?;
+        if let ReloadOutcome::Rejected { diagnostics, .. } = first {
+            gw.store.close().await;
+            return Err(ServeError::InvalidConfig(diagnostics));
+        }
+        worker::warn_about_short_lease(&gw.runtime.load().config, settings.worker.lease);
+        Ok(Server { gw, settings })
+    }
+
+    /// The running gateway (its runtime, store and metrics).
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gw
+    }
+
+    /// Starts the worker, watcher and SIGHUP handler, serves both listeners
+    /// until `shutdown` completes, then stops: no new connections, in-flight
+    /// requests finish within the grace, leased deliveries go back to the store.
+    pub async fn run(
+        self,
+        public: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Server { gw, settings } = self;
+        {
+            let cfg = gw.runtime.load();
+            tracing::info!(
+                listen = %public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                bots = cfg.config.bots.len(),
+                routes = cfg.config.routes.len(),
+                generation = cfg.generation,
+                hash = %cfg.config.hash,
+                "gateway serving"
+            );
+        }
+        let sighup = settings.sighup.then(|| spawn_sighup(gw.clone()));
+        let _watch = settings.watch.and_then(|debounce| {
+            match crate::runtime::watch::spawn(gw.clone(), debounce, settings.poll) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the routes directory; reload with SIGHUP or POST /admin/reload");
+                    None
+                }
+            }
+        });
+        let worker = worker::spawn(gw.clone(), settings.worker.clone());
+        let served =
+            crate::http::run(public, admin, gw.clone(), shutdown, settings.shutdown_grace).await;
+        if let Some(h) = sighup {
+            h.abort();
+        }
+        // Queued deliveries stay in the store; leased ones go back to it.
+        worker.stop().await;
+        gw.store.close().await;
+        served?;
+        tracing::info!("gateway stopped");
+        Ok(())
+    }
+}
+
+/// Starts the gateway of `settings` and serves `public` and `admin` until `shutdown`.
+pub async fn serve(
+    settings: Settings,
+    public: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    Server::start(settings)
+        .await?
+        .run(public, admin, shutdown)
+        .await
+}
+
+/// Reloads on each SIGHUP, through the one reload path.
+fn spawn_sighup(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let gw = gw.clone();
+                let _ = tokio::task::spawn_blocking(move || gw.reload()).await;
+            }
+        }
+        #[cfg(not(unix))]
+        drop(gw);
+    })
+}
