@@ -22,6 +22,7 @@
 
 pub mod detached;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 pub mod store;
 pub mod worker;

@@ -1,0 +1,369 @@
+//! A route's outbound side: the `downstream` block (method, URL template with
+//! a fixed origin, timeout, headers, outbound `auth`, success statuses,
+//! `max_in_flight`), and the `retry` and `breaker` policies. Route settings
+//! win over the `defaults:` block, which wins over the built-in defaults.
+//!
+//! It never connects anywhere: URLs are only parsed (a health or token URL is
+//! checked, never fetched).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{At, Compiler, Severity};
+use crate::breaker::{BreakerConfig, BreakerSettings, SlowCall};
+use crate::config::model::*;
+use crate::config::raw::{self, Dur, StatusPattern};
+use crate::downstream::retry::{Backoff, RetryPolicy};
+use crate::template::Kind;
+
+impl Compiler<'_> {
+    pub(super) fn compile_downstream(
+        &mut self,
+        at: &At,
+        ds: raw::Downstream,
+        d: Option<&raw::DownstreamDefaults>,
+        strict: bool,
+        deadline: Duration,
+    ) -> Option<Downstream> {
+        let method = match ds
+            .method
+            .or(d.and_then(|d| d.method))
+            .unwrap_or(raw::Method::POST)
+        {
+            raw::Method::GET => http::Method::GET,
+            raw::Method::POST => http::Method::POST,
+            raw::Method::PUT => http::Method::PUT,
+            raw::Method::PATCH => http::Method::PATCH,
+            raw::Method::DELETE => http::Method::DELETE,
+        };
+        let url_at = at.child("url");
+        let origin = self.check_url_template(&url_at, &ds.url);
+        let url = self.template(&url_at, &ds.url, Kind::Url, strict);
+        let timeout = ds
+            .timeout
+            .or(d.and_then(|d| d.timeout))
+            .map(|x| x.0)
+            .unwrap_or(Duration::from_secs(5));
+        if timeout.is_zero() {
+            self.error(&at.child("timeout"), "must be greater than 0");
+        } else if timeout > deadline {
+            self.warn(
+                &at.child("timeout"),
+                format!(
+                    "is longer than the route's deadline ({}); the deadline cuts each try short",
+                    humantime::format_duration(deadline)
+                ),
+            );
+        }
+        // lower-case name → (where, name as written, value)
+        let mut header_sources: BTreeMap<String, (At, String, String)> = BTreeMap::new();
+        if let Some(dh) = d.and_then(|d| d.headers.as_ref()) {
+            // defaults' headers are located in the defaults block; we only know they exist
+            for (k, v) in dh {
+                header_sources.insert(k.to_ascii_lowercase(), (at.clone(), k.clone(), v.clone()));
+            }
+        }
+        for (k, v) in ds.headers.iter().flatten() {
+            header_sources.insert(
+                k.to_ascii_lowercase(),
+                (at.child("headers").child(k), k.clone(), v.clone()),
+            );
+        }
+        let mut headers = Vec::new();
+        for (name, (h_at, written, value)) in header_sources {
+            // a bad name is reported at the name (the key), not at its value
+            let Ok(hn) = http::HeaderName::try_from(name.as_str()) else {
+                let m = format!("`{written}` is not a valid header name");
+                self.push(&h_at, true, Severity::Error, m);
+                continue;
+            };
+            if matches!(
+                name.as_str(),
+                "host" | "content-length" | "transfer-encoding" | "connection"
+            ) {
+                let m = format!("`{written}` is set by the gateway and cannot be configured");
+                self.push(&h_at, true, Severity::Error, m);
+                continue;
+            }
+            if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                self.error(&h_at, "header values must not contain CR, LF or NUL");
+                continue;
+            }
+            let secret = self.is_from_env(&h_at);
+            if let Some(t) = self.template(&h_at, &value, Kind::Text, strict) {
+                headers.push(HeaderSpec {
+                    name: hn,
+                    value: t,
+                    secret,
+                });
+            }
+        }
+        let auth = match ds.auth.clone().or_else(|| d.and_then(|d| d.auth.clone())) {
+            None => OutboundAuth::None,
+            Some(a) => self.compile_outbound_auth(&at.child("auth"), a)?,
+        };
+        let mut success = StatusSet::default();
+        let patterns = ds
+            .success
+            .or_else(|| d.and_then(|d| d.success.clone()))
+            .unwrap_or_else(|| vec![StatusPattern::Class(2)]);
+        for p in patterns {
+            match p {
+                StatusPattern::Exact(s) => success.insert(s),
+                StatusPattern::Class(c) => success.insert_class(c),
+            }
+        }
+        let max_in_flight = ds
+            .max_in_flight
+            .or(d.and_then(|d| d.max_in_flight))
+            .unwrap_or(64);
+        let origin = origin?;
+        let base = url::Url::parse(&format!("{origin}/")).ok();
+        Some(Downstream {
+            method,
+            url: url?,
+            base,
+            origin,
+            timeout,
+            headers,
+            auth,
+            success,
+            max_in_flight,
+        })
+    }
+
+    /// Checks a URL template: http(s), templates only in path and query. Returns the origin.
+    fn check_url_template(&mut self, at: &At, url: &str) -> Option<String> {
+        let (scheme, rest) = match url.split_once("://") {
+            Some((s, r)) if !s.contains("{{") => (s, r),
+            _ => {
+                if self.unresolved(at) {
+                    return Some(String::new());
+                }
+                self.error(
+                    at,
+                    "expected an absolute http:// or https:// URL with a fixed host",
+                );
+                return None;
+            }
+        };
+        if !matches!(scheme, "http" | "https") {
+            self.error(
+                at,
+                format!("expected an http or https URL, got scheme `{scheme}`"),
+            );
+            return None;
+        }
+        let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let authority = &rest[..auth_end];
+        if let Some(i) = authority.find("{{") {
+            self.template_diag(at, 1, scheme.len() + 3 + i + 1, Severity::Error,
+                "templates may not set the scheme, host or port: the host comes from the file; put `{{…}}` in the path or query".into());
+            return None;
+        }
+        let origin = format!("{scheme}://{authority}");
+        if self.unresolved(at) {
+            return Some(origin);
+        }
+        // Check the rest parses with placeholder values (a template that does not
+        // compile is reported by the compile that follows).
+        let probe = replace_templates(url);
+        match url::Url::parse(&probe) {
+            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => {
+                if !u.username().is_empty() || u.password().is_some() {
+                    self.error(at, "credentials in the URL are not allowed; use `auth`");
+                    return None;
+                }
+                Some(origin)
+            }
+            Ok(_) => {
+                self.error(at, "URL has no host");
+                None
+            }
+            Err(e) => {
+                self.error(at, format!("invalid URL: {e}"));
+                None
+            }
+        }
+    }
+
+    fn compile_outbound_auth(&mut self, at: &At, a: raw::OutboundAuth) -> Option<OutboundAuth> {
+        if let Some(o) = a.oauth2 {
+            let at = at.child("oauth2");
+            let tu = at.child("token_url");
+            let token_url = if self.unresolved(&tu) {
+                url::Url::parse("http://unresolved.invalid/").expect("static URL")
+            } else {
+                match url::Url::parse(&o.token_url) {
+                    Ok(u)
+                        if matches!(u.scheme(), "http" | "https")
+                            && u.username().is_empty()
+                            && u.password().is_none() =>
+                    {
+                        u
+                    }
+                    _ => {
+                        let shown = if self.is_from_env(&tu) {
+                            "the value from the environment".to_string()
+                        } else {
+                            format!("`{}`", o.token_url)
+                        };
+                        self.error(
+                            &tu,
+                            format!(
+                                "expected an http or https URL without credentials, got {shown}"
+                            ),
+                        );
+                        return None;
+                    }
+                }
+            };
+            let secret = self.secret(&at.child("client_secret"), o.client_secret)?;
+            return Some(OutboundAuth::OAuth2(ClientCredentials {
+                token_url,
+                client_id: o.client_id,
+                client_secret: secret,
+                scopes: o.scopes.unwrap_or_default(),
+                client_auth: match o.client_auth {
+                    Some(raw::ClientAuth::Body) => ClientAuth::Body,
+                    _ => ClientAuth::Basic,
+                },
+            }));
+        }
+        if let Some(b) = a.bearer {
+            let token = self.secret(&at.child("bearer").child("token"), b.token)?;
+            return Some(OutboundAuth::Bearer(token));
+        }
+        Some(OutboundAuth::None)
+    }
+
+    pub(super) fn compile_retry(
+        &mut self,
+        at: &At,
+        r: Option<&raw::Retry>,
+        d: Option<&raw::Retry>,
+    ) -> Option<RetryPolicy> {
+        let pick = |f: fn(&raw::Retry) -> Option<Dur>| {
+            r.and_then(f).or_else(|| d.and_then(f)).map(|x| x.0)
+        };
+        let attempts = r
+            .and_then(|r| r.attempts)
+            .or(d.and_then(|d| d.attempts))
+            .unwrap_or(3);
+        let initial = pick(|r| r.backoff.as_ref().and_then(|b| b.initial))
+            .unwrap_or(Duration::from_millis(200));
+        let max = pick(|r| r.backoff.as_ref().and_then(|b| b.max))
+            .unwrap_or(Duration::from_secs(2).max(initial));
+        let retry_after_max = pick(|r| r.retry_after_max).unwrap_or(Duration::from_secs(30));
+        let schedule = r
+            .and_then(|r| r.schedule.clone())
+            .or_else(|| d.and_then(|d| d.schedule.clone()))
+            .map(|s| s.into_iter().map(|x| x.0).collect())
+            .unwrap_or_else(|| {
+                [10, 60, 300, 1800, 7200, 21600, 43200]
+                    .into_iter()
+                    .map(Duration::from_secs)
+                    .collect()
+            });
+        match Backoff::try_new(initial, max) {
+            Ok(backoff) => Some(RetryPolicy {
+                attempts,
+                backoff,
+                retry_after_max,
+                schedule,
+            }),
+            Err(m) => {
+                let key = if initial.is_zero() { "initial" } else { "max" };
+                self.error(&at.child("backoff").child(key), m.to_string());
+                None
+            }
+        }
+    }
+
+    pub(super) fn compile_breaker(
+        &mut self,
+        at: &At,
+        b: Option<&raw::Breaker>,
+        d: Option<&raw::Breaker>,
+    ) -> Option<(BreakerConfig, Option<HealthSettings>)> {
+        let dur = |f: fn(&raw::Breaker) -> Option<Dur>| {
+            b.and_then(f).or_else(|| d.and_then(f)).map(|x| x.0)
+        };
+        let num = |f: fn(&raw::Breaker) -> Option<u32>| b.and_then(f).or_else(|| d.and_then(f));
+        let dflt = BreakerSettings::default();
+        let open_for = dur(|b| b.open_for).unwrap_or(dflt.open_for);
+        let settings = BreakerSettings {
+            window: dur(|b| b.window).unwrap_or(dflt.window),
+            min_calls: num(|b| b.min_calls).unwrap_or(dflt.min_calls),
+            failure_rate: b
+                .and_then(|b| b.failure_rate)
+                .or(d.and_then(|d| d.failure_rate))
+                .unwrap_or(dflt.failure_rate),
+            consecutive_failures: num(|b| b.consecutive_failures)
+                .unwrap_or(dflt.consecutive_failures),
+            slow_call: b
+                .and_then(|b| b.slow_call.clone())
+                .or_else(|| d.and_then(|d| d.slow_call.clone()))
+                .map(|s| SlowCall {
+                    threshold: s.threshold.0,
+                    rate: s.rate,
+                }),
+            open_for,
+            open_for_max: dur(|b| b.open_for_max).unwrap_or(dflt.open_for_max.max(open_for)),
+            half_open_probes: num(|b| b.half_open_probes).unwrap_or(dflt.half_open_probes),
+            close_after: num(|b| b.close_after).unwrap_or(dflt.close_after),
+        };
+        let mut ok = true;
+        let health = match b
+            .and_then(|b| b.health.clone())
+            .or_else(|| d.and_then(|d| d.health.clone()))
+        {
+            Some(h) => {
+                let h_at = at.child("health").child("url");
+                if !self.unresolved(&h_at)
+                    && !url::Url::parse(&h.url).is_ok_and(|u| {
+                        matches!(u.scheme(), "http" | "https") && u.host_str().is_some()
+                    })
+                {
+                    self.error(&h_at, "expected an absolute http or https URL");
+                    ok = false;
+                }
+                Some(HealthSettings {
+                    url: h.url,
+                    interval: h.interval.map(|x| x.0).unwrap_or(Duration::from_secs(10)),
+                })
+            }
+            None => None,
+        };
+        match BreakerConfig::try_new(settings) {
+            Ok(cfg) => ok.then_some((cfg, health)),
+            Err(errors) => {
+                for e in errors {
+                    // field is the key under `breaker:`, e.g. `slow_call.rate`
+                    let mut e_at = at.clone();
+                    for seg in e.field.split('.') {
+                        e_at = e_at.child(seg);
+                    }
+                    self.error(&e_at, e.message);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// `https://h/{{a}}/x?q={{b}}` → `https://h/x/x?q=x`, to check the URL's static shape.
+fn replace_templates(url: &str) -> String {
+    let mut out = String::new();
+    let mut rest = url;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        out.push('x');
+        rest = match rest[i..].find("}}") {
+            Some(j) => rest[i + j + 2..].trim_start_matches('}'),
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
+}

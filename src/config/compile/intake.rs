@@ -1,0 +1,303 @@
+//! Intake: each route file from bytes to the elements worth compiling. Reads
+//! and parses the file (through the [`ParseCache`]), expands `${VAR}`, runs the
+//! shape check, and queues every bot, route and `defaults:` block: the ones
+//! with a shape error of their own are queued unparsed (their name or id still
+//! counts for references and uniqueness), so the other elements of the same
+//! file still get their semantic checks. Also the configuration hash, over the
+//! bytes that were compiled, and [`current_hash`] to compare it with the disk.
+//!
+//! It never compiles an element and never judges a value beyond its shape.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{At, Compiler, Diagnostic, FileCtx, Severity};
+use crate::config::model::Config;
+use crate::config::yaml::SpanIndex;
+use crate::config::{env, load as walk, raw, shape, yaml};
+use crate::template::{self, Kind};
+
+/// Parsed YAML by file path and content digest. Parsing is most of a load's cost;
+/// everything after it (env expansion, checks, compilation) always runs.
+#[derive(Default)]
+pub struct ParseCache {
+    entries: std::sync::Mutex<HashMap<PathBuf, ([u8; 32], Parsed)>>,
+    /// Compiled templates by (source, kind, strict): most of a compile's cost.
+    templates: std::sync::Mutex<HashMap<TemplateKey, template::Template>>,
+}
+
+pub(super) type TemplateKey = (String, Kind, bool);
+
+type Parsed = (Value, Arc<SpanIndex>);
+
+impl ParseCache {
+    fn get(&self, path: &Path, digest: &[u8; 32]) -> Option<Parsed> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(path)
+            .filter(|(d, _)| d == digest)
+            .map(|(_, p)| p.clone())
+    }
+
+    fn put(&self, path: &Path, digest: [u8; 32], parsed: Parsed) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), (digest, parsed));
+    }
+
+    /// Forgets files that are not in `keep` (deleted or renamed) and templates not used.
+    pub(super) fn retain(&self, keep: &[PathBuf], templates: &[TemplateKey]) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p, _| keep.contains(p));
+        let used: HashSet<&TemplateKey> = templates.iter().collect();
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| used.contains(k));
+    }
+
+    pub(super) fn template(&self, key: &TemplateKey) -> Option<template::Template> {
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    pub(super) fn put_template(&self, key: TemplateKey, t: template::Template) {
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, t);
+    }
+}
+
+impl Compiler<'_> {
+    pub(super) fn add_file(&mut self, path: PathBuf) {
+        let text = match std::fs::read(&path) {
+            Ok(b) => match String::from_utf8(b) {
+                Ok(t) => t,
+                Err(_) => {
+                    self.diags
+                        .push(Diagnostic::error(&path, "file is not UTF-8 text"));
+                    return;
+                }
+            },
+            Err(e) => {
+                self.diags
+                    .push(Diagnostic::error(&path, format!("cannot read: {e}")));
+                return;
+            }
+        };
+        hash_route_file(&mut self.hasher, &path, text.as_bytes());
+        let digest = crate::payload::sha256(text.as_bytes());
+        let cached = self.opts.cache.and_then(|c| c.get(&path, &digest));
+        let parsed = match cached {
+            Some(hit) => Ok(hit),
+            None => yaml::parse(&text).map(|(doc, index)| {
+                let hit = (doc, Arc::new(index));
+                if let Some(c) = self.opts.cache {
+                    c.put(&path, digest, hit.clone());
+                }
+                hit
+            }),
+        };
+        let (mut doc, index) = match parsed {
+            Ok(x) => x,
+            Err(e) => {
+                self.diags.push(Diagnostic {
+                    file: path,
+                    line: e.pos.line,
+                    col: e.pos.col,
+                    path: String::new(),
+                    severity: Severity::Error,
+                    message: e.message,
+                });
+                return;
+            }
+        };
+        let original = doc.clone();
+        let used = RefCell::new(Vec::new());
+        let recording = |name: &str| {
+            let value = (self.opts.env)(name);
+            used.borrow_mut().extend(value.clone());
+            value
+        };
+        let expansion = env::expand_document(&mut doc, &recording);
+        self.env_values.extend(used.into_inner());
+        let file = self.files.len();
+        self.files.push(FileCtx {
+            path,
+            text,
+            index,
+            from_env: expansion.from_env.iter().cloned().collect(),
+            unresolved: expansion.unresolved.iter().cloned().collect(),
+        });
+        for p in &expansion.problems {
+            let at = At {
+                file,
+                pointer: p.pointer.clone(),
+            };
+            match &p.kind {
+                env::EnvProblemKind::Missing(names) => {
+                    let sev = if self.opts.require_env {
+                        Severity::Error
+                    } else {
+                        Severity::Warning
+                    };
+                    let list = names
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let s = if names.len() == 1 { "" } else { "s" };
+                    self.push(&at, false, sev, format!("environment variable{s} {list} not set and no default given (use ${{NAME:-default}} for one)"));
+                }
+                env::EnvProblemKind::Syntax(m) => self.error(&at, m.clone()),
+            }
+        }
+        let problems = shape::check(&doc, &original, &expansion.unresolved);
+        let mut bad: Vec<String> = Vec::new();
+        for p in problems {
+            let at = At {
+                file,
+                pointer: p.pointer.clone(),
+            };
+            self.push(&at, p.at_key, Severity::Error, p.message);
+            bad.push(p.pointer);
+        }
+        let is_bad = |prefix: &str| {
+            bad.iter()
+                .any(|b| b == prefix || b.starts_with(&format!("{prefix}/")))
+        };
+        let Value::Object(mut map) = doc else { return };
+        if is_bad("") && bad.iter().any(|b| b.is_empty()) {
+            return;
+        }
+        if let Some(Value::Array(items)) = map.remove("bots") {
+            for (i, item) in items.into_iter().enumerate() {
+                let at = At {
+                    file,
+                    pointer: format!("/bots/{i}"),
+                };
+                let id = item.get("id").and_then(Value::as_str).map(str::to_owned);
+                let parsed = if is_bad(&at.pointer) {
+                    None
+                } else {
+                    self.deserialize::<raw::Bot>(&at, item)
+                };
+                self.bots.push((at, parsed, id));
+            }
+        }
+        if let Some(Value::Array(items)) = map.remove("routes") {
+            for (i, item) in items.into_iter().enumerate() {
+                let at = At {
+                    file,
+                    pointer: format!("/routes/{i}"),
+                };
+                let name = item.get("name").and_then(Value::as_str).map(str::to_owned);
+                let parsed = if is_bad(&at.pointer) {
+                    None
+                } else {
+                    self.deserialize::<raw::Route>(&at, item)
+                };
+                self.routes.push((at, parsed, name));
+            }
+        }
+        if let Some(d) = map.remove("defaults") {
+            let at = At {
+                file,
+                pointer: "/defaults".into(),
+            };
+            if !is_bad(&at.pointer)
+                && let Some(d) = self.deserialize::<raw::Defaults>(&at, d)
+            {
+                self.defaults.push((at, d));
+            }
+        }
+    }
+
+    fn deserialize<T: serde::de::DeserializeOwned>(&mut self, at: &At, v: Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(v) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // The schema check should have caught this; report it anyway, located.
+                let mut pointer = at.pointer.clone();
+                for seg in e.path().iter() {
+                    match seg {
+                        serde_path_to_error::Segment::Seq { index } => {
+                            pointer.push_str(&format!("/{index}"))
+                        }
+                        serde_path_to_error::Segment::Map { key } => {
+                            pointer.push_str(&format!("/{key}"))
+                        }
+                        _ => {}
+                    }
+                }
+                let at = At {
+                    file: at.file,
+                    pointer,
+                };
+                self.error(&at, "invalid value for this key");
+                None
+            }
+        }
+    }
+
+    // ---------- whole configuration ----------
+
+    /// The configuration hash: the route files read by this load and the schema
+    /// files compiled (in path order, also returned).
+    pub(super) fn config_hash(&self) -> (String, Vec<PathBuf>) {
+        let mut schema_files: Vec<PathBuf> = self.schema_cache.keys().cloned().collect();
+        schema_files.sort();
+        let mut hasher = self.hasher.clone();
+        for f in &schema_files {
+            // the bytes that were compiled, not a fresh read (the file may have changed since)
+            let digest = match self.schema_cache.get(f) {
+                Some(Ok(schema)) => schema.digest,
+                _ => [0; 32],
+            };
+            hash_schema_file(&mut hasher, f, digest);
+        }
+        (hex::encode(hasher.finalize()), schema_files)
+    }
+}
+
+fn hash_route_file(h: &mut Sha256, path: &Path, content: &[u8]) {
+    h.update(path.to_string_lossy().as_bytes());
+    h.update([0]);
+    h.update(content);
+    h.update([0]);
+}
+
+fn hash_schema_file(h: &mut Sha256, path: &Path, digest: [u8; 32]) {
+    h.update(path.to_string_lossy().as_bytes());
+    h.update(digest);
+}
+
+/// The hash `load` would give `config` if its files were read now: equal to
+/// `config.hash` unless a file changed (or appeared or vanished) since.
+pub fn current_hash(inputs: &[PathBuf], config: &Config) -> String {
+    let mut ignored = Vec::new();
+    let mut h = Sha256::new();
+    for f in walk::collect_files(inputs, &mut ignored) {
+        hash_route_file(&mut h, &f, &std::fs::read(&f).unwrap_or_default());
+    }
+    for f in &config.schema_files {
+        hash_schema_file(
+            &mut h,
+            f,
+            crate::payload::sha256(&std::fs::read(f).unwrap_or_default()),
+        );
+    }
+    hex::encode(h.finalize())
+}

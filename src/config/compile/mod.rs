@@ -1,0 +1,307 @@
+//! Route files → a validated, immutable [`Config`], collecting every problem.
+//!
+//! One function, [`load`], is shared by `gateway validate`, `serve` start-up
+//! and hot reload. It never stops at the first problem: each file is parsed,
+//! `${VAR}`-expanded and checked against the route-file schema; each valid
+//! element is compiled (defaults, templates, payload schemas, references);
+//! then cross-file checks run (unique names, bot references, one route per
+//! (bot, intent)), the template-vs-schema check, and route examples.
+//!
+//! This module owns the state of one load (`Compiler`), its diagnostic
+//! helpers, the order of the phases and the assembly of the [`Config`]. The
+//! phases live in the sibling files:
+//! - `intake`: reading, parsing (with the [`ParseCache`]), `${VAR}` expansion and
+//!   the shape check of each file; which elements go on to be compiled; hashing
+//! - `elements`: the `defaults:` block, bots and routes; unique ids and names,
+//!   bot references, one route per (bot, intent)
+//! - `downstream`: a route's `downstream`, outbound `auth`, `retry` and `breaker`
+//! - `fields`: template fields the payload schemas cannot provide (warnings)
+//! - `examples`: route `examples`, rendered and matched
+//! - `position`: JSON pointers and template line/col → what diagnostics show
+//!
+//! It never does network I/O, never produces a config from a load with errors,
+//! and never lets an environment value reach a diagnostic (they are redacted).
+
+mod downstream;
+mod elements;
+mod examples;
+mod fields;
+mod intake;
+mod position;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::diagnostic::{self, Diagnostic, Severity};
+use super::model::*;
+use super::yaml::{Pos, SpanIndex};
+use super::{load as walk, raw};
+use crate::payload::PayloadSchema;
+use crate::template;
+use intake::TemplateKey;
+use position::locate_in_scalar;
+
+pub use intake::{ParseCache, current_hash};
+pub use position::pointer_to_path;
+
+/// How to load.
+pub struct LoadOptions<'a> {
+    /// The environment for `${VAR}`.
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// A missing variable without default is an error (serve, `validate --require-env`);
+    /// otherwise a warning.
+    pub require_env: bool,
+    /// Render route `examples` and compare (validate). `serve` and reload skip them:
+    /// expected URLs are usually written for the `${VAR:-default}` values, which a
+    /// real deployment overrides.
+    pub check_examples: bool,
+    /// Parsed files of earlier loads (a running gateway keeps one), so a reload
+    /// re-parses only files whose bytes changed.
+    pub cache: Option<&'a ParseCache>,
+}
+
+/// The outcome of a load: a config when there were no errors, and every diagnostic.
+pub struct Loaded {
+    pub config: Option<Config>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Loaded {
+    pub fn error_count(&self) -> usize {
+        self.diagnostics.iter().filter(|d| d.is_error()).count()
+    }
+}
+
+/// Loads and compiles every route file under `inputs`.
+pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
+    let mut c = Compiler {
+        opts,
+        files: vec![],
+        diags: vec![],
+        bots: vec![],
+        routes: vec![],
+        defaults: vec![],
+        schema_cache: HashMap::new(),
+        hasher: Sha256::new(),
+        env_values: BTreeSet::new(),
+        templates_used: Vec::new(),
+    };
+    let files = walk::collect_files(inputs, &mut c.diags);
+    for f in files {
+        c.add_file(f);
+    }
+    c.finish()
+}
+
+struct FileCtx {
+    path: PathBuf,
+    text: String,
+    index: Arc<SpanIndex>,
+    from_env: HashSet<String>,
+    unresolved: HashSet<String>,
+}
+
+/// Where a raw element came from: file index and JSON pointer of the element.
+#[derive(Clone)]
+struct At {
+    file: usize,
+    pointer: String,
+}
+
+impl At {
+    fn child(&self, key: &str) -> At {
+        At {
+            file: self.file,
+            pointer: format!("{}/{}", self.pointer, key),
+        }
+    }
+}
+
+/// The state of one load: filled file by file by `intake`, then compiled by `finish`.
+struct Compiler<'a> {
+    opts: &'a LoadOptions<'a>,
+    files: Vec<FileCtx>,
+    diags: Vec<Diagnostic>,
+    /// Every bot written, in file order: parsed unless it has a shape error, and
+    /// its id as written (for references and did-you-mean either way).
+    bots: Vec<(At, Option<raw::Bot>, Option<String>)>,
+    /// Every route written, as `bots`, with its name as written.
+    routes: Vec<(At, Option<raw::Route>, Option<String>)>,
+    /// The `defaults:` blocks without a shape error (more than one is an error).
+    defaults: Vec<(At, raw::Defaults)>,
+    schema_cache: HashMap<PathBuf, Result<Arc<PayloadSchema>, String>>,
+    hasher: Sha256,
+    /// Every value read from the environment: secret until proven otherwise, so
+    /// redacted from diagnostics (example diffs show rendered URLs and bodies).
+    env_values: BTreeSet<String>,
+    /// Template cache keys used by this load (the rest is evicted).
+    templates_used: Vec<TemplateKey>,
+}
+
+impl Compiler<'_> {
+    fn push(&mut self, at: &At, at_key: bool, severity: Severity, message: impl Into<String>) {
+        let f = &self.files[at.file];
+        let pos = if at_key {
+            f.index.key(&at.pointer)
+        } else {
+            f.index.value(&at.pointer)
+        };
+        self.diags.push(Diagnostic {
+            file: f.path.clone(),
+            line: pos.line,
+            col: pos.col,
+            path: pointer_to_path(&at.pointer),
+            severity,
+            message: message.into(),
+        });
+    }
+
+    fn error(&mut self, at: &At, message: impl Into<String>) {
+        self.push(at, false, Severity::Error, message);
+    }
+
+    fn warn(&mut self, at: &At, message: impl Into<String>) {
+        self.push(at, false, Severity::Warning, message);
+    }
+
+    /// A problem inside a template, at line/col of the template text.
+    fn template_diag(
+        &mut self,
+        at: &At,
+        tline: usize,
+        tcol: usize,
+        severity: Severity,
+        message: String,
+    ) {
+        let f = &self.files[at.file];
+        let pos = locate_in_scalar(&f.text, f.index.value(&at.pointer), tline, tcol);
+        self.diags.push(Diagnostic {
+            file: f.path.clone(),
+            line: pos.line,
+            col: pos.col,
+            path: pointer_to_path(&at.pointer),
+            severity,
+            message,
+        });
+    }
+
+    fn unresolved(&self, at: &At) -> bool {
+        self.files[at.file].unresolved.contains(&at.pointer)
+    }
+
+    fn is_from_env(&self, at: &At) -> bool {
+        self.files[at.file].from_env.contains(&at.pointer)
+    }
+
+    fn file_dir(&self, at: &At) -> PathBuf {
+        self.files[at.file]
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
+    fn pos_of(&self, at: &At) -> (PathBuf, Pos) {
+        let f = &self.files[at.file];
+        (f.path.clone(), f.index.value(&at.pointer))
+    }
+
+    fn error_count(&self) -> usize {
+        self.diags.iter().filter(|d| d.is_error()).count()
+    }
+
+    /// The phases across files, then the `Config` unless there was an error.
+    fn finish(mut self) -> Loaded {
+        let defaults = self.take_defaults();
+        let (mut bots, all_bot_ids) = self.compile_bots();
+        let mut routes = self.compile_routes(&defaults, &all_bot_ids);
+        self.claim_intents(&mut routes, &mut bots, &all_bot_ids);
+
+        // template-vs-schema check and examples
+        for (at, route) in routes.values() {
+            let schemas: Vec<Arc<PayloadSchema>> = route
+                .schema
+                .iter()
+                .cloned()
+                .chain(
+                    route
+                        .bots
+                        .iter()
+                        .filter_map(|b| bots.get(b).and_then(|(_, p)| p.schema.clone())),
+                )
+                .collect();
+            self.check_template_fields(at, route, &schemas);
+            if self.opts.check_examples {
+                self.check_examples(at, route, &bots);
+            }
+        }
+
+        if let Some(cache) = self.opts.cache {
+            cache.retain(
+                &self
+                    .files
+                    .iter()
+                    .map(|f| f.path.clone())
+                    .collect::<Vec<_>>(),
+                &self.templates_used,
+            );
+        }
+        let mut diagnostics = std::mem::take(&mut self.diags);
+        redact(&mut diagnostics, &self.env_values);
+        diagnostic::sort(&mut diagnostics);
+        let has_errors = diagnostics.iter().any(Diagnostic::is_error);
+        let config = (!has_errors).then(|| {
+            let (hash, schema_files) = self.config_hash();
+            Config {
+                bots: bots
+                    .into_iter()
+                    .map(|(k, (_, p))| (k, Arc::new(p.into_bot())))
+                    .collect(),
+                routes: routes
+                    .into_iter()
+                    .map(|(k, (_, r))| (k, Arc::new(r)))
+                    .collect(),
+                hash,
+                files: self.files.iter().map(|f| f.path.clone()).collect(),
+                schema_files,
+            }
+        });
+        Loaded {
+            config,
+            diagnostics,
+        }
+    }
+}
+
+/// A path as the author knows it: relative to the working directory when inside it.
+fn shown(p: &Path) -> String {
+    diagnostic::display_path(p, &std::env::current_dir().unwrap_or_default())
+}
+
+/// Environment values shorter than this are not redacted: masking `1` or `en`
+/// everywhere would garble messages, and such values are no secrets.
+const MIN_REDACTED_LEN: usize = 4;
+
+/// Replaces every environment value (as is and JSON-escaped) in messages with `***`.
+fn redact(diags: &mut [Diagnostic], env_values: &BTreeSet<String>) {
+    let mut needles: Vec<String> = env_values
+        .iter()
+        .filter(|v| v.len() >= MIN_REDACTED_LEN)
+        .flat_map(|v| [v.clone(), template::json_string_escape(v)])
+        .collect();
+    // longest first, so a value containing another is masked whole
+    needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    needles.dedup();
+    for d in diags {
+        for n in &needles {
+            if d.message.contains(n.as_str()) {
+                d.message = d.message.replace(n.as_str(), "***");
+            }
+        }
+    }
+}
