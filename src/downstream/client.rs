@@ -6,8 +6,9 @@
 //! once per claimed delivery.
 //!
 //! Decisions about *whether* and *when* to retry are the pure
-//! [`RetryPolicy`](super::retry::RetryPolicy)'s; the breaker is
-//! [`crate::breaker`]'s. Never logs payload values or credentials.
+//! [`RetryPolicy`](super::retry::RetryPolicy)'s; what an answer counts as is
+//! the pure [`classify`]'s; the breaker is [`crate::breaker`]'s. This module
+//! only orchestrates. Never logs payload values or credentials.
 
 use std::time::{Duration, SystemTime};
 
@@ -15,9 +16,10 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
 use tokio::time::Instant;
 
+use super::classify::{Class, Sent, classify};
 use super::oauth2::{AccessToken, TokenError};
 use super::retry::{Decision, GiveUpReason, TryOutcome, parse_retry_after};
-use crate::breaker::{Outcome, Rejected};
+use crate::breaker::Rejected;
 use crate::config::model::OutboundAuth;
 use crate::render::OutboundRequest;
 use crate::runtime::{RouteState, Shared};
@@ -177,65 +179,33 @@ pub async fn attempt(
         }
     }
     let latency = started.elapsed();
-    let (outcome, answer, reason, breaker, label) = match result {
-        Try::Answer(a) if route.downstream.success.contains(a.status) => (
-            TryOutcome::Success,
-            Some(a),
-            "success",
-            Some(Outcome::Success),
-            "success",
-        ),
+    let (sent, answer) = match result {
         Try::Answer(a) => {
             let retry_after = a
                 .headers
                 .get(header::RETRY_AFTER)
                 .and_then(|v| parse_retry_after(v, SystemTime::now()));
-            let status = a.status;
-            let (reason, breaker, label) = if status == 429 {
-                // Not a failure: the downstream asks us to slow down. Pause the route.
-                let pause = retry_after
-                    .unwrap_or(Duration::from_secs(1))
-                    .min(route.retry.retry_after_max);
-                state.pause(Instant::now() + pause);
-                ("rate_limited", None, "rate_limited")
-            } else if status >= 500 {
-                ("status", Some(Outcome::Failure), "failure")
-            } else {
-                ("status", Some(Outcome::Success), "refused")
+            let sent = Sent::Answer {
+                status: a.status,
+                retry_after,
             };
-            (
-                TryOutcome::Status {
-                    code: status,
-                    retry_after,
-                },
-                Some(a),
-                reason,
-                breaker,
-                label,
-            )
+            (sent, Some(a))
         }
-        Try::ConnectError => (
-            TryOutcome::ConnectError,
-            None,
-            "connect",
-            Some(Outcome::Failure),
-            "failure",
-        ),
-        Try::Timeout => (
-            TryOutcome::Timeout,
-            None,
-            "timeout",
-            Some(Outcome::Failure),
-            "failure",
-        ),
-        Try::Broken => (
-            TryOutcome::OtherError,
-            None,
-            "broken",
-            Some(Outcome::Failure),
-            "failure",
-        ),
+        Try::ConnectError => (Sent::ConnectError, None),
+        Try::Timeout => (Sent::Timeout, None),
+        Try::Broken => (Sent::Broken, None),
     };
+    let class = classify(sent, &route.downstream.success, route.retry.retry_after_max);
+    if let Some(pause) = class.pause {
+        state.pause(Instant::now() + pause);
+    }
+    let Class {
+        outcome,
+        reason,
+        breaker,
+        label,
+        ..
+    } = class;
     match breaker {
         Some(o) => {
             if let Some(t) = permit.record(o, latency, Instant::now()) {

@@ -1,6 +1,7 @@
 //! Calling downstreams: the retry policy (pure, shared by sync tries and
 //! stored deliveries) and the OAuth2 client-credentials token cache.
 
+pub mod classify;
 pub mod client;
 pub mod oauth2;
 pub mod retry;

@@ -81,12 +81,7 @@ async fn require_token(
     if wants_html && req.method() == axum::http::Method::GET {
         return Err(axum::response::Redirect::to("/login").into_response());
     }
-    Err(ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "admin token required: Authorization: Bearer <GATEWAY_ADMIN_TOKEN>",
-    )
-    .into_response())
+    Err(ApiError::AdminUnauthorized.into_response())
 }
 
 fn token_matches(presented: &str, expected: &str) -> bool {
@@ -288,12 +283,12 @@ fn is_form(headers: &axum::http::HeaderMap) -> bool {
         .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"))
 }
 
+/// The store failed: logged here, never shown (its text may name files or hosts).
 fn store_error(e: crate::delivery::StoreError) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        e.to_string(),
-    )
+    tracing::warn!(error = %e, "delivery store: admin request failed");
+    ApiError::StoreUnavailable {
+        message: "the delivery store did not answer; try again",
+    }
 }
 
 async fn deliveries(
@@ -302,13 +297,7 @@ async fn deliveries(
 ) -> Result<Json<Value>, ApiError> {
     let state = match q.state.as_deref() {
         None => None,
-        Some(s) => Some(crate::delivery::State::parse(s).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_state",
-                "state must be pending, leased, delivered or dead",
-            )
-        })?),
+        Some(s) => Some(crate::delivery::State::parse(s).ok_or(ApiError::BadState)?),
     };
     let list = gw
         .store
@@ -347,12 +336,8 @@ async fn delivery(
         .get(&id)
         .await
         .map_err(store_error)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_delivery",
-                format!("no delivery `{}`", super::status_page::esc(&id)),
-            )
+        .ok_or_else(|| ApiError::UnknownDelivery {
+            id: super::status_page::esc(&id),
         })?;
     let attempts: Vec<Value> = d
         .attempts
@@ -375,9 +360,9 @@ async fn replay_delivery(
         .replay(&id, std::time::SystemTime::now())
         .await
         .map_err(|e| match e {
-            crate::delivery::StoreError::NotFound { .. } => {
-                ApiError::new(StatusCode::NOT_FOUND, "unknown_delivery", e.to_string())
-            }
+            crate::delivery::StoreError::NotFound { .. } => ApiError::UnknownDelivery {
+                id: super::status_page::esc(&id),
+            },
             e => store_error(e),
         })?;
     gw.delivery_wake.notify_one();
@@ -393,13 +378,12 @@ async fn reset_breaker(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let rt = gw.runtime.load();
-    let state = rt.routes.get(&route).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_route",
-            format!("no route `{route}`"),
-        )
-    })?;
+    let state = rt
+        .routes
+        .get(&route)
+        .ok_or_else(|| ApiError::UnknownRoute {
+            route: super::status_page::esc(&route),
+        })?;
     if let Some(t) = state.breaker.reset(Instant::now()) {
         crate::telemetry::events::breaker_transition(&gw.shared.metrics, &route, &t);
     }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod error;
 pub mod ops;
+pub mod outcome;
 pub mod status_page;
 pub mod webhook;
 
@@ -36,11 +37,7 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
 }
 
 async fn not_found() -> error::ApiError {
-    error::ApiError::new(
-        axum::http::StatusCode::NOT_FOUND,
-        "not_found",
-        "no such endpoint",
-    )
+    error::ApiError::NotFound
 }
 
 /// Request id of the current request (from `x-request-id` or made here).

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::RequestId;
 use super::error::{ApiError, retry_after_secs};
+use super::outcome::Outcome;
 use crate::config::model::{Bot, Mode, OnFailure, Route};
 use crate::delivery::{Accept, Begin, NewDelivery, StoredAnswer, StoredRequest};
 use crate::downstream::client::{self, Answer, CallResult};
@@ -40,14 +41,14 @@ pub async fn handle(
         bot: bot_id,
         route: None,
         intent: None,
-        outcome: "",
+        outcome: Outcome::Pending,
         tries: 0,
         fields: None,
     };
     let result = pipeline(&gw, &rt, &headers, body, &mut log).await;
     let resp = result.unwrap_or_else(|e| {
-        if log.outcome.is_empty() {
-            log.outcome = e.kind;
+        if log.outcome == Outcome::Pending {
+            log.outcome = Outcome::of_refusal(&e);
         }
         e.into_response()
     });
@@ -71,7 +72,7 @@ pub async fn handle(
         );
     }
     if let Some(state) = state {
-        state.stats.record(status, log.outcome);
+        state.stats.record(status, log.outcome.as_str());
         if gw.shared.metrics.enabled {
             state.latency.end_to_end.record(elapsed, Instant::now());
         }
@@ -81,7 +82,7 @@ pub async fn handle(
         bot = %log.bot,
         route = log.route.as_deref().unwrap_or("-"),
         intent = log.intent.as_deref().unwrap_or("-"),
-        outcome = log.outcome,
+        outcome = log.outcome.as_str(),
         status = resp.status().as_u16(),
         tries = log.tries,
         latency_ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -97,7 +98,7 @@ struct Log {
     bot: String,
     route: Option<String>,
     intent: Option<String>,
-    outcome: &'static str,
+    outcome: Outcome,
     tries: u32,
     /// The route's opted-in payload fields (`log_fields`), as JSON.
     fields: Option<String>,
@@ -146,9 +147,11 @@ fn render(
     log: &mut Log,
 ) -> Result<crate::render::OutboundRequest, ApiError> {
     crate::render::build(route, ctx, meta).map_err(|e| {
-        log.outcome = "render_error";
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "render", e.to_string())
-            .with("route", route.name.clone())
+        log.outcome = Outcome::RenderError;
+        ApiError::Render {
+            route: route.name.clone(),
+            message: e.to_string(),
+        }
     })
 }
 
@@ -173,7 +176,7 @@ async fn sync_call(
         (None, None) => None,
     };
     if let Some((retry_after, why)) = blocked {
-        log.outcome = why;
+        log.outcome = Outcome::unavailable(why);
         crate::telemetry::events::rejected(&gw.shared.metrics, &route.name, why);
         if route.on_failure == OnFailure::Queue {
             let req = match req {
@@ -192,7 +195,7 @@ async fn sync_call(
     let permit = match state.bulkhead.clone().try_acquire_owned() {
         Ok(p) => p,
         Err(_) => {
-            log.outcome = "bulkhead_full";
+            log.outcome = Outcome::BulkheadFull;
             if route.on_failure == OnFailure::Queue {
                 return step8_accept(gw, bot, route, &ctx, &req, log).await;
             }
@@ -248,7 +251,7 @@ async fn step7_begin(
     {
         Ok(Begin::New) => Ok(None),
         Ok(Begin::Done(first)) => {
-            log.outcome = "replayed";
+            log.outcome = Outcome::Replayed;
             let mut resp = json_response(first.status, Bytes::from(first.body));
             resp.headers_mut().insert(
                 IDEMPOTENT_REPLAYED,
@@ -257,21 +260,17 @@ async fn step7_begin(
             Ok(Some(resp))
         }
         Ok(Begin::InProgress) => {
-            log.outcome = "in_progress";
-            Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "in_progress",
-                "a request with this idempotency key is being handled now; try again",
-            )
-            .with("route", route.name.clone())
-            .retry_after(1))
+            log.outcome = Outcome::InProgress;
+            Err(ApiError::InProgress {
+                route: route.name.clone(),
+            })
         }
         Err(e) => {
             tracing::error!(route = %route.name, error = %e, "delivery store: idempotency check failed");
-            log.outcome = "store_error";
-            Err(store_unavailable(
-                "the idempotency key could not be checked; nothing was sent, try again",
-            ))
+            log.outcome = Outcome::StoreError;
+            Err(ApiError::StoreUnavailable {
+                message: "the idempotency key could not be checked; nothing was sent, try again",
+            })
         }
     }
 }
@@ -291,11 +290,10 @@ async fn step7_settle(
     bot: &str,
     key: &str,
     result: Result<Response, ApiError>,
-    outcome: &str,
+    outcome: Outcome,
 ) -> Result<Response, ApiError> {
-    let keep = matches!(outcome, "delivered" | "refused" | "accepted" | "duplicate");
     let resp = match result {
-        Ok(resp) if keep => resp,
+        Ok(resp) if outcome.is_final() => resp,
         other => {
             if let Err(e) = gw.store.abandon(bot, key).await {
                 // the key stays in progress until its lease ends; then a retry takes it over
@@ -317,15 +315,6 @@ async fn step7_settle(
         tracing::warn!(error = %e, "delivery store: keeping an idempotent answer failed");
     }
     Ok(Response::from_parts(parts, Body::from(body)))
-}
-
-fn store_unavailable(message: &'static str) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        message,
-    )
-    .retry_after(1)
 }
 
 /// Step 8 (and `on_failure: queue`): commits the delivery to the store, then answers
@@ -357,7 +346,11 @@ async fn step8_accept(
     {
         Ok(accepted) => {
             let duplicate = matches!(accepted, Accept::Duplicate { .. });
-            log.outcome = if duplicate { "duplicate" } else { "accepted" };
+            log.outcome = if duplicate {
+                Outcome::Duplicate
+            } else {
+                Outcome::Accepted
+            };
             if !duplicate {
                 gw.delivery_wake.notify_one();
             }
@@ -366,33 +359,22 @@ async fn step8_accept(
         }
         Err(e) => {
             tracing::error!(route = %route.name, error = %e, "delivery store: accept failed");
-            log.outcome = "store_error";
-            Err(store_unavailable(
-                "the delivery could not be stored; nothing was accepted, try again",
-            ))
+            log.outcome = Outcome::StoreError;
+            Err(ApiError::StoreUnavailable {
+                message: "the delivery could not be stored; nothing was accepted, try again",
+            })
         }
     }
 }
 
 fn step1_bot<'a>(rt: &'a Runtime, id: &str) -> Result<&'a Arc<Bot>, ApiError> {
-    rt.config.bots.get(id).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_bot",
-            format!("no bot `{}` is configured", truncate(id, 64)),
-        )
+    rt.config.bots.get(id).ok_or_else(|| ApiError::UnknownBot {
+        bot: truncate(id, 64).to_owned(),
     })
 }
 
 async fn step2_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body is larger than {limit} bytes"),
-        )
-        .with("limit", limit)
-    };
+    let too_large = || ApiError::BodyTooLarge { limit };
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -408,11 +390,7 @@ async fn step2_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byt
         if is_limit {
             too_large()
         } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "body_read",
-                "the request body could not be read",
-            )
+            ApiError::BodyRead
         }
     })
 }
@@ -420,28 +398,18 @@ async fn step2_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byt
 fn step3_auth(bot: &Bot, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     crate::auth::verify(&bot.auth, headers, body, SystemTime::now()).map_err(|e| {
         tracing::debug!(bot = %bot.id, reason = e.reason(), "inbound auth failed");
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or invalid credentials",
-        )
+        ApiError::Unauthorized
     })
 }
 
 fn step4_json(bytes: &[u8], max_depth: usize) -> Result<Value, ApiError> {
     if let Err(depth) = crate::payload::check_depth(bytes, max_depth) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("JSON nests deeper than {max_depth} levels (reached {depth})"),
-        ));
+        return Err(ApiError::InvalidJson {
+            message: format!("JSON nests deeper than {max_depth} levels (reached {depth})"),
+        });
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the body is not JSON: {e}"),
-        )
+    serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidJson {
+        message: format!("the body is not JSON: {e}"),
     })
 }
 
@@ -451,37 +419,22 @@ fn step5_6_schema_and_route<'a>(
     payload: &Value,
     log: &mut Log,
 ) -> Result<(&'a Arc<Route>, &'a RouteState), ApiError> {
-    let schema_error = |violations: Vec<crate::payload::Violation>| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "schema",
-            format!(
-                "the payload violates the schema ({} problem{})",
-                violations.len(),
-                if violations.len() == 1 { "" } else { "s" }
-            ),
-        )
-        .with(
-            "violations",
-            serde_json::to_value(violations).unwrap_or_default(),
-        )
-    };
     if let Some(s) = &bot.schema {
-        let v = s.violations(payload);
-        if !v.is_empty() {
-            return Err(schema_error(v));
+        let violations = s.violations(payload);
+        if !violations.is_empty() {
+            return Err(ApiError::Schema {
+                violations,
+                route: None,
+            });
         }
     }
     let intent = crate::payload::intent(payload, &bot.intent_path);
     log.intent = intent.map(|i| truncate(i, 100).to_owned());
     let score = crate::payload::score(payload, &bot.score_path);
     let Some(route) = rt.config.route_for(bot, intent, score) else {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "no_route",
-            "no route handles this intent and the bot has no default (`*`) route",
-        )
-        .with("intent", intent.map(Value::from).unwrap_or(Value::Null)));
+        return Err(ApiError::NoRoute {
+            intent: intent.map(str::to_owned),
+        });
     };
     log.route = Some(route.name.clone());
     if !route.log_fields.is_empty() {
@@ -498,9 +451,12 @@ fn step5_6_schema_and_route<'a>(
         log.fields = Some(Value::Object(fields).to_string());
     }
     if let Some(s) = &route.schema {
-        let v = s.violations(payload);
-        if !v.is_empty() {
-            return Err(schema_error(v).with("route", route.name.clone()));
+        let violations = s.violations(payload);
+        if !violations.is_empty() {
+            return Err(ApiError::Schema {
+                violations,
+                route: Some(route.name.clone()),
+            });
         }
     }
     let state = rt.routes.get(&route.name).expect("every route has state");
@@ -517,14 +473,11 @@ fn step9_unavailable(
 ) -> Result<Response, ApiError> {
     let secs = retry_after_secs(retry_after);
     let Some(fb) = &route.fallback else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("route `{}` is not taking calls now ({why})", route.name),
-        )
-        .with("route", route.name.clone())
-        .with("reason", why)
-        .retry_after(secs));
+        return Err(ApiError::Unavailable {
+            route: route.name.clone(),
+            reason: why,
+            retry_after,
+        });
     };
     let body = match &fb.body {
         Some(t) if t.as_static().is_some() => {
@@ -553,7 +506,7 @@ fn step10_answer(
     match result {
         CallResult::Delivered { answer, tries } => {
             log.tries = tries;
-            log.outcome = "delivered";
+            log.outcome = Outcome::Delivered;
             match &route.response {
                 Some(spec) => {
                     let status = spec.status.unwrap_or(answer.status);
@@ -574,7 +527,7 @@ fn step10_answer(
         }
         CallResult::Refused { answer, tries } => {
             log.tries = tries;
-            log.outcome = "refused";
+            log.outcome = Outcome::Refused;
             Ok(json_response(answer.status, passthrough_body(&answer)))
         }
         CallResult::Failed {
@@ -583,51 +536,33 @@ fn step10_answer(
             tries,
         } => {
             log.tries = tries;
-            log.outcome = "failed";
-            let message = match status {
-                Some(s) => format!(
-                    "route `{}`: the downstream answered {s} on the last of {tries} tries",
-                    route.name
-                ),
-                None => format!(
-                    "route `{}`: the last of {tries} tries failed ({reason})",
-                    route.name
-                ),
-            };
-            Err(
-                ApiError::new(StatusCode::BAD_GATEWAY, "downstream", message)
-                    .with("status", status.map(Value::from).unwrap_or(Value::Null))
-                    .with("reason", reason)
-                    .with("route", route.name.clone()),
-            )
+            log.outcome = Outcome::Failed;
+            Err(ApiError::Downstream {
+                route: route.name.clone(),
+                status,
+                reason,
+                tries,
+            })
         }
         CallResult::DeadlineExceeded { tries } => {
             log.tries = tries;
-            log.outcome = "deadline";
-            Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "deadline",
-                format!(
-                    "route `{}`: no answer within the deadline of {}",
-                    route.name,
-                    humantime::format_duration(route.deadline)
-                ),
-            )
-            .with("route", route.name.clone()))
+            log.outcome = Outcome::Deadline;
+            Err(ApiError::Deadline {
+                route: route.name.clone(),
+                deadline: route.deadline,
+            })
         }
         CallResult::Unavailable { retry_after, why } => {
-            log.outcome = why;
+            log.outcome = Outcome::unavailable(why);
             step9_unavailable(route, ctx, meta, retry_after, why)
         }
         CallResult::Token { error, tries } => {
             log.tries = tries;
-            log.outcome = "token_error";
-            Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "downstream_auth",
-                format!("route `{}`: {error}", route.name),
-            )
-            .with("route", route.name.clone()))
+            log.outcome = Outcome::TokenError;
+            Err(ApiError::DownstreamAuth {
+                route: route.name.clone(),
+                message: error.to_string(),
+            })
         }
     }
 }
@@ -656,22 +591,20 @@ fn passthrough_body(a: &Answer) -> Bytes {
 
 fn json_or_error(
     route: &Route,
-    part: &str,
+    part: &'static str,
     rendered: Result<String, String>,
 ) -> Result<Bytes, ApiError> {
-    let text = rendered.map_err(|m| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "render",
-            format!("route `{}`: {part}: {m}", route.name),
-        )
+    let text = rendered.map_err(|message| ApiError::AnswerTemplate {
+        route: route.name.clone(),
+        part,
+        message,
     })?;
     if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_err() {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "render",
-            format!("route `{}`: {part} did not render to JSON", route.name),
-        ));
+        return Err(ApiError::AnswerTemplate {
+            route: route.name.clone(),
+            part,
+            message: "did not render to JSON".to_owned(),
+        });
     }
     Ok(Bytes::from(text))
 }
