@@ -34,9 +34,9 @@ mod pg;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use cognigy_gateway::delivery::postgres::{PgOptions, PgStore};
-use cognigy_gateway::delivery::sqlite::{SqliteOptions, SqliteStore};
-use cognigy_gateway::delivery::{NewDelivery, Store, StoredRequest};
+use cognigy_gateway::store::postgres::{PgOptions, PgStore};
+use cognigy_gateway::store::sqlite::{SqliteOptions, SqliteStore};
+use cognigy_gateway::store::{NewDelivery, Store, StoredRequest};
 
 const WRITERS: usize = 64;
 

@@ -75,7 +75,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error("cannot open the delivery store: {0}")]
-    Store(crate::delivery::StoreError),
+    Store(crate::store::StoreError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -106,7 +106,7 @@ impl Server {
             path: settings.routes.clone(),
             source,
         })?;
-        let store = crate::delivery::open(&settings.store)
+        let store = crate::store::open(&settings.store)
             .await
             .map_err(ServeError::Store)?;
         let env = std::mem::replace(&mut settings.env, Box::new(|_| None));

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use cognigy_gateway::delivery::{
+use cognigy_gateway::store::{
     AttemptRecord, NewDelivery, Store, StoreExt, StoredRequest, sqlite::SqliteOptions,
     sqlite::SqliteStore,
 };

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use cognigy_gateway::delivery::{State, Store};
+use cognigy_gateway::store::{State, Store};
 use support::process::{Proc, kill, serve};
 use support::{Recorded, Scripted, TestDownstream, poll_until};
 
@@ -54,7 +54,7 @@ impl Cluster {
         )
         .unwrap();
         let url = support::pg::url().await;
-        let store = cognigy_gateway::delivery::open(&url).await.unwrap();
+        let store = cognigy_gateway::store::open(&url).await.unwrap();
         Cluster {
             ds,
             url,

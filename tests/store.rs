@@ -8,9 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cognigy_gateway::delivery::postgres::{PgOptions, PgStore};
-use cognigy_gateway::delivery::sqlite::{SqliteOptions, SqliteStore};
-use cognigy_gateway::delivery::{
+use cognigy_gateway::store::postgres::{PgOptions, PgStore};
+use cognigy_gateway::store::sqlite::{SqliteOptions, SqliteStore};
+use cognigy_gateway::store::{
     Accept, AttemptRecord, Begin, NewDelivery, Settle, State, Store, StoreError, StoreExt,
     StoredAnswer, StoredRequest,
 };
@@ -79,7 +79,7 @@ impl Fixture {
     async fn sqlite() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
-        let store = cognigy_gateway::delivery::open(&url).await.unwrap();
+        let store = cognigy_gateway::store::open(&url).await.unwrap();
         Fixture {
             store,
             url,
@@ -89,7 +89,7 @@ impl Fixture {
 
     async fn postgres() -> Fixture {
         let url = support::pg::url().await;
-        let store = cognigy_gateway::delivery::open(&url).await.unwrap();
+        let store = cognigy_gateway::store::open(&url).await.unwrap();
         Fixture {
             store,
             url,
@@ -98,7 +98,7 @@ impl Fixture {
     }
 
     async fn another(&self) -> Arc<dyn Store> {
-        cognigy_gateway::delivery::open(&self.url).await.unwrap()
+        cognigy_gateway::store::open(&self.url).await.unwrap()
     }
 }
 
@@ -1041,7 +1041,7 @@ async fn sqlite_url_relative_to_the_working_directory_creates_parents() {
     let target = dir.path().join("nested/deeper/gateway.db");
     let rel = format!("{ups}{}", target.strip_prefix("/").unwrap().display());
     assert!(!rel.starts_with('/'));
-    let store = cognigy_gateway::delivery::open(&format!("sqlite://{rel}"))
+    let store = cognigy_gateway::store::open(&format!("sqlite://{rel}"))
         .await
         .unwrap();
     assert_eq!(store.backend(), "sqlite");
@@ -1050,7 +1050,7 @@ async fn sqlite_url_relative_to_the_working_directory_creates_parents() {
     assert!(target.is_file());
     // And an absolute one: sqlite:///abs/path.db.
     let abs = dir.path().join("abs/gateway.db");
-    let store = cognigy_gateway::delivery::open(&format!("sqlite://{}", abs.display()))
+    let store = cognigy_gateway::store::open(&format!("sqlite://{}", abs.display()))
         .await
         .unwrap();
     store.close().await;

@@ -109,7 +109,7 @@ pub fn render(
         .collect();
     meta.set_header_pairs(&pairs);
     let ctx = handlebars::Context::from(value);
-    let req = match crate::render::build(r, &ctx, &meta) {
+    let req = match crate::config::render::build(r, &ctx, &meta) {
         Ok(req) => req,
         Err(e) => {
             eprintln!("gateway render: {e}");
@@ -126,7 +126,7 @@ pub fn render(
         )),
     }
     for (name, value, secret) in &req.headers {
-        let shown = if *secret || crate::render::is_sensitive_header(name.as_str()) {
+        let shown = if *secret || crate::config::render::is_sensitive_header(name.as_str()) {
             "***"
         } else {
             value.to_str().unwrap_or("(binary)")

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::delivery::{
+use crate::store::{
     self, Attempt, DEFAULT_STORE_URL, DeliveryDetail, DeliverySummary, State, Store, StoreError,
 };
 
@@ -70,7 +70,7 @@ pub fn run(args: DeliveriesArgs) -> u8 {
     };
     rt.block_on(async move {
         // Looking must not create a store: a mistyped path would show an empty one.
-        if let Some(file) = delivery::sqlite_file(&args.store)
+        if let Some(file) = store::sqlite_file(&args.store)
             && !file.exists()
         {
             eprintln!(
@@ -79,7 +79,7 @@ pub fn run(args: DeliveriesArgs) -> u8 {
             );
             return 2;
         }
-        let store = match delivery::open(&args.store).await {
+        let store = match store::open(&args.store).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("error: {e}");

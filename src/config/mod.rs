@@ -4,5 +4,6 @@ pub mod env;
 pub mod load;
 pub mod model;
 pub mod raw;
+pub mod render;
 pub mod shape;
 pub mod yaml;

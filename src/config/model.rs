@@ -17,6 +17,7 @@ use crate::payload::PayloadSchema;
 use crate::template::Template;
 
 pub use super::raw::{Mode, OnFailure};
+pub use crate::downstream::classify::StatusSet;
 pub use crate::downstream::oauth2::{ClientAuth, ClientCredentials};
 
 /// One immutable configuration generation.
@@ -138,34 +139,6 @@ pub enum OutboundAuth {
     None,
     Bearer(SecretString),
     OAuth2(ClientCredentials),
-}
-
-/// A set of HTTP statuses (100–599).
-#[derive(Clone, Copy, PartialEq, Eq, Default)]
-pub struct StatusSet([u64; 10]);
-
-impl StatusSet {
-    pub fn insert(&mut self, status: u16) {
-        if status < 640 {
-            self.0[(status / 64) as usize] |= 1 << (status % 64);
-        }
-    }
-    pub fn insert_class(&mut self, class: u8) {
-        for s in (class as u16 * 100)..(class as u16 * 100 + 100) {
-            self.insert(s);
-        }
-    }
-    pub fn contains(&self, status: u16) -> bool {
-        status < 640 && self.0[(status / 64) as usize] & (1 << (status % 64)) != 0
-    }
-}
-
-impl std::fmt::Debug for StatusSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set()
-            .entries((100..600).filter(|s| self.contains(*s)))
-            .finish()
-    }
 }
 
 #[derive(Debug)]

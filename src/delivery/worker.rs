@@ -19,11 +19,11 @@ use bytes::Bytes;
 use handlebars::Context;
 use tokio::sync::watch;
 
-use super::{AttemptRecord, Claimed, Settle, StoredRequest};
-use crate::downstream::client::{self, Attempt};
+use crate::config::render::{OutboundRequest, header_value};
 use crate::downstream::retry::TryOutcome;
-use crate::render::{OutboundRequest, header_value};
 use crate::runtime::Gateway;
+use crate::runtime::client::{self, Attempt};
+use crate::store::{AttemptRecord, Claimed, Settle, StoredRequest};
 use crate::template::RenderMeta;
 
 /// How the worker runs.
@@ -45,7 +45,7 @@ impl Default for WorkerOptions {
         WorkerOptions {
             owner: format!("gw-{}", uuid::Uuid::now_v7()),
             batch: 64,
-            lease: super::DEFAULT_LEASE,
+            lease: crate::store::DEFAULT_LEASE,
             poll: Duration::from_millis(500),
         }
     }

@@ -9,7 +9,34 @@ use std::time::Duration;
 
 use super::retry::TryOutcome;
 use crate::breaker::Outcome;
-use crate::config::model::StatusSet;
+
+/// A set of HTTP statuses (100–599): a route's `success:` statuses.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    pub fn insert(&mut self, status: u16) {
+        if status < 640 {
+            self.0[(status / 64) as usize] |= 1 << (status % 64);
+        }
+    }
+    pub fn insert_class(&mut self, class: u8) {
+        for s in (class as u16 * 100)..(class as u16 * 100 + 100) {
+            self.insert(s);
+        }
+    }
+    pub fn contains(&self, status: u16) -> bool {
+        status < 640 && self.0[(status / 64) as usize] & (1 << (status % 64)) != 0
+    }
+}
+
+impl std::fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set()
+            .entries((100..600).filter(|s| self.contains(*s)))
+            .finish()
+    }
+}
 
 /// What one send produced, as far as classification cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,6 +2,5 @@
 //! stored deliveries) and the OAuth2 client-credentials token cache.
 
 pub mod classify;
-pub mod client;
 pub mod oauth2;
 pub mod retry;

@@ -119,7 +119,7 @@ async fn status_page(State(gw): State<Arc<Gateway>>) -> axum::response::Html<Str
     let now = std::time::SystemTime::now();
     let deliveries = match (
         gw.store.stats(now).await,
-        gw.store.list(Some(crate::delivery::State::Dead), 20).await,
+        gw.store.list(Some(crate::store::State::Dead), 20).await,
     ) {
         (Ok(stats), Ok(dead)) => Some(super::status_page::Deliveries { stats, dead }),
         _ => None,
@@ -284,7 +284,7 @@ fn is_form(headers: &axum::http::HeaderMap) -> bool {
 }
 
 /// The store failed: logged here, never shown (its text may name files or hosts).
-fn store_error(e: crate::delivery::StoreError) -> ApiError {
+fn store_error(e: crate::store::StoreError) -> ApiError {
     tracing::warn!(error = %e, "delivery store: admin request failed");
     ApiError::StoreUnavailable {
         message: "the delivery store did not answer; try again",
@@ -297,7 +297,7 @@ async fn deliveries(
 ) -> Result<Json<Value>, ApiError> {
     let state = match q.state.as_deref() {
         None => None,
-        Some(s) => Some(crate::delivery::State::parse(s).ok_or(ApiError::BadState)?),
+        Some(s) => Some(crate::store::State::parse(s).ok_or(ApiError::BadState)?),
     };
     let list = gw
         .store
@@ -360,7 +360,7 @@ async fn replay_delivery(
         .replay(&id, std::time::SystemTime::now())
         .await
         .map_err(|e| match e {
-            crate::delivery::StoreError::NotFound { .. } => ApiError::UnknownDelivery {
+            crate::store::StoreError::NotFound { .. } => ApiError::UnknownDelivery {
                 id: super::status_page::esc(&id),
             },
             e => store_error(e),

@@ -16,8 +16,8 @@ use crate::runtime::Gateway;
 
 /// Queue figures and the newest dead letters, read from the store by the caller.
 pub struct Deliveries {
-    pub stats: crate::delivery::Stats,
-    pub dead: Vec<crate::delivery::DeliverySummary>,
+    pub stats: crate::store::Stats,
+    pub dead: Vec<crate::store::DeliverySummary>,
 }
 
 /// Renders the page (`deliveries` is `None` when the store did not answer).

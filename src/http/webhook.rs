@@ -19,10 +19,10 @@ use super::RequestId;
 use super::error::{ApiError, retry_after_secs};
 use super::outcome::Outcome;
 use crate::config::model::{Bot, Mode, OnFailure, Route};
-use crate::delivery::{Accept, Begin, NewDelivery, StoredAnswer, StoredRequest};
-use crate::downstream::client::{self, Answer, CallResult};
 use crate::runtime::Gateway;
+use crate::runtime::client::{self, Answer, CallResult};
 use crate::runtime::{RouteState, Runtime};
+use crate::store::{Accept, Begin, NewDelivery, StoredAnswer, StoredRequest};
 use crate::template::RenderMeta;
 
 pub async fn handle(
@@ -145,8 +145,8 @@ fn render(
     ctx: &Context,
     meta: &RenderMeta,
     log: &mut Log,
-) -> Result<crate::render::OutboundRequest, ApiError> {
-    crate::render::build(route, ctx, meta).map_err(|e| {
+) -> Result<crate::config::render::OutboundRequest, ApiError> {
+    crate::config::render::build(route, ctx, meta).map_err(|e| {
         log.outcome = Outcome::RenderError;
         ApiError::Render {
             route: route.name.clone(),
@@ -165,7 +165,7 @@ async fn sync_call(
     state: &RouteState,
     mut ctx: Context,
     meta: &RenderMeta,
-    req: Option<crate::render::OutboundRequest>,
+    req: Option<crate::config::render::OutboundRequest>,
     log: &mut Log,
 ) -> Result<Response, ApiError> {
     // Step 9 before rendering: a route that will not be called costs no rendering.
@@ -325,7 +325,7 @@ async fn step8_accept(
     bot: &str,
     route: &Route,
     ctx: &Context,
-    req: &crate::render::OutboundRequest,
+    req: &crate::config::render::OutboundRequest,
     log: &mut Log,
 ) -> Result<Response, ApiError> {
     let delivery = NewDelivery {

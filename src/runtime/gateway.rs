@@ -19,7 +19,7 @@ use secrecy::SecretString;
 use super::reload::ReloadOutcome;
 use super::{Runtime, Shared};
 use crate::config::compile::ParseCache;
-use crate::delivery::Store;
+use crate::store::Store;
 
 /// A `${VAR}` lookup (the process environment in `serve`; a map in tests).
 pub type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;

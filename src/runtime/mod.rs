@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+pub mod client;
 pub mod gateway;
 pub mod health;
 pub mod reload;
@@ -60,7 +61,7 @@ impl Default for Limits {
             max_response: 1024 * 1024,
             sla: Duration::from_secs(2),
             telemetry: true,
-            dedupe_window: crate::delivery::DEFAULT_DEDUPE_WINDOW,
+            dedupe_window: crate::store::DEFAULT_DEDUPE_WINDOW,
         }
     }
 }

@@ -80,7 +80,7 @@ impl Compiler<'_> {
                     &route.name,
                 );
                 meta.set_header_pairs(&ex.headers);
-                Some(crate::render::build(route, &ctx, &meta))
+                Some(crate::config::render::build(route, &ctx, &meta))
             } else {
                 None
             };
@@ -109,7 +109,7 @@ impl Compiler<'_> {
                     for (k, v) in expect.headers.iter().flatten() {
                         let actual = req.headers.iter().find(|(n, _, _)| n.as_str().eq_ignore_ascii_case(k)).map(|(_, v, secret)| if *secret { "***".to_string() } else { v.to_str().unwrap_or("").to_string() });
                         if actual.as_deref() != Some(v.as_str()) {
-                            let msg = if crate::render::is_sensitive_header(k) {
+                            let msg = if crate::config::render::is_sensitive_header(k) {
                                 // either value may be a literal secret
                                 let sent = if actual.is_some() { "differs" } else { "is not sent" };
                                 format!("example `{name}`: header `{k}` {sent} (values of sensitive headers are not shown)")

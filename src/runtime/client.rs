@@ -6,7 +6,7 @@
 //! once per claimed delivery.
 //!
 //! Decisions about *whether* and *when* to retry are the pure
-//! [`RetryPolicy`](super::retry::RetryPolicy)'s; what an answer counts as is
+//! [`RetryPolicy`](crate::downstream::retry::RetryPolicy)'s; what an answer counts as is
 //! the pure [`classify`]'s; the breaker is [`crate::breaker`]'s. This module
 //! only orchestrates. Never logs payload values or credentials.
 
@@ -16,12 +16,12 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
 use tokio::time::Instant;
 
-use super::classify::{Class, Sent, classify};
-use super::oauth2::{AccessToken, TokenError};
-use super::retry::{Decision, GiveUpReason, TryOutcome, parse_retry_after};
 use crate::breaker::Rejected;
 use crate::config::model::OutboundAuth;
-use crate::render::OutboundRequest;
+use crate::config::render::OutboundRequest;
+use crate::downstream::classify::{Class, Sent, classify};
+use crate::downstream::oauth2::{AccessToken, TokenError};
+use crate::downstream::retry::{Decision, GiveUpReason, TryOutcome, parse_retry_after};
 use crate::runtime::{RouteState, Shared};
 use crate::telemetry::events;
 

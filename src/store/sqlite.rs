@@ -36,14 +36,14 @@ use sqlx::sqlite::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use super::api::{
+    Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Lease, NewDelivery, Result,
+    Settle, State, Stats, Store, StoreError, StoredAnswer,
+};
 use super::rows::{
     STATS_SQL, SettlePlan, attempt_from_row, begin_from_row, claimed_from_row, cutoff_ms,
     delivery_columns, delivery_from_row, dur_ms, headers_json, new_id, not_replayable,
     stats_from_row, summary_columns, summary_from_row, to_ms,
-};
-use super::store::{
-    Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Lease, NewDelivery, Result,
-    Settle, State, Stats, Store, StoreError, StoredAnswer,
 };
 
 /// The schema, one migration per version (version = index + 1). Applied in

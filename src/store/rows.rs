@@ -12,7 +12,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::store::{
+use super::api::{
     Attempt, AttemptRecord, Begin, Claimed, Delivery, DeliverySummary, Lease, Result, Settle,
     State, Stats, StoreError, StoredAnswer, StoredRequest,
 };

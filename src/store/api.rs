@@ -55,7 +55,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::render::OutboundRequest;
+use crate::config::render::OutboundRequest;
 
 /// A boxed, sendable future: what every [`Store`] method returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

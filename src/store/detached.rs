@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::store::*;
+use super::api::*;
 
 /// Wraps a store so that no caller can cancel an operation half-way.
 pub struct Detached(pub Arc<dyn Store>);
