@@ -202,6 +202,18 @@ impl fmt::Display for Skew {
     }
 }
 
+impl InboundAuth {
+    /// Whether checking needs the body (signatures over it). The other modes
+    /// carry their credential in a header, checked before the body is read
+    /// (SPEC §7.1): a wrong one is refused without waiting for the body.
+    pub fn needs_body(&self) -> bool {
+        matches!(
+            self,
+            InboundAuth::Hmac { .. } | InboundAuth::StandardWebhooks { .. }
+        )
+    }
+}
+
 /// Checks the request's credential against `auth`. `body` is the raw body
 /// as received (signatures cover its exact bytes); `now` is the current
 /// time, used only by Standard Webhooks. A credential header sent more than

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 
 use crate::config::diagnostic::{Diagnostic, Format};
 use crate::delivery::worker::{self, WorkerOptions};
+use crate::http::listener::ConnLimits;
 use crate::runtime::{EnvLookup, Gateway, Limits, ReloadOutcome, Shared};
 
 /// Everything `serve` needs; settings that need a restart (never route files).
@@ -43,6 +44,8 @@ pub struct Settings {
     pub sighup: bool,
     /// The delivery worker's lease, batch and poll interval.
     pub worker: WorkerOptions,
+    /// Header and idle timeouts, connection cap of both listeners.
+    pub connections: ConnLimits,
 }
 
 impl Settings {
@@ -59,6 +62,7 @@ impl Settings {
             poll: None,
             sighup: true,
             worker: WorkerOptions::default(),
+            connections: ConnLimits::default(),
         }
     }
 }
@@ -167,8 +171,15 @@ impl Server {
             }
         });
         let worker = worker::spawn(gw.clone(), settings.worker.clone());
-        let served =
-            crate::http::run(public, admin, gw.clone(), shutdown, settings.shutdown_grace).await;
+        let served = crate::http::run(
+            public,
+            admin,
+            gw.clone(),
+            settings.connections,
+            shutdown,
+            settings.shutdown_grace,
+        )
+        .await;
         if let Some(h) = sighup {
             h.abort();
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use secrecy::SecretString;
 
+use crate::http::listener::ConnLimits;
 use crate::runtime::Limits;
 use crate::server::{ServeError, Server, Settings};
 
@@ -59,6 +60,18 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// A connection that has not sent complete request headers by then is closed.
+    #[arg(long, env = "GATEWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// A request body not fully received by then is answered 408 `body_timeout`.
+    #[arg(long, env = "GATEWAY_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// An idle keep-alive connection is closed after this.
+    #[arg(long, env = "GATEWAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Open connections per listener at most; more wait until one closes.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -90,7 +103,13 @@ pub fn run(args: ServeArgs) -> u8 {
         max_depth: args.max_depth,
         sla: args.sla,
         telemetry: args.telemetry == "on",
+        body_timeout: args.body_timeout,
         ..Limits::default()
+    };
+    settings.connections = ConnLimits {
+        header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
     };
     settings.admin_token = admin_token;
     settings.shutdown_grace = Duration::from_secs(args.shutdown_grace);

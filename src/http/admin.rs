@@ -41,6 +41,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(super::ops::healthz))
         .route("/login", get(login_form).post(login))
         .merge(protected)
+        .fallback(super::not_found)
+        .method_not_allowed_fallback(super::method_not_allowed)
+        .layer(axum::middleware::from_fn(super::request_id))
         .with_state(gw)
 }
 

@@ -20,12 +20,16 @@ use crate::payload::Violation;
 pub enum ApiError {
     /// No such endpoint (either listener).
     NotFound,
+    /// The endpoint exists, not for this method (the router adds `Allow`).
+    MethodNotAllowed,
     /// Step 1: no bot with this id (the id is cut and escaped by the caller).
     UnknownBot { bot: String },
     /// Step 2: the body is over `--max-body`.
     BodyTooLarge { limit: usize },
     /// Step 2: the body could not be read (the client went away, bad framing).
     BodyRead,
+    /// Step 2: the body was not fully received within `--body-timeout`.
+    BodyTimeout { timeout: Duration },
     /// Step 3: missing or wrong credentials (says nothing about the secret).
     Unauthorized,
     /// Step 4: not JSON, or nested too deep.
@@ -84,8 +88,10 @@ impl ApiError {
             NotFound | UnknownBot { .. } | UnknownDelivery { .. } | UnknownRoute { .. } => {
                 StatusCode::NOT_FOUND
             }
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BodyRead | InvalidJson { .. } | BadState => StatusCode::BAD_REQUEST,
+            BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Unauthorized | AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Schema { .. } | NoRoute { .. } | Render { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AnswerTemplate { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -101,9 +107,11 @@ impl ApiError {
         use ApiError::*;
         match self {
             NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
             UnknownBot { .. } => "unknown_bot",
             BodyTooLarge { .. } => "body_too_large",
             BodyRead => "body_read",
+            BodyTimeout { .. } => "body_timeout",
             Unauthorized | AdminUnauthorized => "unauthorized",
             InvalidJson { .. } => "invalid_json",
             Schema { .. } => "schema",
@@ -136,12 +144,17 @@ impl ApiError {
         let mut extra = Map::new();
         let message = match self {
             NotFound => "no such endpoint".to_owned(),
+            MethodNotAllowed => "this endpoint does not take this method (see Allow)".to_owned(),
             UnknownBot { bot } => format!("no bot `{bot}` is configured"),
             BodyTooLarge { limit } => {
                 extra.insert("limit".into(), limit.into());
                 format!("the body is larger than {limit} bytes")
             }
             BodyRead => "the request body could not be read".to_owned(),
+            BodyTimeout { timeout } => format!(
+                "the request body was not received within {}",
+                humantime::format_duration(timeout)
+            ),
             Unauthorized => "missing or invalid credentials".to_owned(),
             InvalidJson { message } => message,
             Schema { violations, route } => {
@@ -263,9 +276,11 @@ mod tests {
         let d = Duration::from_millis(1500);
         let cases: Vec<(ApiError, u16, &str)> = vec![
             (ApiError::NotFound, 404, "not_found"),
+            (ApiError::MethodNotAllowed, 405, "method_not_allowed"),
             (ApiError::UnknownBot { bot: "x".into() }, 404, "unknown_bot"),
             (ApiError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
             (ApiError::BodyRead, 400, "body_read"),
+            (ApiError::BodyTimeout { timeout: d }, 408, "body_timeout"),
             (ApiError::Unauthorized, 401, "unauthorized"),
             (
                 ApiError::InvalidJson {

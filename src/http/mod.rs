@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod listener;
 pub mod ops;
 pub mod outcome;
 pub mod status_page;
@@ -32,12 +33,19 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(request_id))
         .with_state(gw)
 }
 
-async fn not_found() -> error::ApiError {
+/// 404 for an unknown path, on both listeners (a JSON body, as every error).
+pub(crate) async fn not_found() -> error::ApiError {
     error::ApiError::NotFound
+}
+
+/// 405 for a known path and another method, on both listeners (`Allow` is set by the router).
+pub(crate) async fn method_not_allowed() -> error::ApiError {
+    error::ApiError::MethodNotAllowed
 }
 
 /// Request id of the current request (from `x-request-id` or made here).
@@ -45,7 +53,7 @@ async fn not_found() -> error::ApiError {
 pub struct RequestId(pub String);
 
 /// Takes `x-request-id` from the request (if sane) or makes one; puts it on every answer.
-async fn request_id(mut req: Request, next: Next) -> Response {
+pub(crate) async fn request_id(mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get("x-request-id")
@@ -67,19 +75,23 @@ pub async fn run(
     public: TcpListener,
     admin: TcpListener,
     gw: Arc<Gateway>,
+    limits: listener::ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let signal = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    let public_srv =
-        axum::serve(public, public_router(gw.clone())).with_graceful_shutdown(signal(rx.clone()));
-    let admin_srv =
-        axum::serve(admin, admin::router(gw.clone())).with_graceful_shutdown(signal(rx.clone()));
-    let public_task = tokio::spawn(async move { public_srv.await });
-    let admin_task = tokio::spawn(async move { admin_srv.await });
+    let public_task = tokio::spawn(listener::serve(
+        public,
+        public_router(gw.clone()),
+        limits,
+        rx.clone(),
+    ));
+    let admin_task = tokio::spawn(listener::serve(
+        admin,
+        admin::router(gw.clone()),
+        limits,
+        rx,
+    ));
     shutdown.await;
     tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
     let _ = tx.send(true);

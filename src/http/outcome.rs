@@ -11,6 +11,7 @@ pub enum Outcome {
     UnknownBot,
     BodyTooLarge,
     BodyRead,
+    BodyTimeout,
     Unauthorized,
     InvalidJson,
     Schema,
@@ -56,6 +57,7 @@ impl Outcome {
             UnknownBot => "unknown_bot",
             BodyTooLarge => "body_too_large",
             BodyRead => "body_read",
+            BodyTimeout => "body_timeout",
             Unauthorized => "unauthorized",
             InvalidJson => "invalid_json",
             Schema => "schema",
@@ -93,9 +95,10 @@ impl Outcome {
     pub fn of_refusal(e: &super::error::ApiError) -> Outcome {
         use super::error::ApiError as E;
         match e {
-            E::UnknownBot { .. } | E::NotFound => Outcome::UnknownBot,
+            E::UnknownBot { .. } | E::NotFound | E::MethodNotAllowed => Outcome::UnknownBot,
             E::BodyTooLarge { .. } => Outcome::BodyTooLarge,
             E::BodyRead => Outcome::BodyRead,
+            E::BodyTimeout { .. } => Outcome::BodyTimeout,
             E::Unauthorized | E::AdminUnauthorized => Outcome::Unauthorized,
             E::InvalidJson { .. } => Outcome::InvalidJson,
             E::Schema { .. } => Outcome::Schema,
@@ -126,11 +129,12 @@ impl Outcome {
 mod tests {
     use super::Outcome::{self, *};
 
-    const ALL: [Outcome; 23] = [
+    const ALL: [Outcome; 24] = [
         Pending,
         UnknownBot,
         BodyTooLarge,
         BodyRead,
+        BodyTimeout,
         Unauthorized,
         InvalidJson,
         Schema,

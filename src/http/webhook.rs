@@ -3,7 +3,7 @@
 //! idempotency → async: the delivery store → availability → tries.
 
 use std::sync::Arc;
-use std::time::{Instant as StdInstant, SystemTime};
+use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use axum::Extension;
 use axum::body::Body;
@@ -23,6 +23,7 @@ use crate::runtime::Gateway;
 use crate::runtime::client::{self, Answer, CallResult};
 use crate::runtime::{RouteState, Runtime};
 use crate::store::{Accept, Begin, NewDelivery, StoredAnswer, StoredRequest};
+use crate::telemetry::log_field::Bounded;
 use crate::template::RenderMeta;
 
 pub async fn handle(
@@ -38,6 +39,7 @@ pub async fn handle(
     let rt = gw.runtime.load_full();
     let mut log = Log {
         request_id,
+        known_bot: false,
         bot: bot_id,
         route: None,
         intent: None,
@@ -56,16 +58,22 @@ pub async fn handle(
     let status = resp.status().as_u16();
     let state = log.route.as_deref().and_then(|r| rt.routes.get(r));
     let m = &gw.shared.metrics;
+    // Nothing taken from a request becomes a label: unknown bots count as one.
+    let bot_label = if log.known_bot {
+        log.bot.as_str()
+    } else {
+        "_unknown"
+    };
     // the route's pre-resolved handles when there is a route; the label path otherwise
     let counted = m.enabled
         && state.is_some_and(|s| {
             s.metrics(m)
-                .request(&log.bot, status, elapsed.as_secs_f64())
+                .request(bot_label, status, elapsed.as_secs_f64())
         });
     if !counted {
         crate::telemetry::events::request(
             m,
-            &log.bot,
+            bot_label,
             log.route.as_deref().unwrap_or("-"),
             status,
             elapsed.as_secs_f64(),
@@ -79,14 +87,14 @@ pub async fn handle(
     }
     tracing::info!(
         request_id = %log.request_id,
-        bot = %log.bot,
+        bot = %Bounded(&log.bot),
         route = log.route.as_deref().unwrap_or("-"),
-        intent = log.intent.as_deref().unwrap_or("-"),
+        intent = %Bounded(log.intent.as_deref().unwrap_or("-")),
         outcome = log.outcome.as_str(),
         status = resp.status().as_u16(),
         tries = log.tries,
         latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-        fields = log.fields.as_deref().unwrap_or(""),
+        fields = %Bounded(log.fields.as_deref().unwrap_or("")),
         "webhook"
     );
     resp
@@ -95,6 +103,9 @@ pub async fn handle(
 /// What the one log line per webhook says.
 struct Log {
     request_id: String,
+    /// The bot is configured (else it is counted as `_unknown`).
+    known_bot: bool,
+    /// As requested (raw: bounded and escaped when logged).
     bot: String,
     route: Option<String>,
     intent: Option<String>,
@@ -112,8 +123,18 @@ async fn pipeline(
     log: &mut Log,
 ) -> Result<Response, ApiError> {
     let bot = step1_bot(rt, &log.bot)?;
-    let bytes = step2_body(body, headers, gw.shared.limits.max_body).await?;
-    step3_auth(bot, headers, &bytes)?;
+    log.known_bot = true;
+    let limits = &gw.shared.limits;
+    step2_length(headers, limits.max_body)?;
+    // Credentials carried in headers are checked before the body is read
+    // (SPEC §7.1): a wrong one is refused without waiting for the body.
+    if !bot.auth.needs_body() {
+        step3_auth(bot, headers, &[])?;
+    }
+    let bytes = step2_body(body, limits.max_body, limits.body_timeout).await?;
+    if bot.auth.needs_body() {
+        step3_auth(bot, headers, &bytes)?;
+    }
     let payload = step4_json(&bytes, gw.shared.limits.max_depth)?;
     let (route, state) = step5_6_schema_and_route(rt, bot, &payload, log)?;
     let ctx = Context::from(payload);
@@ -373,17 +394,27 @@ fn step1_bot<'a>(rt: &'a Runtime, id: &str) -> Result<&'a Arc<Bot>, ApiError> {
     })
 }
 
-async fn step2_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
-    let too_large = || ApiError::BodyTooLarge { limit };
+/// Step 2, before anything else is read: an announced body over the limit → 413.
+fn step2_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         && len > limit as u64
     {
-        return Err(too_large());
+        return Err(ApiError::BodyTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    Ok(())
+}
+
+/// Step 2: the body, read up to the limit and within the body timeout.
+async fn step2_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::BodyTooLarge { limit };
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(ApiError::BodyTimeout { timeout });
+    };
+    read.map_err(|e| {
         let is_limit = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
@@ -429,7 +460,7 @@ fn step5_6_schema_and_route<'a>(
         }
     }
     let intent = crate::payload::intent(payload, &bot.intent_path);
-    log.intent = intent.map(|i| truncate(i, 100).to_owned());
+    log.intent = intent.map(|i| truncate(i, 200).to_owned());
     let score = crate::payload::score(payload, &bot.score_path);
     let Some(route) = rt.config.route_for(bot, intent, score) else {
         return Err(ApiError::NoRoute {

@@ -49,6 +49,10 @@ pub struct Gateway {
     /// from the watcher, SIGHUP, the admin API and start-up run one at a time
     /// and can never store out of order.
     pub(super) reload_lock: Mutex<()>,
+    /// `/readyz`'s last store check: when, and whether the store answered.
+    /// Refreshed at most once a second, so the unauthenticated probe cannot
+    /// load the store (SPEC §7.1).
+    pub readiness: tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>,
 }
 
 /// What the last load did (`/admin/status`, the status page, `POST /admin/reload`).
@@ -96,6 +100,7 @@ impl Gateway {
             store,
             delivery_wake: tokio::sync::Notify::new(),
             reload_lock: Mutex::new(()),
+            readiness: tokio::sync::Mutex::new(None),
         })
     }
 

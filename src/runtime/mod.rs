@@ -51,6 +51,8 @@ pub struct Limits {
     pub telemetry: bool,
     /// How long an idempotency key dedupes inbound duplicates (SPEC §5 step 7).
     pub dedupe_window: Duration,
+    /// A request body not fully received by then → 408 `body_timeout` (SPEC §7.1).
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -62,6 +64,7 @@ impl Default for Limits {
             sla: Duration::from_secs(2),
             telemetry: true,
             dedupe_window: crate::store::DEFAULT_DEDUPE_WINDOW,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }

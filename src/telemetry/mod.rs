@@ -1,6 +1,8 @@
 //! Telemetry: every metric named in one place (`metrics`), and every
-//! operational event as one function that logs and counts (`events`).
+//! operational event as one function that logs and counts (`events`), and
+//! request-derived log values bounded and escaped (`log_field`).
 
 pub mod events;
 pub mod latency;
+pub mod log_field;
 pub mod metrics;
