@@ -36,4 +36,7 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
   (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
+# The hostile-traffic tests open thousands of sockets: allow what the hard limit allows.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
 cargo test --all-targets "$@"

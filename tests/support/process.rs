@@ -87,3 +87,41 @@ pub fn kill(p: &Child, sig: &str) {
             .success()
     );
 }
+
+/// Starts `cmd` (a `gateway serve … --log-format text`) and waits for its
+/// "gateway serving" line (bounded), reading the addresses from its fields.
+pub fn start_text(mut cmd: Command) -> Proc {
+    let child = cmd.spawn().unwrap();
+    let mut p = Proc {
+        child,
+        listen: String::new(),
+        admin: String::new(),
+        lines: mpsc::channel().1,
+    };
+    let stderr = p.child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let field = |line: &str, key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("gateway starts and logs");
+        if line.contains("gateway serving") {
+            p.listen = field(&line, "listen=");
+            p.admin = field(&line, "admin=");
+            p.lines = rx;
+            return p;
+        }
+    }
+}
