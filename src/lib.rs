@@ -6,6 +6,7 @@ pub mod delivery;
 pub mod downstream;
 pub mod http;
 pub mod payload;
+pub mod ratelimit;
 pub mod runtime;
 pub mod server;
 pub mod store;

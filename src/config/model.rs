@@ -68,6 +68,8 @@ pub struct Bot {
     pub schema: Option<Arc<PayloadSchema>>,
     pub intent_path: String,
     pub score_path: String,
+    /// Inbound webhooks per second (`rate_limit`), when limited.
+    pub rate_limit: Option<crate::ratelimit::RateLimit>,
     /// intent → route name (exact-intent routes of this bot).
     pub routes: BTreeMap<String, String>,
     /// The `*` route.

@@ -42,6 +42,21 @@ pub struct Bot {
     pub intent_path: Option<String>,
     /// JSON Pointer to the intent score in the payload (default `/intentScore`).
     pub score_path: Option<String>,
+    /// Most webhooks accepted from this bot (per instance, after auth): a token
+    /// bucket; over it → 429 `rate_limited` with `Retry-After`.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket: `burst` calls at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Tokens added per second (e.g. `50`, or `0.5` for one every two seconds).
+    #[schemars(range(min = 0.001, max = 1000000.0))]
+    pub per_second: f64,
+    /// Most tokens held: the largest burst let through at once (default: `per_second`, at least 1).
+    #[schemars(range(min = 1, max = 1000000))]
+    pub burst: Option<u32>,
 }
 
 /// Inbound authentication: exactly one mode.

@@ -32,6 +32,8 @@ pub enum ApiError {
     BodyTimeout { timeout: Duration },
     /// Step 3: missing or wrong credentials (says nothing about the secret).
     Unauthorized,
+    /// After step 3: the bot is over its `rate_limit`.
+    RateLimited { bot: String, retry_after: Duration },
     /// Step 4: not JSON, or nested too deep.
     InvalidJson { message: String },
     /// Step 5: the bot's or the route's payload schema failed.
@@ -93,6 +95,7 @@ impl ApiError {
             BodyRead | InvalidJson { .. } | BadState => StatusCode::BAD_REQUEST,
             BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Unauthorized | AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Schema { .. } | NoRoute { .. } | Render { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AnswerTemplate { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             InProgress { .. } => StatusCode::CONFLICT,
@@ -113,6 +116,7 @@ impl ApiError {
             BodyRead => "body_read",
             BodyTimeout { .. } => "body_timeout",
             Unauthorized | AdminUnauthorized => "unauthorized",
+            RateLimited { .. } => "rate_limited",
             InvalidJson { .. } => "invalid_json",
             Schema { .. } => "schema",
             NoRoute { .. } => "no_route",
@@ -133,7 +137,8 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::InProgress { .. } | ApiError::StoreUnavailable { .. } => Some(1),
-            ApiError::Unavailable { retry_after, .. } => Some(retry_after_secs(*retry_after)),
+            ApiError::Unavailable { retry_after, .. }
+            | ApiError::RateLimited { retry_after, .. } => Some(retry_after_secs(*retry_after)),
             _ => None,
         }
     }
@@ -156,6 +161,7 @@ impl ApiError {
                 humantime::format_duration(timeout)
             ),
             Unauthorized => "missing or invalid credentials".to_owned(),
+            RateLimited { bot, .. } => format!("bot `{bot}` is over its rate limit; slow down"),
             InvalidJson { message } => message,
             Schema { violations, route } => {
                 let n = violations.len();
@@ -282,6 +288,14 @@ mod tests {
             (ApiError::BodyRead, 400, "body_read"),
             (ApiError::BodyTimeout { timeout: d }, 408, "body_timeout"),
             (ApiError::Unauthorized, 401, "unauthorized"),
+            (
+                ApiError::RateLimited {
+                    bot: "b".into(),
+                    retry_after: d,
+                },
+                429,
+                "rate_limited",
+            ),
             (
                 ApiError::InvalidJson {
                     message: "m".into(),

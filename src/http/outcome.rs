@@ -13,6 +13,7 @@ pub enum Outcome {
     BodyRead,
     BodyTimeout,
     Unauthorized,
+    RateLimited,
     InvalidJson,
     Schema,
     NoRoute,
@@ -59,6 +60,7 @@ impl Outcome {
             BodyRead => "body_read",
             BodyTimeout => "body_timeout",
             Unauthorized => "unauthorized",
+            RateLimited => "rate_limited",
             InvalidJson => "invalid_json",
             Schema => "schema",
             NoRoute => "no_route",
@@ -100,6 +102,7 @@ impl Outcome {
             E::BodyRead => Outcome::BodyRead,
             E::BodyTimeout { .. } => Outcome::BodyTimeout,
             E::Unauthorized | E::AdminUnauthorized => Outcome::Unauthorized,
+            E::RateLimited { .. } => Outcome::RateLimited,
             E::InvalidJson { .. } => Outcome::InvalidJson,
             E::Schema { .. } => Outcome::Schema,
             E::NoRoute { .. } => Outcome::NoRoute,
@@ -129,13 +132,14 @@ impl Outcome {
 mod tests {
     use super::Outcome::{self, *};
 
-    const ALL: [Outcome; 24] = [
+    const ALL: [Outcome; 25] = [
         Pending,
         UnknownBot,
         BodyTooLarge,
         BodyRead,
         BodyTimeout,
         Unauthorized,
+        RateLimited,
         InvalidJson,
         Schema,
         NoRoute,

@@ -130,10 +130,12 @@ async fn pipeline(
     // (SPEC §7.1): a wrong one is refused without waiting for the body.
     if !bot.auth.needs_body() {
         step3_auth(bot, headers, &[])?;
+        step3_rate_limit(rt, bot)?;
     }
     let bytes = step2_body(body, limits.max_body, limits.body_timeout).await?;
     if bot.auth.needs_body() {
         step3_auth(bot, headers, &bytes)?;
+        step3_rate_limit(rt, bot)?;
     }
     let payload = step4_json(&bytes, gw.shared.limits.max_depth)?;
     let (route, state) = step5_6_schema_and_route(rt, bot, &payload, log)?;
@@ -431,6 +433,19 @@ fn step3_auth(bot: &Bot, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiErro
         tracing::debug!(bot = %bot.id, reason = e.reason(), "inbound auth failed");
         ApiError::Unauthorized
     })
+}
+
+/// After auth: the bot's token bucket (`rate_limit`), when it has one.
+fn step3_rate_limit(rt: &Runtime, bot: &Bot) -> Result<(), ApiError> {
+    let Some(bucket) = rt.bot_limits.get(&bot.id) else {
+        return Ok(());
+    };
+    bucket
+        .try_take(Instant::now())
+        .map_err(|retry_after| ApiError::RateLimited {
+            bot: bot.id.clone(),
+            retry_after,
+        })
 }
 
 fn step4_json(bytes: &[u8], max_depth: usize) -> Result<Value, ApiError> {

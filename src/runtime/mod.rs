@@ -25,6 +25,7 @@ pub use reload::ReloadOutcome;
 use crate::breaker::Breaker;
 use crate::config::model::{Config, OutboundAuth, Route};
 use crate::downstream::oauth2::TokenCache;
+use crate::ratelimit::TokenBucket;
 use crate::telemetry::latency::RouteLatency;
 use crate::telemetry::metrics::Metrics;
 
@@ -101,6 +102,9 @@ pub struct Runtime {
     pub config: Arc<Config>,
     pub generation: u64,
     pub routes: HashMap<String, Arc<RouteState>>,
+    /// The inbound token bucket of each bot with a `rate_limit`; kept across
+    /// reloads while the bot's limit is unchanged.
+    pub bot_limits: HashMap<String, Arc<TokenBucket>>,
 }
 
 /// State of one route that lives as long as the route is unchanged.
@@ -219,6 +223,7 @@ impl Runtime {
             config: Arc::new(Config::default()),
             generation: 0,
             routes: HashMap::new(),
+            bot_limits: HashMap::new(),
         }
     }
 
@@ -243,10 +248,22 @@ impl Runtime {
             };
             routes.insert(name.clone(), state);
         }
+        let mut bot_limits = HashMap::new();
+        for (id, bot) in &config.bots {
+            let Some(limit) = bot.rate_limit else {
+                continue;
+            };
+            let bucket = match prev.and_then(|p| p.bot_limits.get(id)) {
+                Some(old) if old.limit() == limit => old.clone(),
+                _ => Arc::new(TokenBucket::new(limit, now)),
+            };
+            bot_limits.insert(id.clone(), bucket);
+        }
         Runtime {
             config,
             generation: prev.map_or(1, |p| p.generation + 1),
             routes,
+            bot_limits,
         }
     }
 }

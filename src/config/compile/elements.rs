@@ -197,6 +197,19 @@ impl Compiler<'_> {
                 return None;
             }
         }
+        let rate_limit = match b.rate_limit {
+            Some(r) => {
+                let burst = r.burst.unwrap_or((r.per_second.ceil() as u32).max(1));
+                match crate::ratelimit::RateLimit::try_new(r.per_second, burst) {
+                    Ok(l) => Some(l),
+                    Err(m) => {
+                        self.error(&at.child("rate_limit"), m.to_owned());
+                        return None;
+                    }
+                }
+            }
+            None => None,
+        };
         let (file, pos) = self.pos_of(at);
         Some(BotParts {
             id: b.id,
@@ -204,6 +217,7 @@ impl Compiler<'_> {
             schema,
             intent_path,
             score_path,
+            rate_limit,
             routes: BTreeMap::new(),
             default_route: None,
             source: Source {
@@ -523,6 +537,7 @@ pub(super) struct BotParts {
     pub(super) schema: Option<Arc<PayloadSchema>>,
     pub(super) intent_path: String,
     pub(super) score_path: String,
+    pub(super) rate_limit: Option<crate::ratelimit::RateLimit>,
     pub(super) routes: BTreeMap<String, String>,
     pub(super) default_route: Option<String>,
     pub(super) source: Source,
@@ -536,6 +551,7 @@ impl BotParts {
             schema: self.schema,
             intent_path: self.intent_path,
             score_path: self.score_path,
+            rate_limit: self.rate_limit,
             routes: self.routes,
             default_route: self.default_route,
             source: self.source,
