@@ -38,6 +38,9 @@ pub struct Template {
     source: std::sync::Arc<str>,
     /// Shared: a reload reuses compiled templates whose text did not change.
     inner: std::sync::Arc<handlebars::Template>,
+    /// `Kind::Url`: the payload fields written as whole path values (a missing
+    /// one would render an empty path segment, which handlebars does not escape).
+    url_path_fields: std::sync::Arc<[Vec<String>]>,
 }
 
 /// A template that does not compile, with its 1-based line and column inside the template text.
@@ -107,11 +110,17 @@ pub fn compile(source: &str, kind: Kind, strict: bool) -> Result<Template, Compi
             message: format!("template does not compile: {}", e.reason()),
         }
     })?;
+    let url_path_fields = if kind == Kind::Url {
+        url_path_fields(&inner).into()
+    } else {
+        std::sync::Arc::from([])
+    };
     let t = Template {
         kind,
         strict,
         source: source.into(),
         inner: std::sync::Arc::new(inner),
+        url_path_fields,
     };
     if kind != Kind::Text
         && let Some((line, col)) = t.find_raw_expression()
@@ -168,7 +177,21 @@ impl Template {
         let result = self.inner.render(reg, data, &mut rc, &mut out);
         META.with(|m| *m.borrow_mut() = None);
         result.map_err(|e| render_error_message(&e))?;
-        out.into_string().map_err(|e| e.to_string())
+        let out = out.into_string().map_err(|e| e.to_string())?;
+        if self.kind == Kind::Url {
+            if let Some(f) = self
+                .url_path_fields
+                .iter()
+                .find(|f| lookup(data.data(), f).is_none_or(Value::is_null))
+            {
+                return Err(format!(
+                    "a value in the URL path renders empty (`{}` is missing)",
+                    f.join(".")
+                ));
+            }
+            return check_url_values(&out);
+        }
+        Ok(out)
     }
 
     /// Payload fields read at the top level of the template (inside `#if`/`#unless` too,
@@ -220,6 +243,35 @@ const BUILTIN_HELPERS: &[&str] = &[
     "if", "unless", "each", "with", "lookup", "raw", "log", "eq", "ne", "gt", "gte", "lt", "lte",
     "and", "or", "not", "len", "json", "now", "uuid", "bot", "route", "header", "default",
 ];
+
+/// The plain `{{field}}` expressions of a URL template's path: top-level ones
+/// before the first literal `?` or `#` (and before any block, whose text may
+/// start the query).
+fn url_path_fields(t: &handlebars::Template) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for e in &t.elements {
+        match e {
+            TemplateElement::RawString(s) if s.contains(['?', '#']) => break,
+            TemplateElement::RawString(_) | TemplateElement::Comment(_) => {}
+            TemplateElement::Expression(h) => {
+                let mut refs = Vec::new();
+                helper_refs(h, 1, 1, &mut refs);
+                out.extend(refs.into_iter().map(|r| r.path));
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// The value at `path` (object keys and array indexes) in `root`.
+fn lookup<'a>(root: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(root, |v, k| match v {
+        Value::Object(m) => m.get(k),
+        Value::Array(a) => a.get(k.parse::<usize>().ok()?),
+        _ => None,
+    })
+}
 
 fn collect_refs(t: &handlebars::Template, outer: Option<(usize, usize)>, out: &mut Vec<FieldRef>) {
     for (i, e) in t.elements.iter().enumerate() {
@@ -372,7 +424,7 @@ fn build_registry(kind: Kind, strict: bool) -> Handlebars<'static> {
     r.set_strict_mode(strict);
     match kind {
         Kind::Json => r.register_escape_fn(json_string_escape),
-        Kind::Url => r.register_escape_fn(url_segment_escape),
+        Kind::Url => r.register_escape_fn(url_value_marked),
         Kind::Text => r.register_escape_fn(handlebars::no_escape),
     }
     r.register_helper(
@@ -424,6 +476,53 @@ pub fn url_segment_escape(s: &str) -> String {
         return s.replace('.', "%2E");
     }
     percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// Marks each escaped URL value as `\u{1}<verdict><encoded>\u{2}`, so the
+/// rendered URL can be checked by where each value landed (path or query):
+/// verdict `e` empty, `d` a `.`/`..` segment when split at `/` or `\`, `o` ok.
+/// The marks are control characters, which no encoded value and no valid URL
+/// text contains; [`check_url_values`] removes them.
+fn url_value_marked(s: &str) -> String {
+    let verdict = if s.is_empty() {
+        'e'
+    } else if s.split(['/', '\\']).any(|p| p == "." || p == "..") {
+        'd'
+    } else {
+        'o'
+    };
+    format!("\u{1}{verdict}{}\u{2}", url_segment_escape(s))
+}
+
+/// SPEC §7.2: in the path (before the first literal `?` or `#`), a value may not
+/// render empty (`DELETE …/contacts/` must never go out) nor hold a `.` or `..`
+/// segment (servers that decode `%2F` before routing would climb up the path).
+/// In the query, values may be empty. Returns the URL without the marks.
+fn check_url_values(marked: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(marked.len());
+    let mut in_query = false;
+    let mut rest = marked;
+    while let Some(start) = rest.find('\u{1}') {
+        let literal = &rest[..start];
+        in_query |= literal.contains(['?', '#']);
+        out.push_str(literal);
+        let after = &rest[start + 1..];
+        let end = after.find('\u{2}').unwrap_or(after.len());
+        let (verdict, value) = after[..end].split_at(after[..end].len().min(1));
+        if !in_query {
+            match verdict {
+                "e" => return Err("a value in the URL path renders empty".into()),
+                "d" => {
+                    return Err("a value in the URL path holds a `.` or `..` segment".into());
+                }
+                _ => {}
+            }
+        }
+        out.push_str(value);
+        rest = after.get(end + 1..).unwrap_or("");
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 struct JsonHelper {
@@ -607,11 +706,32 @@ mod tests {
     }
 
     #[test]
+    fn url_path_values_may_not_be_empty_or_climb() {
+        let src = "https://crm.example.com/contacts/{{id}}/notes?q={{q}}#{{f}}";
+        for id in ["", "..", ".", "../admin", "a/../b", "x\\..\\y", "./", "a/."] {
+            let e =
+                render(src, Kind::Url, false, json!({"id": id, "q": "1", "f": "x"})).unwrap_err();
+            assert!(e.contains("URL path"), "{id:?}: {e}");
+        }
+        // a missing field is empty too
+        assert!(render(src, Kind::Url, false, json!({"q": "1"})).is_err());
+        // the query and the fragment may hold anything, empty included
+        for q in ["", "..", "../x"] {
+            let out = render(src, Kind::Url, false, json!({"id": "C-1", "q": q, "f": q})).unwrap();
+            assert!(
+                out.starts_with("https://crm.example.com/contacts/C-1/notes?q="),
+                "{out}"
+            );
+        }
+    }
+
+    #[test]
     fn url_values_are_single_segments() {
         let src = "https://crm.example.com/c/{{id}}?q={{q}}";
         for (id, enc) in [
-            ("../admin", "..%2Fadmin"),
-            ("..", "%2E%2E"),
+            ("ORD-88/19", "ORD-88%2F19"),
+            ("a.b", "a.b"),
+            ("...", "..."),
             ("a/b", "a%2Fb"),
             ("x?y#z", "x%3Fy%23z"),
             ("@evil.com", "%40evil.com"),
