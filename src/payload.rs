@@ -331,8 +331,17 @@ mod tests {
     #[test]
     fn non_finite_scores_count_as_no_score() {
         for s in [
-            "NaN", "nan", "inf", "-inf", "+inf", "Infinity", "-Infinity", "infinity", " NaN ",
-            "1e400", "-1e400",
+            "NaN",
+            "nan",
+            "inf",
+            "-inf",
+            "+inf",
+            "Infinity",
+            "-Infinity",
+            "infinity",
+            " NaN ",
+            "1e400",
+            "-1e400",
         ] {
             let p = json!({ "intentScore": s });
             assert_eq!(score(&p, "/intentScore"), None, "{s:?}");

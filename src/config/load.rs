@@ -78,7 +78,9 @@ impl Walk<'_> {
                 continue;
             }
             let path = entry.path();
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if kind.is_symlink() {
                 // what the link points at (a broken link is skipped)
                 match std::fs::metadata(&path) {
@@ -196,7 +198,10 @@ mod tests {
         for (file, severity, message) in &shown {
             assert_eq!(*severity, Severity::Warning, "{message}");
             assert!(message.contains("symlink loop"), "{message}");
-            assert!(file.ends_with("a/loop") || file.ends_with("a/self"), "{file:?}");
+            assert!(
+                file.ends_with("a/loop") || file.ends_with("a/self"),
+                "{file:?}"
+            );
         }
     }
 
