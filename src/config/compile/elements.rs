@@ -5,8 +5,10 @@
 //! per (bot, intent). A duplicate is still compiled, so its other problems are
 //! reported in the same run.
 //!
-//! It only sees elements that passed the shape check; it never reads route
-//! files (`intake` does) and never renders a template (`examples` does).
+//! An element with shape errors comes without its values in error and with
+//! its [`Taint`]: it is compiled for the diagnostics of its other fields, never
+//! kept, and comparisons with a removed value are skipped. It never reads
+//! route files (`intake` does) and never renders a template (`examples` does).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use super::{At, Compiler, Severity, shown};
+use super::{At, Compiler, Severity, Taint, shown};
 use crate::auth::{InboundAuth, StandardWebhooksSecret};
 use crate::config::diagnostic;
 use crate::config::model::*;
@@ -29,17 +31,18 @@ pub(super) type Bots = BTreeMap<String, (At, BotParts)>;
 pub(super) type Routes = BTreeMap<String, (At, Route)>;
 
 impl Compiler<'_> {
-    /// The `defaults:` block; a second one (in any file) is an error.
-    pub(super) fn take_defaults(&mut self) -> raw::Defaults {
+    /// The `defaults:` block, with the values in error removed from it (its
+    /// taint); a second one (in any file) is an error.
+    pub(super) fn take_defaults(&mut self) -> (raw::Defaults, Taint) {
         match self.defaults.len() {
-            0 => raw::Defaults::default(),
+            0 => (raw::Defaults::default(), Taint::default()),
             _ => {
                 let mut all = std::mem::take(&mut self.defaults);
-                let (first_at, first) = all.remove(0);
+                let (first_at, first, taint) = all.remove(0);
                 // the line of the `defaults:` key, not of its first child
                 let ffile = self.files[first_at.file].path.clone();
                 let fpos = self.files[first_at.file].index.key(&first_at.pointer);
-                for (at, _) in all {
+                for (at, _, _) in all {
                     let msg = format!(
                         "a `defaults:` block is already defined at {}:{}; at most one file may hold one",
                         shown(&ffile),
@@ -47,7 +50,7 @@ impl Compiler<'_> {
                     );
                     self.push(&at, true, Severity::Error, msg);
                 }
-                first
+                (first, taint)
             }
         }
     }
@@ -62,7 +65,12 @@ impl Compiler<'_> {
             .filter_map(|(_, _, id)| id.clone())
             .collect();
         for (at, parsed, _) in raw_bots {
-            let Some(b) = parsed else { continue };
+            let Some((b, taint)) = parsed else { continue };
+            if !taint.is_clean() {
+                // compiled for the diagnostics of its other fields, never kept
+                let _ = self.compile_bot(&at, b);
+                continue;
+            }
             if let Some((first, _)) = bots.get(&b.id) {
                 let (ffile, fpos) = self.pos_of(&first.child("id"));
                 self.error(
@@ -85,10 +93,12 @@ impl Compiler<'_> {
         (bots, all_bot_ids)
     }
 
-    /// Compiles every route; a duplicate name is an error.
+    /// Compiles every route; a duplicate name is an error. `dtaint` is what was
+    /// removed from the `defaults:` block.
     pub(super) fn compile_routes(
         &mut self,
         defaults: &raw::Defaults,
+        dtaint: &Taint,
         all_bot_ids: &[String],
     ) -> Routes {
         let mut routes: Routes = BTreeMap::new();
@@ -107,15 +117,20 @@ impl Compiler<'_> {
                         ),
                     );
                     // still compiled, so its other problems are reported in this run too
-                    if let Some(r) = parsed {
-                        let _ = self.compile_route(&at, r, defaults, all_bot_ids);
+                    if let Some((r, taint)) = parsed {
+                        let taint = taint.union(dtaint);
+                        let _ = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
                     }
                     continue;
                 }
                 seen_names.insert(name.clone(), at.clone());
             }
-            let Some(r) = parsed else { continue };
-            if let Some(route) = self.compile_route(&at, r, defaults, all_bot_ids) {
+            let Some((r, own)) = parsed else { continue };
+            let taint = own.union(dtaint);
+            let route = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
+            // a route with values in error is compiled for the diagnostics of its
+            // other fields only: claims and examples would judge it by stand-ins
+            if let (Some(route), true) = (route, own.is_clean()) {
                 routes.insert(route.name.clone(), (at, route));
             }
         }
@@ -328,11 +343,14 @@ impl Compiler<'_> {
 
     // ---------- routes ----------
 
+    /// `taint`: the values removed from the route and from the `defaults:`
+    /// block (pointers relative to the route, e.g. `/downstream/timeout`).
     fn compile_route(
         &mut self,
         at: &At,
         r: raw::Route,
         d: &raw::Defaults,
+        taint: &Taint,
         bot_ids: &[String],
     ) -> Option<Route> {
         let errors_before = self.error_count();
@@ -387,9 +405,11 @@ impl Compiler<'_> {
             .or(d.deadline)
             .map(|x| x.0)
             .unwrap_or(Duration::from_secs(7));
+        // a bad `mode` stands as sync: no warning that only a sync route deserves
+        let mode_known = !taint.touches("/mode");
         if deadline.is_zero() {
             self.error(&at.child("deadline"), "must be greater than 0");
-        } else if deadline >= Duration::from_secs(8) && mode == Mode::Sync {
+        } else if deadline >= Duration::from_secs(8) && mode == Mode::Sync && mode_known {
             self.warn(
                 &at.child("deadline"),
                 "is not under Cognigy's default 8s HTTP Request timeout: the bot may give up first",
@@ -414,6 +434,7 @@ impl Compiler<'_> {
             d.downstream.as_ref(),
             strict,
             deadline,
+            taint,
         );
         let body = r
             .body
@@ -431,9 +452,18 @@ impl Compiler<'_> {
                 self.template(&at.child("fallback").child("body"), s, Kind::Json, strict)
             }),
         });
-        let retry = self.compile_retry(&at.child("retry"), r.retry.as_ref(), d.retry.as_ref());
-        let breaker =
-            self.compile_breaker(&at.child("breaker"), r.breaker.as_ref(), d.breaker.as_ref());
+        let retry = self.compile_retry(
+            &at.child("retry"),
+            r.retry.as_ref(),
+            d.retry.as_ref(),
+            taint,
+        );
+        let breaker = self.compile_breaker(
+            &at.child("breaker"),
+            r.breaker.as_ref(),
+            d.breaker.as_ref(),
+            taint,
+        );
         let on_failure = r.on_failure.unwrap_or(OnFailure::Respond);
         if mode == Mode::Async {
             for (key, set) in [
