@@ -149,8 +149,9 @@ pub struct Route {
     pub log_fields: Option<Vec<String>>,
     /// The call to make.
     pub downstream: Downstream,
-    /// Handlebars template of the JSON request body; `{{x}}` is escaped for the inside of a JSON
-    /// string, `{{json x}}` writes any value as JSON.
+    /// Handlebars template of the JSON request body. `{{x}}` is escaped for the inside of a JSON
+    /// string and may stand only inside one; a JSON value takes `{{json x}}`, which may not stand
+    /// inside a string. Block helpers (`#if`, `#each`, …) may stand anywhere.
     pub body: Option<String>,
     /// Sync: the answer to the bot (default: the downstream's status and JSON body).
     pub response: Option<ResponseSpec>,
@@ -280,7 +281,8 @@ pub struct ResponseSpec {
     /// Status to answer with (default: the downstream's).
     #[schemars(range(min = 100, max = 599))]
     pub status: Option<u16>,
-    /// JSON template; its root is `{downstream: {status, headers, body}, request: <payload>}`.
+    /// JSON template (`{{x}}` inside strings, `{{json x}}` for values); its root is
+    /// `{downstream: {status, headers, body}, request: <payload>}`.
     pub body: Option<String>,
 }
 
@@ -365,7 +367,8 @@ pub struct Fallback {
     /// Status (default 200).
     #[schemars(range(min = 100, max = 599))]
     pub status: Option<u16>,
-    /// JSON template; its root is `{request: <payload>, retry_after: <seconds>}`.
+    /// JSON template (`{{x}}` inside strings, `{{json x}}` for values); its root is
+    /// `{request: <payload>, retry_after: <seconds>}`.
     pub body: Option<String>,
 }
 

@@ -30,6 +30,27 @@ pub(super) type Bots = BTreeMap<String, (At, BotParts)>;
 /// Compiled routes by name, with where each was defined.
 pub(super) type Routes = BTreeMap<String, (At, Route)>;
 
+/// Inbound headers no template may read with the `header` helper, whatever the
+/// bot (SPEC §7.2): they carry credentials.
+const CREDENTIAL_HEADERS: &[&str] = &["authorization", "cookie", "x-api-key"];
+
+/// The headers of a bot's own auth mode (lower-case), which the templates of
+/// its routes may not read.
+pub(super) fn auth_headers(auth: &InboundAuth) -> Vec<String> {
+    match auth {
+        InboundAuth::ApiKey { header, .. } | InboundAuth::Hmac { header, .. } => {
+            vec![header.as_str().to_owned()]
+        }
+        InboundAuth::StandardWebhooks { .. } => {
+            ["webhook-id", "webhook-timestamp", "webhook-signature"]
+                .map(str::to_owned)
+                .to_vec()
+        }
+        InboundAuth::Bearer { .. } | InboundAuth::Basic { .. } => vec!["authorization".into()],
+        InboundAuth::None => vec![],
+    }
+}
+
 impl Compiler<'_> {
     /// The `defaults:` block, with the values in error removed from it (its
     /// taint); a second one (in any file) is an error.
@@ -94,13 +115,19 @@ impl Compiler<'_> {
     }
 
     /// Compiles every route; a duplicate name is an error. `dtaint` is what was
-    /// removed from the `defaults:` block.
+    /// removed from the `defaults:` block; `bots` the compiled bots, whose auth
+    /// headers their routes' templates may not read.
     pub(super) fn compile_routes(
         &mut self,
         defaults: &raw::Defaults,
         dtaint: &Taint,
         all_bot_ids: &[String],
+        bots: &Bots,
     ) -> Routes {
+        let auth: BTreeMap<&str, Vec<String>> = bots
+            .iter()
+            .map(|(id, (_, parts))| (id.as_str(), auth_headers(&parts.auth)))
+            .collect();
         let mut routes: Routes = BTreeMap::new();
         let raw_routes = std::mem::take(&mut self.routes);
         let mut seen_names: HashMap<String, At> = HashMap::new();
@@ -119,6 +146,7 @@ impl Compiler<'_> {
                     // still compiled, so its other problems are reported in this run too
                     if let Some((r, taint)) = parsed {
                         let taint = taint.union(dtaint);
+                        self.forbid_headers(&r, &auth);
                         let _ = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
                     }
                     continue;
@@ -127,6 +155,7 @@ impl Compiler<'_> {
             }
             let Some((r, own)) = parsed else { continue };
             let taint = own.union(dtaint);
+            self.forbid_headers(&r, &auth);
             let route = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
             // a route with values in error is compiled for the diagnostics of its
             // other fields only: claims and examples would judge it by stand-ins
@@ -134,7 +163,30 @@ impl Compiler<'_> {
                 routes.insert(route.name.clone(), (at, route));
             }
         }
+        self.forbidden_headers.clear();
         routes
+    }
+
+    /// Sets the inbound headers the templates of `r` may not read: credentials,
+    /// and the auth headers of the bots it serves (all bots without `bot`/`bots`).
+    fn forbid_headers(&mut self, r: &raw::Route, auth: &BTreeMap<&str, Vec<String>>) {
+        let mut forbidden: Vec<(String, String)> = CREDENTIAL_HEADERS
+            .iter()
+            .map(|h| (h.to_string(), "it carries credentials".to_string()))
+            .collect();
+        let served: Vec<&str> = match (&r.bot, &r.bots) {
+            (Some(b), _) => vec![b.as_str()],
+            (None, Some(bs)) => bs.iter().map(String::as_str).collect(),
+            (None, None) => auth.keys().copied().collect(),
+        };
+        for bot in served {
+            for h in auth.get(bot).into_iter().flatten() {
+                if !forbidden.iter().any(|(f, _)| f == h) {
+                    forbidden.push((h.clone(), format!("bot `{bot}` authenticates with it")));
+                }
+            }
+        }
+        self.forbidden_headers = forbidden;
     }
 
     /// Gives routes without `bot`/`bots` every bot, and fills each bot's route
@@ -511,7 +563,37 @@ impl Compiler<'_> {
         })
     }
 
+    /// Compiles a template of the route being compiled: it must compile, keep a
+    /// JSON body's shape, and read no forbidden header (SPEC §7.2). Every
+    /// problem is reported at its position.
     pub(super) fn template(
+        &mut self,
+        at: &At,
+        source: &str,
+        kind: Kind,
+        strict: bool,
+    ) -> Option<template::Template> {
+        let t = self.compile_template(at, source, kind, strict)?;
+        let mut ok = true;
+        for read in t.header_reads() {
+            let message = match &read.name {
+                None => "the `header` helper takes a literal header name (`{{header \"X-Trace\"}}`): with a computed one, no one can tell it never reads a credential".to_string(),
+                Some(name) => {
+                    let lower = name.to_ascii_lowercase();
+                    let Some((_, why)) = self.forbidden_headers.iter().find(|(h, _)| *h == lower) else {
+                        continue;
+                    };
+                    format!("the `header` helper may not read `{name}`: {why}")
+                }
+            };
+            self.template_diag(at, read.line, read.col, Severity::Error, message);
+            ok = false;
+        }
+        ok.then_some(t)
+    }
+
+    /// Compiles a template (or takes it from the cache), with its JSON shape checked.
+    fn compile_template(
         &mut self,
         at: &At,
         source: &str,
@@ -530,6 +612,13 @@ impl Compiler<'_> {
                     && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text)
                 {
                     self.error(at, format!("is not valid JSON (it has no `{{{{…}}}}`, so it is sent as written): {e}"));
+                    return None;
+                }
+                let misplaced = t.shape_errors();
+                for e in &misplaced {
+                    self.template_diag(at, e.line, e.col, Severity::Error, e.message.clone());
+                }
+                if !misplaced.is_empty() {
                     return None;
                 }
                 if let Some(c) = self.opts.cache {

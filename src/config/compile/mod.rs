@@ -94,6 +94,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         hasher: Sha256::new(),
         env_values: BTreeSet::new(),
         templates_used: Vec::new(),
+        forbidden_headers: Vec::new(),
     };
     let files = walk::collect_files(inputs, &mut c.diags);
     for f in files {
@@ -150,6 +151,9 @@ struct Compiler<'a> {
     env_values: BTreeSet<String>,
     /// Template cache keys used by this load (the rest is evicted).
     templates_used: Vec<TemplateKey>,
+    /// While a route is compiled: the inbound headers (lower-case) its templates
+    /// may not read with the `header` helper, and why.
+    forbidden_headers: Vec<(String, String)>,
 }
 
 impl Compiler<'_> {
@@ -228,7 +232,7 @@ impl Compiler<'_> {
     fn finish(mut self) -> Loaded {
         let (defaults, dtaint) = self.take_defaults();
         let (mut bots, all_bot_ids) = self.compile_bots();
-        let mut routes = self.compile_routes(&defaults, &dtaint, &all_bot_ids);
+        let mut routes = self.compile_routes(&defaults, &dtaint, &all_bot_ids, &bots);
         self.claim_intents(&mut routes, &mut bots, &all_bot_ids);
 
         // template-vs-schema check and examples
