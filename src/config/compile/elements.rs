@@ -36,7 +36,7 @@ const CREDENTIAL_HEADERS: &[&str] = &["authorization", "cookie", "x-api-key"];
 
 /// The headers of a bot's own auth mode (lower-case), which the templates of
 /// its routes may not read.
-pub(super) fn auth_headers(auth: &InboundAuth) -> Vec<String> {
+fn auth_headers(auth: &InboundAuth) -> Vec<String> {
     match auth {
         InboundAuth::ApiKey { header, .. } | InboundAuth::Hmac { header, .. } => {
             vec![header.as_str().to_owned()]
