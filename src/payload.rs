@@ -252,12 +252,15 @@ pub fn intent<'a>(payload: &'a Value, pointer: &str) -> Option<&'a str> {
 }
 
 /// The intent score at `pointer`: a number or a numeric string (Cognigy sends both).
+/// `NaN` and `±Infinity` (as strings, or a string too large for an `f64`) are no
+/// score, like a missing one (SPEC §7.1): comparing them with `min_score` means nothing.
 pub fn score(payload: &Value, pointer: &str) -> Option<f64> {
-    match payload.pointer(pointer)? {
+    let s = match payload.pointer(pointer)? {
         Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse().ok(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
         _ => None,
-    }
+    }?;
+    s.is_finite().then_some(s)
 }
 
 #[cfg(test)]
@@ -321,6 +324,33 @@ mod tests {
         assert_eq!(score(&p, "/intentScore"), Some(0.7));
         assert_eq!(score(&p, "/s"), Some(0.5));
         assert_eq!(score(&p, "/intent"), None);
+    }
+
+    /// SPEC §7.1: a non-finite score is no score (so a `min_score` route is not
+    /// taken on the strength of `"NaN"`, and nothing downstream sees infinity).
+    #[test]
+    fn non_finite_scores_count_as_no_score() {
+        for s in [
+            "NaN",
+            "nan",
+            "inf",
+            "-inf",
+            "+inf",
+            "Infinity",
+            "-Infinity",
+            "infinity",
+            " NaN ",
+            "1e400",
+            "-1e400",
+        ] {
+            let p = json!({ "intentScore": s });
+            assert_eq!(score(&p, "/intentScore"), None, "{s:?}");
+        }
+        // numbers that are finite still count, as numbers and as strings
+        let p = json!({"a": " 0.25 ", "b": 1e300, "c": "-0"});
+        assert_eq!(score(&p, "/a"), Some(0.25));
+        assert_eq!(score(&p, "/b"), Some(1e300));
+        assert_eq!(score(&p, "/c"), Some(-0.0));
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Handlebars templates as SPEC §3 defines them: what `{{x}}` means in a JSON
 //! body, a URL and a header, the helpers, strictness, and which payload fields
-//! a template reads (for `validate`'s template-vs-schema check).
+//! a template reads (for `validate`'s template-vs-schema check). Also what
+//! `validate` needs for SPEC §7.2, read from the parse tree without rendering:
+//! expressions placed where they could change a JSON body's shape
+//! ([`Template::shape_errors`]) and the inbound headers a template reads
+//! ([`Template::header_reads`]).
 //!
 //! Owns compiling and rendering. Never does I/O. Per-request data the helpers
 //! need (`bot`, `route`, `header`, `now`) is passed in a [`RenderMeta`], set for
@@ -56,6 +60,17 @@ pub struct CompileError {
 pub struct FieldRef {
     pub path: Vec<String>,
     /// 1-based line and column of the expression inside the template text.
+    pub line: usize,
+    pub col: usize,
+}
+
+/// A `{{header "…"}}` call (anywhere: an expression, a block's parameters, a
+/// subexpression), at the 1-based line and column of its expression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderRead {
+    /// The header name when it is a string literal; `None` when it is computed
+    /// (a path or subexpression), so no one can tell which header it reads.
+    pub name: Option<String>,
     pub line: usize,
     pub col: usize,
 }
@@ -202,6 +217,35 @@ impl Template {
         out
     }
 
+    /// SPEC §7.2, for JSON templates (empty for other kinds): every expression
+    /// that could change the shape of the JSON it renders. An escaped `{{x}}`
+    /// (any helper but `json`: `{{now}}`, `{{header "X"}}`, `{{default a b}}`…)
+    /// must stand inside a JSON string; `{{json x}}` must stand outside one.
+    /// Block helpers may stand anywhere, but each branch must leave the string
+    /// state as the other does (and an `#each` body as it found it), or what
+    /// follows the block could not be judged.
+    ///
+    /// Decided from the parse tree and the literal text around each expression
+    /// (`\"` escapes included), never by rendering.
+    pub fn shape_errors(&self) -> Vec<CompileError> {
+        if self.kind != Kind::Json {
+            return Vec::new();
+        }
+        let mut scan = ShapeScan {
+            source: &self.source,
+            errors: Vec::new(),
+        };
+        scan.template(&self.inner, None, JsonState::default());
+        scan.errors
+    }
+
+    /// Every `header` helper call, in source order.
+    pub fn header_reads(&self) -> Vec<HeaderRead> {
+        let mut out = Vec::new();
+        collect_header_reads(&self.inner, None, &mut out);
+        out
+    }
+
     fn find_raw_expression(&self) -> Option<(usize, usize)> {
         find_element(&self.inner, None, &|e| {
             matches!(e, TemplateElement::HtmlExpression(_))
@@ -237,6 +281,187 @@ fn find_element(
         }
     }
     None
+}
+
+/// Where the literal text of a JSON template stands: inside a string or not,
+/// and whether the last character was a backslash inside a string.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct JsonState {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonState {
+    /// The state after the literal `text`.
+    fn feed(mut self, text: &str) -> Self {
+        for c in text.chars() {
+            if !self.in_string {
+                self.in_string = c == '"';
+            } else if self.escaped {
+                self.escaped = false;
+            } else if c == '\\' {
+                self.escaped = true;
+            } else if c == '"' {
+                self.in_string = false;
+            }
+        }
+        self
+    }
+}
+
+/// The walk behind [`Template::shape_errors`].
+struct ShapeScan<'a> {
+    /// The template text, to quote expressions in messages.
+    source: &'a str,
+    errors: Vec<CompileError>,
+}
+
+impl ShapeScan<'_> {
+    /// Scans `t` from `state`; returns the state after it.
+    fn template(
+        &mut self,
+        t: &handlebars::Template,
+        outer: Option<(usize, usize)>,
+        mut state: JsonState,
+    ) -> JsonState {
+        for (i, e) in t.elements.iter().enumerate() {
+            let pos = t
+                .mapping
+                .get(i)
+                .map(|m| (m.0, m.1))
+                .or(outer)
+                .unwrap_or((1, 1));
+            match e {
+                TemplateElement::RawString(text) => state = state.feed(text),
+                TemplateElement::Expression(h) => {
+                    self.expression(h, pos, state);
+                    // what it writes is escaped (or a whole JSON value): no pending `\`
+                    state.escaped = false;
+                }
+                TemplateElement::HelperBlock(h) => state = self.block(h, pos, state),
+                // triple-stash and partials are refused by `compile`; comments
+                // and decorators write nothing here
+                _ => {}
+            }
+        }
+        state
+    }
+
+    fn expression(&mut self, h: &HelperTemplate, (line, col): (usize, usize), state: JsonState) {
+        let is_json = helper_name(&h.name) == Some("json");
+        let message = match (state.in_string, is_json) {
+            (false, false) => format!(
+                "`{}` stands outside a JSON string, where the text it writes could change the request's shape: put it inside quotes (`\"{{{{…}}}}\"`) or write `{{{{json …}}}}` for a JSON value",
+                self.quote(line, col)
+            ),
+            (true, true) => format!(
+                "`{}` writes JSON text into a JSON string: remove the quotes around it for a JSON value, or write `{{{{…}}}}` for the escaped text",
+                self.quote(line, col)
+            ),
+            _ => return,
+        };
+        self.errors.push(CompileError { line, col, message });
+    }
+
+    /// A block: each branch from `entry`; they must end alike (an `#each` body,
+    /// which may render any number of times, where it started).
+    fn block(&mut self, h: &HelperTemplate, pos: (usize, usize), entry: JsonState) -> JsonState {
+        let mut branch = |t: &Option<handlebars::Template>| match t {
+            Some(t) => self.template(t, Some(pos), entry),
+            None => entry,
+        };
+        let main = branch(&h.template);
+        let inverse = branch(&h.inverse);
+        let consistent = if helper_name(&h.name) == Some("each") {
+            main == entry && inverse == entry
+        } else {
+            main == inverse
+        };
+        if !consistent {
+            let (line, col) = pos;
+            self.errors.push(CompileError {
+                line,
+                col,
+                message: format!(
+                    "`{}` leaves a JSON string open in one case and closed in another, so the text after it cannot be judged: open and close each string within the same branch",
+                    self.quote(line, col)
+                ),
+            });
+        }
+        main
+    }
+
+    /// The expression starting at `line`/`col` of the source, as written (cut at 60 characters).
+    fn quote(&self, line: usize, col: usize) -> String {
+        let rest: String = self
+            .source
+            .lines()
+            .nth(line.saturating_sub(1))
+            .unwrap_or_default()
+            .chars()
+            .skip(col.saturating_sub(1))
+            .collect();
+        let end = rest.find("}}").map_or(rest.len(), |i| i + 2);
+        let text = &rest[..end];
+        if text.chars().count() > 60 {
+            format!("{}…", text.chars().take(59).collect::<String>())
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// The name of a helper call or a plain path (`{{now}}` parses as a path).
+fn helper_name(p: &Parameter) -> Option<&str> {
+    match p {
+        Parameter::Name(n) => Some(n),
+        Parameter::Path(handlebars::Path::Relative((_, raw))) => Some(raw),
+        _ => None,
+    }
+}
+
+fn collect_header_reads(
+    t: &handlebars::Template,
+    outer: Option<(usize, usize)>,
+    out: &mut Vec<HeaderRead>,
+) {
+    for (i, e) in t.elements.iter().enumerate() {
+        let pos = t
+            .mapping
+            .get(i)
+            .map(|m| (m.0, m.1))
+            .or(outer)
+            .unwrap_or((1, 1));
+        match e {
+            TemplateElement::Expression(h) | TemplateElement::HtmlExpression(h) => {
+                helper_header_reads(h, pos, out);
+            }
+            TemplateElement::HelperBlock(h) => {
+                helper_header_reads(h, pos, out);
+                for sub in [&h.template, &h.inverse].into_iter().flatten() {
+                    collect_header_reads(sub, Some(pos), out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn helper_header_reads(h: &HelperTemplate, (line, col): (usize, usize), out: &mut Vec<HeaderRead>) {
+    if helper_name(&h.name) == Some("header") && !h.params.is_empty() {
+        let name = match &h.params[0] {
+            Parameter::Literal(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        out.push(HeaderRead { name, line, col });
+    }
+    for p in h.params.iter().chain(h.hash.values()) {
+        if let Parameter::Subexpression(s) = p
+            && let TemplateElement::Expression(inner) = s.as_element()
+        {
+            helper_header_reads(inner, (line, col), out);
+        }
+    }
 }
 
 const BUILTIN_HELPERS: &[&str] = &[
@@ -765,6 +990,148 @@ mod tests {
         assert!(compile("{{{x}}}", Kind::Text, false).is_ok());
         // nested in a block
         assert!(compile("{{#if a}}{{{x}}}{{/if}}", Kind::Json, false).is_err());
+    }
+
+    /// `(line, col, start of message)` of every shape error of a JSON template.
+    fn shape(src: &str) -> Vec<(usize, usize, String)> {
+        compile(src, Kind::Json, false)
+            .unwrap()
+            .shape_errors()
+            .into_iter()
+            .map(|e| (e.line, e.col, e.message))
+            .collect()
+    }
+
+    const OUTSIDE: &str = "stands outside a JSON string";
+    const INSIDE: &str = "writes JSON text into a JSON string";
+
+    fn kinds(src: &str) -> Vec<(usize, usize, &'static str)> {
+        shape(src)
+            .into_iter()
+            .map(|(l, c, m)| {
+                let kind = if m.contains(OUTSIDE) {
+                    "outside"
+                } else if m.contains(INSIDE) {
+                    "json-inside"
+                } else {
+                    panic!("unexpected message {m}")
+                };
+                (l, c, kind)
+            })
+            .collect()
+    }
+
+    /// SPEC §7.2: `{{x}}` only inside a JSON string, `{{json x}}` only outside.
+    #[test]
+    fn json_templates_keep_their_shape() {
+        // well placed: nothing to report
+        for ok in [
+            r#"{"a": "{{x}}", "b": {{json y}}, "c": "{{now}} {{uuid}} {{bot}} {{route}}"}"#,
+            r#"{"{{key}}": {{json v}}}"#,
+            r#"{"h": "{{header "X-Trace"}}", "d": "{{default a "b"}}", "l": "{{lookup a "b"}}"}"#,
+            r#"{"q": "say \"{{word}}\" now", "e": "a\\", "f": "{{x}}"}"#,
+            r#"[{{#each items}}{{#unless @first}},{{/unless}}{"n": "{{name}}", "i": {{json @index}}}{{/each}}]"#,
+            r#"{"s": {{#if s}}"{{s}}"{{else}}null{{/if}}, "t": "{{#if t}}yes{{else}}no{{/if}}"}"#,
+            r#"{"s": {{#if a}}"{{a}}"{{else if b}}{{json b}}{{else}}null{{/if}}}"#,
+            r#"{"w": {{#with data}}{"n": "{{name}}"}{{/with}}, "c": "{{! a comment }}"}"#,
+            "{\n  \"a\": \"{{~x~}}\",\n  \"b\": {{~json y~}}\n}",
+            r#"{"raw": "\{{not an expression}}"}"#,
+        ] {
+            assert_eq!(kinds(ok), vec![], "{ok}");
+        }
+        // misplaced: each one, at its own line and column
+        assert_eq!(
+            kinds(r#"{"n": {{count}}, "s": "{{json s}}", "t": {{now}}}"#),
+            vec![
+                (1, 7, "outside"),
+                (1, 24, "json-inside"),
+                (1, 42, "outside")
+            ]
+        );
+        assert_eq!(
+            kinds("{\n  \"a\": \"x\\\"{{json y}}\",\n  \"b\": {{default a 1}}\n}"),
+            vec![(2, 12, "json-inside"), (3, 8, "outside")]
+        );
+        // helpers that write text are escaped expressions too
+        for src in [
+            "{\"a\": {{uuid}}}",
+            "{\"a\": {{bot}}}",
+            "{\"a\": {{route}}}",
+            "{\"a\": {{header \"X-Trace\"}}}",
+            "{\"a\": {{lookup m \"k\"}}}",
+            "{\"a\": {{@index}}}",
+            "{\"a\": {{default (json x) \"y\"}}}",
+        ] {
+            assert_eq!(kinds(src), vec![(1, 7, "outside")], "{src}");
+        }
+        // inside blocks, and after a block whose branches both close their strings
+        assert_eq!(
+            kinds(r#"{"a": {{#if x}}{{x}}{{else}}"{{json y}}"{{/if}}, "b": {{z}}}"#),
+            vec![
+                (1, 16, "outside"),
+                (1, 30, "json-inside"),
+                (1, 55, "outside")
+            ]
+        );
+        // messages name the expression and the fix
+        let (_, _, m) = &shape(r#"{"n": {{data.count}}}"#)[0];
+        assert!(
+            m.contains("`{{data.count}}`") && m.contains("{{json"),
+            "{m}"
+        );
+        let (_, _, m) = &shape(r#"{"n": "{{json data.notes}}"}"#)[0];
+        assert!(m.contains("`{{json data.notes}}`"), "{m}");
+        // other kinds have no JSON shape
+        assert!(
+            compile("https://h/{{json x}}", Kind::Url, false)
+                .unwrap()
+                .shape_errors()
+                .is_empty()
+        );
+        assert!(
+            compile("{{x}}", Kind::Text, false)
+                .unwrap()
+                .shape_errors()
+                .is_empty()
+        );
+    }
+
+    /// A block's branches must leave the JSON string state alike (an `#each`
+    /// body as it found it); otherwise what follows cannot be judged.
+    #[test]
+    fn blocks_that_open_a_string_in_one_branch_only_are_refused() {
+        let e = shape(r#"{"a": {{#if x}}"{{else}}{{/if}}{{y}}"}"#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].0, e[0].1), (1, 7));
+        assert!(e[0].2.contains("`{{#if x}}`"), "{e:?}");
+        // #each repeats its body: the body must end where it started
+        let e = shape(r#"[{{#each xs}}"{{this}}{{/each}}"]"#);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].0, e[0].1), (1, 2));
+    }
+
+    #[test]
+    fn header_reads_are_found_with_positions() {
+        let t = compile(
+            "{\"a\": \"{{header \"X-Trace\"}}\",\n \"b\": \"{{default (header \"Cookie\") \"-\"}}\", \"c\": \"{{header name}}\"{{#if (header \"X-Api-Key\")}}{{/if}}}",
+            Kind::Json,
+            false,
+        )
+        .unwrap();
+        let reads: Vec<(Option<String>, usize, usize)> = t
+            .header_reads()
+            .into_iter()
+            .map(|h| (h.name, h.line, h.col))
+            .collect();
+        assert_eq!(
+            reads,
+            vec![
+                (Some("X-Trace".into()), 1, 8),
+                (Some("Cookie".into()), 2, 8),
+                (None, 2, 50),
+                (Some("X-Api-Key".into()), 2, 66),
+            ]
+        );
     }
 
     #[test]

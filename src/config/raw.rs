@@ -152,8 +152,8 @@ pub struct Route {
     pub schema: Option<String>,
     /// `sync` answers the bot with the downstream's answer; `async` stores the call and answers 202.
     pub mode: Option<Mode>,
-    /// Sync: total time budget for all tries (default 7s, under Cognigy's 8s timeout).
-    pub deadline: Option<Dur>,
+    /// Sync: total time budget for all tries (default 7s, under Cognigy's 8s timeout; at most 1h).
+    pub deadline: Option<Budget>,
     /// Template of an idempotency key: inbound duplicates are answered once, and the value is sent
     /// downstream as `Idempotency-Key` (unless the route sets that header).
     pub idempotency_key: Option<String>,
@@ -164,8 +164,9 @@ pub struct Route {
     pub log_fields: Option<Vec<String>>,
     /// The call to make.
     pub downstream: Downstream,
-    /// Handlebars template of the JSON request body; `{{x}}` is escaped for the inside of a JSON
-    /// string, `{{json x}}` writes any value as JSON.
+    /// Handlebars template of the JSON request body. `{{x}}` is escaped for the inside of a JSON
+    /// string and may stand only inside one; a JSON value takes `{{json x}}`, which may not stand
+    /// inside a string. Block helpers (`#if`, `#each`, …) may stand anywhere.
     pub body: Option<String>,
     /// Sync: the answer to the bot (default: the downstream's status and JSON body).
     pub response: Option<ResponseSpec>,
@@ -214,8 +215,8 @@ pub struct Downstream {
     /// URL template. Scheme, host and port are fixed by the file; each `{{…}}` in the path or
     /// query is percent-encoded as one segment or value.
     pub url: String,
-    /// Timeout of one try (default 5s).
-    pub timeout: Option<Dur>,
+    /// Timeout of one try (default 5s; at most 1h).
+    pub timeout: Option<Budget>,
     /// Extra request headers; values are templates. CR, LF or NUL in a rendered value is refused.
     pub headers: Option<BTreeMap<String, String>>,
     /// Downstream authentication: exactly one mode (default none).
@@ -233,8 +234,8 @@ pub struct Downstream {
 pub struct DownstreamDefaults {
     /// HTTP method (default POST).
     pub method: Option<Method>,
-    /// Timeout of one try (default 5s).
-    pub timeout: Option<Dur>,
+    /// Timeout of one try (default 5s; at most 1h).
+    pub timeout: Option<Budget>,
     /// Headers added to every route's request (a route's own header of the same name wins).
     pub headers: Option<BTreeMap<String, String>>,
     /// Downstream authentication for routes that set none.
@@ -295,7 +296,8 @@ pub struct ResponseSpec {
     /// Status to answer with (default: the downstream's).
     #[schemars(range(min = 100, max = 599))]
     pub status: Option<u16>,
-    /// JSON template; its root is `{downstream: {status, headers, body}, request: <payload>}`.
+    /// JSON template (`{{x}}` inside strings, `{{json x}}` for values); its root is
+    /// `{downstream: {status, headers, body}, request: <payload>}`.
     pub body: Option<String>,
 }
 
@@ -380,7 +382,8 @@ pub struct Fallback {
     /// Status (default 200).
     #[schemars(range(min = 100, max = 599))]
     pub status: Option<u16>,
-    /// JSON template; its root is `{request: <payload>, retry_after: <seconds>}`.
+    /// JSON template (`{{x}}` inside strings, `{{json x}}` for values); its root is
+    /// `{request: <payload>, retry_after: <seconds>}`.
     pub body: Option<String>,
 }
 
@@ -394,8 +397,8 @@ pub struct Defaults {
     pub retry: Option<Retry>,
     /// Breaker settings for every route; a route's own fields win one by one.
     pub breaker: Option<Breaker>,
-    /// Default sync deadline.
-    pub deadline: Option<Dur>,
+    /// Default sync deadline (at most 1h).
+    pub deadline: Option<Budget>,
 }
 
 /// An example run by `gateway validate`.
@@ -436,34 +439,85 @@ pub struct Expect {
     pub error: Option<bool>,
 }
 
-/// A duration: `250ms`, `5s`, `2m`, `1h`.
+/// The longest duration a route file or flag accepts (SPEC §7.1): 7 days.
+/// Longer values are typos, and the bound keeps every sum of durations and
+/// every `Instant + Duration` far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// The longest time budget of one call (`deadline`, downstream `timeout`): 1h.
+pub const MAX_BUDGET: Duration = Duration::from_secs(60 * 60);
+
+/// Why a duration was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurationError {
+    /// Not a whole number followed by `ms`, `s`, `m` or `h`.
+    Malformed,
+    /// Well-formed, but longer than `max` (however many digits it has).
+    TooLong { max: Duration },
+}
+
+impl std::fmt::Display for DurationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DurationError::Malformed => f.write_str("expected a duration like 250ms, 5s, 2m or 1h"),
+            DurationError::TooLong { max } if *max == MAX_DURATION => {
+                f.write_str("must be at most 168h (7 days)")
+            }
+            DurationError::TooLong { max } => {
+                write!(f, "must be at most {}", humantime::format_duration(*max))
+            }
+        }
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` and refuses anything longer than `max`.
+/// Never panics and never overflows, whatever the input (a number too large
+/// for any integer type is [`DurationError::TooLong`]).
+pub fn parse_duration(s: &str, max: Duration) -> Result<Duration, DurationError> {
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or(DurationError::Malformed)?;
+    let (num, unit) = s.split_at(split);
+    let millis_per_unit: u128 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(DurationError::Malformed),
+    };
+    if num.is_empty() {
+        return Err(DurationError::Malformed);
+    }
+    // All ASCII digits: only overflow can fail the parse, and that is too long.
+    let n: u64 = num.parse().unwrap_or(u64::MAX);
+    // u64::MAX * 3_600_000 fits in a u128 with room to spare.
+    let millis = u128::from(n) * millis_per_unit;
+    if millis > max.as_millis() {
+        return Err(DurationError::TooLong { max });
+    }
+    // millis <= max.as_millis(), which fits in a u64 for both bounds.
+    Ok(Duration::from_millis(millis as u64))
+}
+
+/// A duration: `250ms`, `5s`, `2m`, `1h`; at most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
 pub const DURATION_PATTERN: &str = r"^[0-9]+(ms|s|m|h)$";
 
 impl Dur {
+    /// The duration, or `None` when malformed or longer than [`MAX_DURATION`].
     pub fn parse(s: &str) -> Option<Duration> {
-        let split = s.find(|c: char| !c.is_ascii_digit())?;
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().ok()?;
-        let secs = match unit {
-            "ms" => return Some(Duration::from_millis(n)),
-            "s" => n,
-            "m" => n.checked_mul(60)?,
-            "h" => n.checked_mul(3600)?,
-            _ => return None,
-        };
-        Some(Duration::from_secs(secs))
+        parse_duration(s, MAX_DURATION).ok()
     }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Dur::parse(&s)
+        parse_duration(&s, MAX_DURATION)
             .map(Dur)
-            .ok_or_else(|| serde::de::Error::custom("expected a duration like 250ms, 5s, 2m or 1h"))
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -475,7 +529,34 @@ impl JsonSchema for Dur {
         json_schema!({
             "type": "string",
             "pattern": DURATION_PATTERN,
-            "description": "A duration: a whole number and a unit, ms, s, m or h (250ms, 5s, 2m, 1h).",
+            "description": "A duration: a whole number and a unit, ms, s, m or h (250ms, 5s, 2m, 1h); at most 168h (7 days).",
+        })
+    }
+}
+
+/// The time budget of one call (`deadline`, downstream `timeout`): a duration
+/// of at most [`MAX_BUDGET`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget(pub Duration);
+
+impl<'de> Deserialize<'de> for Budget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s, MAX_BUDGET)
+            .map(Budget)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Budget {
+    fn schema_name() -> Cow<'static, str> {
+        "TimeBudget".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "description": "The time budget of a call: a whole number and a unit, ms, s, m or h (250ms, 5s, 2m, 1h); at most 1h.",
         })
     }
 }
@@ -587,8 +668,95 @@ mod tests {
         assert_eq!(Dur::parse("5s"), Some(Duration::from_secs(5)));
         assert_eq!(Dur::parse("2m"), Some(Duration::from_secs(120)));
         assert_eq!(Dur::parse("1h"), Some(Duration::from_secs(3600)));
-        for bad in ["", "5", "s", "5 s", "1.5s", "-1s", "5sec", "5d"] {
+        for bad in [
+            "", "5", "s", "5 s", "1.5s", "-1s", "+1s", "5sec", "5d", "ms", "٣s",
+        ] {
             assert_eq!(Dur::parse(bad), None, "{bad}");
+            assert_eq!(
+                parse_duration(bad, MAX_DURATION),
+                Err(DurationError::Malformed),
+                "{bad}"
+            );
+        }
+    }
+
+    /// SPEC §7.1: at most 7 days; a time budget at most 1h; absurd numbers are
+    /// "too long", never an overflow.
+    #[test]
+    fn durations_are_bounded() {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        assert_eq!(parse_duration("168h", MAX_DURATION), Ok(week));
+        assert_eq!(parse_duration("10080m", MAX_DURATION), Ok(week));
+        assert_eq!(parse_duration("604800000ms", MAX_DURATION), Ok(week));
+        let too_long = Err(DurationError::TooLong { max: MAX_DURATION });
+        for s in [
+            "169h",
+            "10081m",
+            "604800001ms",
+            "5000000000000000h",
+            "18446744073709551615h",
+            "18446744073709551616ms",
+            "99999999999999999999999999999999999999999999s",
+        ] {
+            assert_eq!(parse_duration(s, MAX_DURATION), too_long, "{s}");
+            assert_eq!(Dur::parse(s), None, "{s}");
+        }
+        assert_eq!(parse_duration("1h", MAX_BUDGET), Ok(MAX_BUDGET));
+        assert_eq!(parse_duration("3600000ms", MAX_BUDGET), Ok(MAX_BUDGET));
+        assert_eq!(
+            parse_duration("61m", MAX_BUDGET),
+            Err(DurationError::TooLong { max: MAX_BUDGET })
+        );
+        assert_eq!(
+            DurationError::TooLong { max: MAX_DURATION }.to_string(),
+            "must be at most 168h (7 days)"
+        );
+        assert_eq!(
+            DurationError::TooLong { max: MAX_BUDGET }.to_string(),
+            "must be at most 1h"
+        );
+    }
+
+    proptest::proptest! {
+        /// Any text: no panic, and whatever parses is within the bound.
+        #[test]
+        fn parse_duration_never_panics_and_stays_bounded(s in "\\PC{0,40}") {
+            for max in [MAX_DURATION, MAX_BUDGET] {
+                if let Ok(d) = parse_duration(&s, max) {
+                    proptest::prop_assert!(d <= max, "{s:?} gave {d:?}");
+                }
+            }
+        }
+
+        /// Well-formed text: accepted exactly when its value is within the bound
+        /// (computed here without any integer limit), else "too long".
+        #[test]
+        fn well_formed_durations_are_accepted_iff_within_bound(
+            digits in "[0-9]{1,45}",
+            unit in proptest::sample::select(vec!["ms", "s", "m", "h"]),
+        ) {
+            let s = format!("{digits}{unit}");
+            let per_unit: u32 = match unit { "ms" => 1, "s" => 1_000, "m" => 60_000, _ => 3_600_000 };
+            // digits * per_unit <= max_ms, compared as decimal big numbers
+            for max in [MAX_DURATION, MAX_BUDGET] {
+                let limit = max.as_millis() / u128::from(per_unit);
+                let trimmed = digits.trim_start_matches('0');
+                let within = trimmed.len() <= 38
+                    && trimmed.parse::<u128>().unwrap_or(0) <= limit;
+                match parse_duration(&s, max) {
+                    Ok(d) => {
+                        proptest::prop_assert!(within, "{s} accepted as {d:?}");
+                        proptest::prop_assert_eq!(
+                            d.as_millis(),
+                            trimmed.parse::<u128>().unwrap_or(0) * u128::from(per_unit)
+                        );
+                    }
+                    Err(e) => {
+                        proptest::prop_assert!(!within, "{s} refused: {e}");
+                        proptest::prop_assert_eq!(e, DurationError::TooLong { max });
+                    }
+                }
+            }
         }
     }
 

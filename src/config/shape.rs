@@ -267,7 +267,7 @@ fn num(v: &Value) -> String {
 }
 
 /// Quotes a scalar the author wrote; structures are described by type only.
-fn quote(v: Option<&Value>) -> String {
+pub(crate) fn quote(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => {
             let s: String = s.chars().take(80).collect();

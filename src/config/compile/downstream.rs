@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{At, Compiler, Severity};
+use super::{At, Compiler, Severity, Taint};
 use crate::breaker::{BreakerConfig, BreakerSettings, SlowCall};
 use crate::config::model::*;
 use crate::config::raw::{self, Dur, StatusPattern};
@@ -24,6 +24,7 @@ impl Compiler<'_> {
         d: Option<&raw::DownstreamDefaults>,
         strict: bool,
         deadline: Duration,
+        taint: &Taint,
     ) -> Option<Downstream> {
         let method = match ds
             .method
@@ -46,7 +47,10 @@ impl Compiler<'_> {
             .unwrap_or(Duration::from_secs(5));
         if timeout.is_zero() {
             self.error(&at.child("timeout"), "must be greater than 0");
-        } else if timeout > deadline {
+        } else if timeout > deadline
+            && !taint.touches("/deadline")
+            && !taint.touches("/downstream/timeout")
+        {
             self.warn(
                 &at.child("timeout"),
                 format!(
@@ -242,6 +246,7 @@ impl Compiler<'_> {
         at: &At,
         r: Option<&raw::Retry>,
         d: Option<&raw::Retry>,
+        taint: &Taint,
     ) -> Option<RetryPolicy> {
         let pick = |f: fn(&raw::Retry) -> Option<Dur>| {
             r.and_then(f).or_else(|| d.and_then(f)).map(|x| x.0)
@@ -272,6 +277,8 @@ impl Compiler<'_> {
                 retry_after_max,
                 schedule,
             }),
+            // a default standing in for a bad `initial` or `max`: no comparison
+            Err(_) if taint.touches("/retry/backoff") => None,
             Err(m) => {
                 let key = if initial.is_zero() { "initial" } else { "max" };
                 self.error(&at.child("backoff").child(key), m.to_string());
@@ -285,6 +292,7 @@ impl Compiler<'_> {
         at: &At,
         b: Option<&raw::Breaker>,
         d: Option<&raw::Breaker>,
+        taint: &Taint,
     ) -> Option<(BreakerConfig, Option<HealthSettings>)> {
         let dur = |f: fn(&raw::Breaker) -> Option<Dur>| {
             b.and_then(f).or_else(|| d.and_then(f)).map(|x| x.0)
@@ -328,9 +336,18 @@ impl Compiler<'_> {
                     self.error(&h_at, "expected an absolute http or https URL");
                     ok = false;
                 }
+                let interval = h.interval.map(|x| x.0).unwrap_or(Duration::from_secs(10));
+                if interval.is_zero() {
+                    // a probe loop without a pause would hammer the downstream
+                    self.error(
+                        &at.child("health").child("interval"),
+                        "must be greater than 0",
+                    );
+                    ok = false;
+                }
                 Some(HealthSettings {
                     url: h.url,
-                    interval: h.interval.map(|x| x.0).unwrap_or(Duration::from_secs(10)),
+                    interval,
                 })
             }
             None => None,
@@ -338,7 +355,15 @@ impl Compiler<'_> {
         match BreakerConfig::try_new(settings) {
             Ok(cfg) => ok.then_some((cfg, health)),
             Err(errors) => {
+                // `open_for_max` is compared with `open_for`: not with a stand-in
+                let removed =
+                    |field: &str| taint.touches(&format!("/breaker/{}", field.replace('.', "/")));
                 for e in errors {
+                    let stand_in =
+                        removed(e.field) || (e.field == "open_for_max" && removed("open_for"));
+                    if stand_in {
+                        continue;
+                    }
                     // field is the key under `breaker:`, e.g. `slow_call.rate`
                     let mut e_at = at.clone();
                     for seg in e.field.split('.') {

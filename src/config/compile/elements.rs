@@ -5,8 +5,10 @@
 //! per (bot, intent). A duplicate is still compiled, so its other problems are
 //! reported in the same run.
 //!
-//! It only sees elements that passed the shape check; it never reads route
-//! files (`intake` does) and never renders a template (`examples` does).
+//! An element with shape errors comes without its values in error and with
+//! its [`Taint`]: it is compiled for the diagnostics of its other fields, never
+//! kept, and comparisons with a removed value are skipped. It never reads
+//! route files (`intake` does) and never renders a template (`examples` does).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use super::{At, Compiler, Severity, shown};
+use super::{At, Compiler, Severity, Taint, shown};
 use crate::auth::{InboundAuth, StandardWebhooksSecret};
 use crate::config::diagnostic;
 use crate::config::model::*;
@@ -28,18 +30,40 @@ pub(super) type Bots = BTreeMap<String, (At, BotParts)>;
 /// Compiled routes by name, with where each was defined.
 pub(super) type Routes = BTreeMap<String, (At, Route)>;
 
+/// Inbound headers no template may read with the `header` helper, whatever the
+/// bot (SPEC §7.2): they carry credentials.
+const CREDENTIAL_HEADERS: &[&str] = &["authorization", "cookie", "x-api-key"];
+
+/// The headers of a bot's own auth mode (lower-case), which the templates of
+/// its routes may not read.
+fn auth_headers(auth: &InboundAuth) -> Vec<String> {
+    match auth {
+        InboundAuth::ApiKey { header, .. } | InboundAuth::Hmac { header, .. } => {
+            vec![header.as_str().to_owned()]
+        }
+        InboundAuth::StandardWebhooks { .. } => {
+            ["webhook-id", "webhook-timestamp", "webhook-signature"]
+                .map(str::to_owned)
+                .to_vec()
+        }
+        InboundAuth::Bearer { .. } | InboundAuth::Basic { .. } => vec!["authorization".into()],
+        InboundAuth::None => vec![],
+    }
+}
+
 impl Compiler<'_> {
-    /// The `defaults:` block; a second one (in any file) is an error.
-    pub(super) fn take_defaults(&mut self) -> raw::Defaults {
+    /// The `defaults:` block, with the values in error removed from it (its
+    /// taint); a second one (in any file) is an error.
+    pub(super) fn take_defaults(&mut self) -> (raw::Defaults, Taint) {
         match self.defaults.len() {
-            0 => raw::Defaults::default(),
+            0 => (raw::Defaults::default(), Taint::default()),
             _ => {
                 let mut all = std::mem::take(&mut self.defaults);
-                let (first_at, first) = all.remove(0);
+                let (first_at, first, taint) = all.remove(0);
                 // the line of the `defaults:` key, not of its first child
                 let ffile = self.files[first_at.file].path.clone();
                 let fpos = self.files[first_at.file].index.key(&first_at.pointer);
-                for (at, _) in all {
+                for (at, _, _) in all {
                     let msg = format!(
                         "a `defaults:` block is already defined at {}:{}; at most one file may hold one",
                         shown(&ffile),
@@ -47,7 +71,7 @@ impl Compiler<'_> {
                     );
                     self.push(&at, true, Severity::Error, msg);
                 }
-                first
+                (first, taint)
             }
         }
     }
@@ -62,7 +86,12 @@ impl Compiler<'_> {
             .filter_map(|(_, _, id)| id.clone())
             .collect();
         for (at, parsed, _) in raw_bots {
-            let Some(b) = parsed else { continue };
+            let Some((b, taint)) = parsed else { continue };
+            if !taint.is_clean() {
+                // compiled for the diagnostics of its other fields, never kept
+                let _ = self.compile_bot(&at, b);
+                continue;
+            }
             if let Some((first, _)) = bots.get(&b.id) {
                 let (ffile, fpos) = self.pos_of(&first.child("id"));
                 self.error(
@@ -85,12 +114,20 @@ impl Compiler<'_> {
         (bots, all_bot_ids)
     }
 
-    /// Compiles every route; a duplicate name is an error.
+    /// Compiles every route; a duplicate name is an error. `dtaint` is what was
+    /// removed from the `defaults:` block; `bots` the compiled bots, whose auth
+    /// headers their routes' templates may not read.
     pub(super) fn compile_routes(
         &mut self,
         defaults: &raw::Defaults,
+        dtaint: &Taint,
         all_bot_ids: &[String],
+        bots: &Bots,
     ) -> Routes {
+        let auth: BTreeMap<&str, Vec<String>> = bots
+            .iter()
+            .map(|(id, (_, parts))| (id.as_str(), auth_headers(&parts.auth)))
+            .collect();
         let mut routes: Routes = BTreeMap::new();
         let raw_routes = std::mem::take(&mut self.routes);
         let mut seen_names: HashMap<String, At> = HashMap::new();
@@ -107,19 +144,49 @@ impl Compiler<'_> {
                         ),
                     );
                     // still compiled, so its other problems are reported in this run too
-                    if let Some(r) = parsed {
-                        let _ = self.compile_route(&at, r, defaults, all_bot_ids);
+                    if let Some((r, taint)) = parsed {
+                        let taint = taint.union(dtaint);
+                        self.forbid_headers(&r, &auth);
+                        let _ = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
                     }
                     continue;
                 }
                 seen_names.insert(name.clone(), at.clone());
             }
-            let Some(r) = parsed else { continue };
-            if let Some(route) = self.compile_route(&at, r, defaults, all_bot_ids) {
+            let Some((r, own)) = parsed else { continue };
+            let taint = own.union(dtaint);
+            self.forbid_headers(&r, &auth);
+            let route = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
+            // a route with values in error is compiled for the diagnostics of its
+            // other fields only: claims and examples would judge it by stand-ins
+            if let (Some(route), true) = (route, own.is_clean()) {
                 routes.insert(route.name.clone(), (at, route));
             }
         }
+        self.forbidden_headers.clear();
         routes
+    }
+
+    /// Sets the inbound headers the templates of `r` may not read: credentials,
+    /// and the auth headers of the bots it serves (all bots without `bot`/`bots`).
+    fn forbid_headers(&mut self, r: &raw::Route, auth: &BTreeMap<&str, Vec<String>>) {
+        let mut forbidden: Vec<(String, String)> = CREDENTIAL_HEADERS
+            .iter()
+            .map(|h| (h.to_string(), "it carries credentials".to_string()))
+            .collect();
+        let served: Vec<&str> = match (&r.bot, &r.bots) {
+            (Some(b), _) => vec![b.as_str()],
+            (None, Some(bs)) => bs.iter().map(String::as_str).collect(),
+            (None, None) => auth.keys().copied().collect(),
+        };
+        for bot in served {
+            for h in auth.get(bot).into_iter().flatten() {
+                if !forbidden.iter().any(|(f, _)| f == h) {
+                    forbidden.push((h.clone(), format!("bot `{bot}` authenticates with it")));
+                }
+            }
+        }
+        self.forbidden_headers = forbidden;
     }
 
     /// Gives routes without `bot`/`bots` every bot, and fills each bot's route
@@ -342,11 +409,14 @@ impl Compiler<'_> {
 
     // ---------- routes ----------
 
+    /// `taint`: the values removed from the route and from the `defaults:`
+    /// block (pointers relative to the route, e.g. `/downstream/timeout`).
     fn compile_route(
         &mut self,
         at: &At,
         r: raw::Route,
         d: &raw::Defaults,
+        taint: &Taint,
         bot_ids: &[String],
     ) -> Option<Route> {
         let errors_before = self.error_count();
@@ -401,9 +471,11 @@ impl Compiler<'_> {
             .or(d.deadline)
             .map(|x| x.0)
             .unwrap_or(Duration::from_secs(7));
+        // a bad `mode` stands as sync: no warning that only a sync route deserves
+        let mode_known = !taint.touches("/mode");
         if deadline.is_zero() {
             self.error(&at.child("deadline"), "must be greater than 0");
-        } else if deadline >= Duration::from_secs(8) && mode == Mode::Sync {
+        } else if deadline >= Duration::from_secs(8) && mode == Mode::Sync && mode_known {
             self.warn(
                 &at.child("deadline"),
                 "is not under Cognigy's default 8s HTTP Request timeout: the bot may give up first",
@@ -428,6 +500,7 @@ impl Compiler<'_> {
             d.downstream.as_ref(),
             strict,
             deadline,
+            taint,
         );
         let body = r
             .body
@@ -445,9 +518,18 @@ impl Compiler<'_> {
                 self.template(&at.child("fallback").child("body"), s, Kind::Json, strict)
             }),
         });
-        let retry = self.compile_retry(&at.child("retry"), r.retry.as_ref(), d.retry.as_ref());
-        let breaker =
-            self.compile_breaker(&at.child("breaker"), r.breaker.as_ref(), d.breaker.as_ref());
+        let retry = self.compile_retry(
+            &at.child("retry"),
+            r.retry.as_ref(),
+            d.retry.as_ref(),
+            taint,
+        );
+        let breaker = self.compile_breaker(
+            &at.child("breaker"),
+            r.breaker.as_ref(),
+            d.breaker.as_ref(),
+            taint,
+        );
         let on_failure = r.on_failure.unwrap_or(OnFailure::Respond);
         if mode == Mode::Async {
             for (key, set) in [
@@ -495,7 +577,37 @@ impl Compiler<'_> {
         })
     }
 
+    /// Compiles a template of the route being compiled: it must compile, keep a
+    /// JSON body's shape, and read no forbidden header (SPEC §7.2). Every
+    /// problem is reported at its position.
     pub(super) fn template(
+        &mut self,
+        at: &At,
+        source: &str,
+        kind: Kind,
+        strict: bool,
+    ) -> Option<template::Template> {
+        let t = self.compile_template(at, source, kind, strict)?;
+        let mut ok = true;
+        for read in t.header_reads() {
+            let message = match &read.name {
+                None => "the `header` helper takes a literal header name (`{{header \"X-Trace\"}}`): with a computed one, no one can tell it never reads a credential".to_string(),
+                Some(name) => {
+                    let lower = name.to_ascii_lowercase();
+                    let Some((_, why)) = self.forbidden_headers.iter().find(|(h, _)| *h == lower) else {
+                        continue;
+                    };
+                    format!("the `header` helper may not read `{name}`: {why}")
+                }
+            };
+            self.template_diag(at, read.line, read.col, Severity::Error, message);
+            ok = false;
+        }
+        ok.then_some(t)
+    }
+
+    /// Compiles a template (or takes it from the cache), with its JSON shape checked.
+    fn compile_template(
         &mut self,
         at: &At,
         source: &str,
@@ -514,6 +626,13 @@ impl Compiler<'_> {
                     && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text)
                 {
                     self.error(at, format!("is not valid JSON (it has no `{{{{…}}}}`, so it is sent as written): {e}"));
+                    return None;
+                }
+                let misplaced = t.shape_errors();
+                for e in &misplaced {
+                    self.template_diag(at, e.line, e.col, Severity::Error, e.message.clone());
+                }
+                if !misplaced.is_empty() {
                     return None;
                 }
                 if let Some(c) = self.opts.cache {

@@ -1,10 +1,13 @@
 //! Intake: each route file from bytes to the elements worth compiling. Reads
 //! and parses the file (through the [`ParseCache`]), expands `${VAR}`, runs the
-//! shape check, and queues every bot, route and `defaults:` block: the ones
-//! with a shape error of their own are queued unparsed (their name or id still
-//! counts for references and uniqueness), so the other elements of the same
-//! file still get their semantic checks. Also the configuration hash, over the
-//! bytes that were compiled, and [`current_hash`] to compare it with the disk.
+//! shape check, and queues every bot, route and `defaults:` block. An element
+//! with shape errors of its own is queued without the values in error (each
+//! removed, and recorded in its [`Taint`]), so the semantic checks of its other
+//! fields still run; when what is left cannot stand (a required key is bad) it
+//! is queued unparsed, and its name or id still counts for references and
+//! uniqueness. Deserializing reports what the shape check cannot see (a
+//! duration over its bound) the same way. Also the configuration hash, over
+//! the bytes that were compiled, and [`current_hash`] to compare it with the disk.
 //!
 //! It never compiles an element and never judges a value beyond its shape.
 
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::taint::Taint;
 use super::{At, Compiler, Diagnostic, FileCtx, Severity};
 use crate::config::model::Config;
 use crate::config::yaml::SpanIndex;
@@ -174,12 +178,8 @@ impl Compiler<'_> {
             self.push(&at, p.at_key, Severity::Error, p.message);
             bad.push(p.pointer);
         }
-        let is_bad = |prefix: &str| {
-            bad.iter()
-                .any(|b| b == prefix || b.starts_with(&format!("{prefix}/")))
-        };
         let Value::Object(mut map) = doc else { return };
-        if is_bad("") && bad.iter().any(|b| b.is_empty()) {
+        if bad.iter().any(String::is_empty) {
             return;
         }
         if let Some(Value::Array(items)) = map.remove("bots") {
@@ -189,11 +189,7 @@ impl Compiler<'_> {
                     pointer: format!("/bots/{i}"),
                 };
                 let id = item.get("id").and_then(Value::as_str).map(str::to_owned);
-                let parsed = if is_bad(&at.pointer) {
-                    None
-                } else {
-                    self.deserialize::<raw::Bot>(&at, item)
-                };
+                let parsed = self.parse_element::<raw::Bot>(&at, item, &bad, &original);
                 self.bots.push((at, parsed, id));
             }
         }
@@ -204,11 +200,7 @@ impl Compiler<'_> {
                     pointer: format!("/routes/{i}"),
                 };
                 let name = item.get("name").and_then(Value::as_str).map(str::to_owned);
-                let parsed = if is_bad(&at.pointer) {
-                    None
-                } else {
-                    self.deserialize::<raw::Route>(&at, item)
-                };
+                let parsed = self.parse_element::<raw::Route>(&at, item, &bad, &original);
                 self.routes.push((at, parsed, name));
             }
         }
@@ -217,39 +209,58 @@ impl Compiler<'_> {
                 file,
                 pointer: "/defaults".into(),
             };
-            if !is_bad(&at.pointer)
-                && let Some(d) = self.deserialize::<raw::Defaults>(&at, d)
-            {
-                self.defaults.push((at, d));
+            if let Some((d, taint)) = self.parse_element::<raw::Defaults>(&at, d, &bad, &original) {
+                self.defaults.push((at, d, taint));
             }
         }
     }
 
-    fn deserialize<T: serde::de::DeserializeOwned>(&mut self, at: &At, v: Value) -> Option<T> {
-        match serde_path_to_error::deserialize::<_, T>(v) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                // The schema check should have caught this; report it anyway, located.
-                let mut pointer = at.pointer.clone();
-                for seg in e.path().iter() {
-                    match seg {
-                        serde_path_to_error::Segment::Seq { index } => {
-                            pointer.push_str(&format!("/{index}"))
-                        }
-                        serde_path_to_error::Segment::Map { key } => {
-                            pointer.push_str(&format!("/{key}"))
-                        }
-                        _ => {}
-                    }
+    /// The element at `at` without its values in error: those with shape errors
+    /// (`bad`, already reported) and those deserializing refuses (reported here,
+    /// quoting `original`, the text before `${VAR}` expansion). `None` when the
+    /// element cannot stand without them.
+    fn parse_element<T: serde::de::DeserializeOwned>(
+        &mut self,
+        at: &At,
+        mut v: Value,
+        bad: &[String],
+        original: &Value,
+    ) -> Option<(T, Taint)> {
+        let mut taint = Taint::default();
+        for b in bad {
+            if *b == at.pointer {
+                return None;
+            }
+            if let Some(rel) = b.strip_prefix(&at.pointer).filter(|r| r.starts_with('/')) {
+                if !taint.remove(&mut v, rel) {
+                    return None;
                 }
-                let at = At {
-                    file: at.file,
-                    pointer,
-                };
-                self.error(&at, "invalid value for this key");
-                None
+                taint.errors = true;
             }
         }
+        // Each round removes one value, so this ends; the bound is a backstop.
+        for _ in 0..MAX_REPAIRS {
+            let e = match serde_path_to_error::deserialize::<_, T>(&v) {
+                Ok(t) => return Some((t, taint)),
+                Err(e) => e,
+            };
+            let rel = path_pointer(e.path());
+            let bad = At {
+                file: at.file,
+                pointer: format!("{}{rel}", at.pointer),
+            };
+            // A key we removed may be required: that is no problem of the author's.
+            // A missing variable is reported already (a warning for `validate`).
+            if !taint.explains(&rel) && !self.unresolved(&bad) {
+                let got = shape::quote(original.pointer(&bad.pointer));
+                self.error(&bad, format!("{}, got {got}", e.inner()));
+                taint.errors = true;
+            }
+            if !taint.remove(&mut v, &rel) {
+                return None;
+            }
+        }
+        None
     }
 
     // ---------- whole configuration ----------
@@ -270,6 +281,27 @@ impl Compiler<'_> {
         }
         (hex::encode(hasher.finalize()), schema_files)
     }
+}
+
+/// Most values removed from one element before giving up on it.
+const MAX_REPAIRS: usize = 64;
+
+/// A serde path (`downstream.timeout`, `schedule[1]`) as a JSON pointer.
+fn path_pointer(path: &serde_path_to_error::Path) -> String {
+    let mut pointer = String::new();
+    for seg in path.iter() {
+        match seg {
+            serde_path_to_error::Segment::Seq { index } => {
+                pointer.push_str(&format!("/{index}"));
+            }
+            serde_path_to_error::Segment::Map { key } => {
+                pointer.push('/');
+                pointer.push_str(&key.replace('~', "~0").replace('/', "~1"));
+            }
+            _ => {}
+        }
+    }
+    pointer
 }
 
 fn hash_route_file(h: &mut Sha256, path: &Path, content: &[u8]) {

@@ -18,6 +18,8 @@
 //! - `fields`: template fields the payload schemas cannot provide (warnings)
 //! - `examples`: route `examples`, rendered and matched
 //! - `position`: JSON pointers and template line/col → what diagnostics show
+//! - `taint`: what was removed from an element in error, so its other fields
+//!   are still checked without misleading follow-ups
 //!
 //! It never does network I/O, never produces a config from a load with errors,
 //! and never lets an environment value reach a diagnostic (they are redacted).
@@ -28,6 +30,7 @@ mod examples;
 mod fields;
 mod intake;
 mod position;
+mod taint;
 #[cfg(test)]
 mod tests;
 
@@ -45,6 +48,7 @@ use crate::payload::PayloadSchema;
 use crate::template;
 use intake::TemplateKey;
 use position::locate_in_scalar;
+use taint::Taint;
 
 pub use intake::{ParseCache, current_hash};
 pub use position::pointer_to_path;
@@ -90,6 +94,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         hasher: Sha256::new(),
         env_values: BTreeSet::new(),
         templates_used: Vec::new(),
+        forbidden_headers: Vec::new(),
     };
     let files = walk::collect_files(inputs, &mut c.diags);
     for f in files {
@@ -122,18 +127,23 @@ impl At {
     }
 }
 
+/// An element as written: where, parsed with its [`Taint`] (unless it cannot
+/// stand without its values in error), and its name or id as written.
+type Written<T> = (At, Option<(T, Taint)>, Option<String>);
+
 /// The state of one load: filled file by file by `intake`, then compiled by `finish`.
 struct Compiler<'a> {
     opts: &'a LoadOptions<'a>,
     files: Vec<FileCtx>,
     diags: Vec<Diagnostic>,
-    /// Every bot written, in file order: parsed unless it has a shape error, and
-    /// its id as written (for references and did-you-mean either way).
-    bots: Vec<(At, Option<raw::Bot>, Option<String>)>,
+    /// Every bot written, in file order: parsed (without its values in error,
+    /// see [`Taint`]) unless it cannot stand without them, and its id as written
+    /// (for references and did-you-mean either way).
+    bots: Vec<Written<raw::Bot>>,
     /// Every route written, as `bots`, with its name as written.
-    routes: Vec<(At, Option<raw::Route>, Option<String>)>,
-    /// The `defaults:` blocks without a shape error (more than one is an error).
-    defaults: Vec<(At, raw::Defaults)>,
+    routes: Vec<Written<raw::Route>>,
+    /// The `defaults:` blocks that could be parsed (more than one is an error).
+    defaults: Vec<(At, raw::Defaults, Taint)>,
     schema_cache: HashMap<PathBuf, Result<Arc<PayloadSchema>, String>>,
     hasher: Sha256,
     /// Every value read from the environment: secret until proven otherwise, so
@@ -141,6 +151,9 @@ struct Compiler<'a> {
     env_values: BTreeSet<String>,
     /// Template cache keys used by this load (the rest is evicted).
     templates_used: Vec<TemplateKey>,
+    /// While a route is compiled: the inbound headers (lower-case) its templates
+    /// may not read with the `header` helper, and why.
+    forbidden_headers: Vec<(String, String)>,
 }
 
 impl Compiler<'_> {
@@ -217,9 +230,9 @@ impl Compiler<'_> {
 
     /// The phases across files, then the `Config` unless there was an error.
     fn finish(mut self) -> Loaded {
-        let defaults = self.take_defaults();
+        let (defaults, dtaint) = self.take_defaults();
         let (mut bots, all_bot_ids) = self.compile_bots();
-        let mut routes = self.compile_routes(&defaults, &all_bot_ids);
+        let mut routes = self.compile_routes(&defaults, &dtaint, &all_bot_ids, &bots);
         self.claim_intents(&mut routes, &mut bots, &all_bot_ids);
 
         // template-vs-schema check and examples
@@ -236,7 +249,8 @@ impl Compiler<'_> {
                 )
                 .collect();
             self.check_template_fields(at, route, &schemas);
-            if self.opts.check_examples {
+            // with values removed from `defaults:`, examples would run on stand-ins
+            if self.opts.check_examples && dtaint.is_clean() {
                 self.check_examples(at, route, &bots);
             }
         }

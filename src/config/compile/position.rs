@@ -57,9 +57,9 @@ pub(super) fn locate_in_scalar(text: &str, value: Pos, tline: usize, tcol: usize
                 col: indent + tcol,
             }
         }
-        Some('"' | '\'') if tline == 1 => Pos {
+        Some(quote @ ('"' | '\'')) if tline == 1 => Pos {
             line: value.line,
-            col: value.col + tcol,
+            col: value.col + 1 + quoted_width(&rest[quote.len_utf8()..], quote, tcol - 1),
         },
         _ if tline == 1 => Pos {
             line: value.line,
@@ -70,6 +70,35 @@ pub(super) fn locate_in_scalar(text: &str, value: Pos, tline: usize, tcol: usize
             col: tcol,
         },
     }
+}
+
+/// How many characters of the file the first `n` characters of a quoted
+/// scalar's value take, reading the file text `after` its opening `quote`:
+/// an escape (`\"`, `\u00e9`) or a doubled `''` is one character of the value.
+fn quoted_width(after: &str, quote: char, n: u32) -> u32 {
+    let mut chars = after.chars();
+    let mut width = 0;
+    for _ in 0..n {
+        match chars.next() {
+            Some('\\') if quote == '"' => {
+                let rest: u32 = match chars.next() {
+                    Some('x') => 2,
+                    Some('u') => 4,
+                    Some('U') => 8,
+                    _ => 0,
+                };
+                chars.by_ref().take(rest as usize).for_each(drop);
+                width += 2 + rest;
+            }
+            Some('\'') if quote == '\'' => {
+                chars.next();
+                width += 2;
+            }
+            Some(_) => width += 1,
+            None => break,
+        }
+    }
+    width
 }
 
 /// serde-saphyr places a block scalar (`body: |`) at its first content line.

@@ -67,6 +67,34 @@ fn scalar_positions() {
     );
 }
 
+/// A quoted scalar's escapes make the file text longer than the template text:
+/// positions after them count the file's characters.
+#[test]
+fn positions_in_quoted_scalars_skip_escapes() {
+    let text =
+        "a: \"{\\\"a\\\": {{x}}}\"\nb: 'it''s {{x}}'\nc: \"\\u00e9\\x41{{x}}\"\nd: \"{{x}}\"\n";
+    assert_eq!(text.lines().next(), Some(r#"a: "{\"a\": {{x}}}""#));
+    // `{"a": {{x}}}`: `{{` is template column 7
+    assert_eq!(
+        locate_in_scalar(text, Pos { line: 1, col: 4 }, 1, 7),
+        Pos { line: 1, col: 13 }
+    );
+    // `it's {{x}}`: column 6
+    assert_eq!(
+        locate_in_scalar(text, Pos { line: 2, col: 4 }, 1, 6),
+        Pos { line: 2, col: 11 }
+    );
+    // `éA{{x}}`: column 3
+    assert_eq!(
+        locate_in_scalar(text, Pos { line: 3, col: 4 }, 1, 3),
+        Pos { line: 3, col: 15 }
+    );
+    assert_eq!(
+        locate_in_scalar(text, Pos { line: 4, col: 4 }, 1, 1),
+        Pos { line: 4, col: 5 }
+    );
+}
+
 #[test]
 fn schema_field_check() {
     let schema = serde_json::json!({
