@@ -23,7 +23,7 @@ routes:
     downstream: {{ url: "{a}/crm", timeout: 300ms }}
     retry: {{ attempts: 1 }}
     breaker: {breaker}
-    fallback: {{ status: 200, body: '{{"fallback": true, "retry_after": {{{{retry_after}}}}}}' }}
+    fallback: {{ status: 200, body: '{{"fallback": true, "retry_after": {{{{json retry_after}}}}}}' }}
   - name: route-b
     bot: bot
     intent: b

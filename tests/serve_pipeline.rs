@@ -366,7 +366,7 @@ async fn step9_429_pauses_the_route_with_retry_after() {
     let ds = TestDownstream::start().await;
     let gw = gateway(
         &ds,
-        "    fallback: { status: 200, body: '{\"later\": {{retry_after}}}' }",
+        "    fallback: { status: 200, body: '{\"later\": {{json retry_after}}}' }",
     )
     .await;
     // 429 with Retry-After 30 → tries stop (30s > remaining deadline), the route pauses
@@ -421,7 +421,7 @@ async fn step9_bulkhead_full_is_503_at_once() {
 #[tokio::test]
 async fn response_template_reads_downstream_and_request() {
     let ds = TestDownstream::start().await;
-    let gw = gateway(&ds, "    response: { status: 201, body: '{\"crmId\": {{json downstream.body.id}}, \"session\": \"{{request.sessionId}}\", \"st\": {{downstream.status}}}' }").await;
+    let gw = gateway(&ds, "    response: { status: 201, body: '{\"crmId\": {{json downstream.body.id}}, \"session\": \"{{request.sessionId}}\", \"st\": {{json downstream.status}}}' }").await;
     let (status, _, body) = gw.send("b", &payload("C-1")).await;
     assert_eq!(
         (status, body),
@@ -489,10 +489,11 @@ async fn crlf_in_a_rendered_header_is_refused_and_nothing_is_sent() {
 #[tokio::test]
 async fn a_body_that_does_not_render_to_json_is_refused() {
     let ds = TestDownstream::start().await;
-    let gw = builder(&format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"{}/x\" }}\n    body: '{{\"n\": {{{{sessionId}}}}}}'\n", ds.url()))
+    let gw = builder(&format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"{}/x\" }}\n    body: '{{\"n\": {{{{#if flag}}}}{{{{json sessionId}}}}{{{{/if}}}}}}'\n", ds.url()))
         .start()
         .await;
-    let (status, _, body) = gw.send("b", &json!({"sessionId": "not a number"})).await;
+    // (a body that passes validate's shape check: `flag` is absent, so `"n": }` renders)
+    let (status, _, body) = gw.send("b", &json!({"sessionId": "s"})).await;
     assert_eq!(status, 422);
     assert!(
         body["message"].as_str().unwrap().contains("route `r`"),
