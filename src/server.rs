@@ -76,6 +76,9 @@ pub enum ServeError {
     },
     #[error("cannot open the delivery store: {0}")]
     Store(crate::store::StoreError),
+    /// Another `serve` holds the SQLite store (SPEC §7.3): exit status 1.
+    #[error("{0}")]
+    StoreInUse(crate::store::StoreError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -96,6 +99,8 @@ impl ServeError {
 pub struct Server {
     gw: Arc<Gateway>,
     settings: Settings,
+    /// A SQLite store's exclusive lock, held until the server is gone.
+    lock: Option<crate::store::StoreLock>,
 }
 
 impl Server {
@@ -106,7 +111,16 @@ impl Server {
             path: settings.routes.clone(),
             source,
         })?;
-        let store = crate::store::open(&settings.store)
+        // One SQLite file belongs to one serve process: lock it before opening
+        // (the worker takes back the leases of the fixed owner at start).
+        let lock = crate::store::lock_sqlite(&settings.store).map_err(|e| match e {
+            crate::store::StoreError::InUse { .. } => ServeError::StoreInUse(e),
+            e => ServeError::Store(e),
+        })?;
+        let opts = crate::store::StoreOptions {
+            max_pending: Some(settings.limits.max_pending),
+        };
+        let store = crate::store::open_with(&settings.store, opts)
             .await
             .map_err(ServeError::Store)?;
         let env = std::mem::replace(&mut settings.env, Box::new(|_| None));
@@ -126,7 +140,7 @@ impl Server {
             return Err(ServeError::InvalidConfig(diagnostics));
         }
         worker::warn_about_short_lease(&gw.runtime.load().config, settings.worker.lease);
-        Ok(Server { gw, settings })
+        Ok(Server { gw, settings, lock })
     }
 
     /// The running gateway (its runtime, store and metrics).
@@ -143,7 +157,7 @@ impl Server {
         admin: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Server { gw, settings } = self;
+        let Server { gw, settings, lock } = self;
         {
             let cfg = gw.runtime.load();
             tracing::info!(
@@ -175,6 +189,7 @@ impl Server {
         // Queued deliveries stay in the store; leased ones go back to it.
         worker.stop().await;
         gw.store.close().await;
+        drop(lock);
         served?;
         tracing::info!("gateway stopped");
         Ok(())

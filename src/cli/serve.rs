@@ -142,6 +142,10 @@ fn exit_code(e: ServeError) -> u8 {
         return 1;
     }
     eprintln!("gateway serve: {e}");
+    // SPEC §7.3: a store file another serve holds is a refusal, like a bad config.
+    if matches!(e, ServeError::StoreInUse(_)) {
+        return 1;
+    }
     2
 }
 

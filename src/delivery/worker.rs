@@ -153,33 +153,52 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
 pub const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 /// Housekeeping: delivered deliveries and idempotency records older than the
-/// dedupe window go (in bounded batches, so the store is never locked for long).
-/// Dead letters stay until replayed. With several instances each purges; the
-/// deletes are idempotent.
+/// dedupe window go, and dead letters that died longer than `--dead-retention`
+/// ago (in bounded batches, so the store is never locked for long). With
+/// several instances each purges; the deletes are idempotent.
 async fn purge(gw: &Gateway) {
-    let Some(before) = SystemTime::now().checked_sub(gw.shared.limits.dedupe_window) else {
-        return;
-    };
+    let now = SystemTime::now();
+    let limits = &gw.shared.limits;
+    if let Some(before) = now.checked_sub(limits.dedupe_window) {
+        let removed = purge_batches(|| gw.store.purge(before, PURGE_BATCH)).await;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "purged deliveries and idempotency records past the dedupe window"
+            );
+        }
+    }
+    if let Some(before) = now.checked_sub(limits.dead_retention) {
+        let removed = purge_batches(|| gw.store.purge_dead(before, PURGE_BATCH)).await;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "purged dead letters past the dead-letter retention"
+            );
+        }
+    }
+}
+
+const PURGE_BATCH: u32 = 1000;
+
+/// Runs one purge in batches until a batch comes back short; how many rows went.
+async fn purge_batches<'a>(
+    mut batch: impl FnMut() -> crate::store::BoxFuture<'a, crate::store::Result<u64>>,
+) -> u64 {
     let mut total = 0;
     loop {
-        match gw.store.purge(before, 1000).await {
+        match batch().await {
             Ok(n) => {
                 total += n;
-                if n < 1000 {
-                    break;
+                if n < u64::from(PURGE_BATCH) {
+                    return total;
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "delivery store: purge failed");
-                break;
+                return total;
             }
         }
-    }
-    if total > 0 {
-        tracing::info!(
-            removed = total,
-            "purged deliveries and idempotency records past the dedupe window"
-        );
     }
 }
 

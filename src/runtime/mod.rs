@@ -51,6 +51,10 @@ pub struct Limits {
     pub telemetry: bool,
     /// How long an idempotency key dedupes inbound duplicates (SPEC §5 step 7).
     pub dedupe_window: Duration,
+    /// `--dead-retention`: dead letters older than this are purged (SPEC §7.3).
+    pub dead_retention: Duration,
+    /// `--max-pending`: accepts are refused while this many deliveries are pending (SPEC §7.3).
+    pub max_pending: u64,
 }
 
 impl Default for Limits {
@@ -62,6 +66,8 @@ impl Default for Limits {
             sla: Duration::from_secs(2),
             telemetry: true,
             dedupe_window: crate::store::DEFAULT_DEDUPE_WINDOW,
+            dead_retention: crate::store::DEFAULT_DEAD_RETENTION,
+            max_pending: crate::store::DEFAULT_MAX_PENDING,
         }
     }
 }
