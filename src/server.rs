@@ -33,7 +33,9 @@ pub struct Settings {
     pub admin_token: Option<SecretString>,
     /// Where `${VAR}` values come from (the process environment in the binary).
     pub env: EnvLookup,
-    /// How long in-flight requests may take to finish after shutdown begins.
+    /// How long the whole shutdown may take once it begins: in-flight requests
+    /// and delivery tries finish within it, or are cut off (their deliveries
+    /// go back to pending).
     pub shutdown_grace: Duration,
     /// Reload on file changes with this debounce; `None`: no file watcher.
     pub watch: Option<Duration>,
@@ -181,20 +183,61 @@ impl Server {
             }
         });
         let worker = worker::spawn(gw.clone(), settings.worker.clone());
-        let served =
-            crate::http::run(public, admin, gw.clone(), shutdown, settings.shutdown_grace).await;
+        // SIGTERM ends within the grace (SPEC §7.3), the worker included: the
+        // listeners and the worker stop together, both by the grace less a
+        // reserve in which the worker returns its leases and the store closes.
+        let grace = settings.shutdown_grace;
+        let reserve = shutdown_reserve(grace);
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = began_tx.send(tokio::time::Instant::now());
+        };
+        let worker_stopped = async move {
+            let began = began_rx
+                .await
+                .unwrap_or_else(|_| tokio::time::Instant::now());
+            let tries_by = began + grace.saturating_sub(reserve);
+            let stop = worker.stop_by(tries_by);
+            let end = (began + grace).max(tries_by + MIN_RESERVE);
+            if tokio::time::timeout_at(end, stop).await.is_err() {
+                tracing::warn!(
+                    "the delivery worker did not stop within the shutdown grace (the store did \
+                     not answer); its leases expire on their own"
+                );
+            }
+        };
+        let public_grace = grace.saturating_sub(reserve);
+        let (served, ()) = tokio::join!(
+            crate::http::run(public, admin, gw.clone(), shutdown, public_grace),
+            worker_stopped
+        );
         if let Some(h) = sighup {
             h.abort();
         }
-        // Queued deliveries stay in the store; leased ones go back to it.
-        worker.stop().await;
-        gw.store.close().await;
+        // Queued deliveries stay in the store; leased ones went back to it.
+        if tokio::time::timeout(reserve.max(MIN_RESERVE), gw.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the delivery store did not close within the shutdown grace");
+        }
         drop(lock);
         served?;
         tracing::info!("gateway stopped");
         Ok(())
     }
 }
+
+/// The end of the shutdown grace kept for returning leases and closing the
+/// store: a tenth of the grace, at most 500 ms.
+fn shutdown_reserve(grace: Duration) -> Duration {
+    (grace / 10).min(Duration::from_millis(500))
+}
+
+/// The least time given to returning leases, and to closing the store, even
+/// with a grace of (nearly) zero.
+const MIN_RESERVE: Duration = Duration::from_millis(100);
 
 /// Starts the gateway of `settings` and serves `public` and `admin` until `shutdown`.
 pub async fn serve(

@@ -1,8 +1,9 @@
 //! SPEC §7.3 "Acknowledged means delivered, once", the store's half (issue 13):
 //! idempotency per (bot, route, key), sync holds that only their holder can end,
-//! the `--max-pending` bound, dead-letter retention and the migration of a store
-//! written by schema version 1. Store scenarios run on SQLite and on PostgreSQL;
-//! `hardening_process.rs` checks the same through the real binary.
+//! the `--max-pending` bound, dead-letter retention, the migration of a store
+//! written by schema version 1, the SQLite lock, shutdown within the grace and a
+//! failing store. Store scenarios run on SQLite and on PostgreSQL (`sqlite::`,
+//! `postgres::`); `binary::` runs the real `gateway` against a local downstream.
 
 mod support;
 
@@ -623,7 +624,10 @@ async fn postgres_v1_from_fixture(url: &str) {
     use sqlx::{Connection, Row};
     let mut pg = sqlx::PgConnection::connect(url).await.unwrap();
     sqlx::raw_sql(PG_V1).execute(&mut pg).await.unwrap();
-    let lite = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", fixture_v1().display()))
+    // (read from a copy: even a read-only open of a WAL file writes a -shm beside it)
+    let dir = tempfile::tempdir().unwrap();
+    let copy = fixture_copy(dir.path(), "http://downstream.invalid").await;
+    let lite = sqlx::SqlitePool::connect(&format!("sqlite://{}", copy.display()))
         .await
         .unwrap();
     for row in sqlx::query("SELECT * FROM deliveries")
@@ -718,4 +722,387 @@ async fn postgres_store_of_schema_v1_is_migrated_and_keeps_working() {
         .unwrap();
     let latest = cognigy_gateway::store::postgres::SCHEMA_VERSION;
     assert_eq!(versions, (1..=latest).collect::<Vec<_>>());
+}
+
+// ---- the real binary ----
+
+mod binary {
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use serde_json::{Value, json};
+
+    use super::support::process::{Proc, kill, serve};
+    use super::support::{self, TestDownstream, poll_until};
+
+    /// Bot `b` (API key `k`) with two routes keyed by `inputId`: `upsert`
+    /// (intent `update`, to `/upsert`) and `notes` (intent `note`, to `/notes`),
+    /// both in `mode`.
+    fn two_routes(url: &str, mode: &str) -> String {
+        let route = |name: &str, intent: &str| {
+            format!(
+                "  - name: {name}\n    bot: b\n    intent: {intent}\n    mode: {mode}\n    idempotency_key: \"{{{{inputId}}}}\"\n    downstream: {{ url: \"{url}/{name}\" }}\n    body: '{{\"inputId\": {{{{json inputId}}}}}}'\n"
+            )
+        };
+        format!(
+            "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"k\"] }} }}\nroutes:\n{}{}",
+            route("upsert", "update"),
+            route("notes", "note")
+        )
+    }
+
+    /// A routes directory with `files`, and a SQLite store URL beside it.
+    fn setup(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = dir.path().join("routes");
+        std::fs::create_dir_all(&routes).unwrap();
+        for (name, content) in files {
+            std::fs::write(routes.join(name), content).unwrap();
+        }
+        let store = format!("sqlite://{}", dir.path().join("gateway.db").display());
+        (dir, routes, store)
+    }
+
+    async fn post(p: &Proc, intent: &str, input: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/webhooks/b", p.listen))
+            .header("x-api-key", "k")
+            .body(json!({"sessionId": "s", "intent": intent, "inputId": input}).to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+        (status, headers, body)
+    }
+
+    async fn admin_deliveries(p: &Proc) -> Value {
+        let text = reqwest::get(format!("http://{}/admin/deliveries", p.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Paths of the requests the downstream received, sorted.
+    fn paths(ds: &TestDownstream) -> Vec<String> {
+        let mut p: Vec<String> = ds.requests().iter().map(|r| r.uri.clone()).collect();
+        p.sort();
+        p
+    }
+
+    /// SPEC §7.3: one Cognigy input calling two async routes of one bot with the
+    /// same `inputId` is two deliveries, each delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_async_routes_with_one_input_id_are_both_delivered() {
+        support::init();
+        let ds = TestDownstream::start().await;
+        let (_dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "async"))]);
+        let p = serve(&routes, &store, &[], &[]);
+        let (s1, _, upsert) = post(&p, "update", "in-1").await;
+        let (s2, _, notes) = post(&p, "note", "in-1").await;
+        assert_eq!((s1, s2), (202, 202));
+        assert_ne!(upsert["delivery_id"], notes["delivery_id"]);
+        let both = poll_until(Duration::from_secs(10), async || {
+            (ds.requests().len() >= 2).then_some(())
+        })
+        .await;
+        assert!(both.is_some(), "delivered: {:?}", paths(&ds));
+        assert_eq!(paths(&ds), ["/notes", "/upsert"]);
+        for r in ds.requests() {
+            assert_eq!(r.header("idempotency-key").as_deref(), Some("in-1"));
+        }
+        // Each route still dedupes its own key.
+        let (s, _, again) = post(&p, "update", "in-1").await;
+        assert_eq!((s, &again), (202, &upsert));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ds.requests().len(), 2);
+    }
+
+    /// The same for sync routes with a key: both are sent, and each route's
+    /// duplicate gets that route's answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_sync_routes_with_one_input_id_are_both_sent() {
+        support::init();
+        let ds = TestDownstream::start().await;
+        let (_dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "sync"))]);
+        let p = serve(&routes, &store, &[], &[]);
+        ds.push(support::Scripted::status(201).body(r#"{"id":"upsert-1"}"#));
+        ds.push(support::Scripted::status(200).body(r#"{"id":"note-1"}"#));
+        let (s1, h1, b1) = post(&p, "update", "in-1").await;
+        let (s2, h2, b2) = post(&p, "note", "in-1").await;
+        assert_eq!((s1, &b1), (201, &json!({"id": "upsert-1"})));
+        assert_eq!((s2, &b2), (200, &json!({"id": "note-1"})));
+        assert!(!h1.contains_key("idempotent-replayed"));
+        assert!(
+            !h2.contains_key("idempotent-replayed"),
+            "not upsert's answer"
+        );
+        assert_eq!(paths(&ds), ["/notes", "/upsert"]);
+        let (s, h, b) = post(&p, "note", "in-1").await;
+        assert_eq!((s, &b), (200, &b2));
+        assert_eq!(h["idempotent-replayed"], "true");
+        let (s, _, b) = post(&p, "update", "in-1").await;
+        assert_eq!((s, b), (201, b1));
+        assert_eq!(ds.requests().len(), 2);
+    }
+
+    /// `--max-pending`: with that many deliveries pending (here: held in flight
+    /// by the downstream), an accept is 503 `queue_full` with `Retry-After` and
+    /// stores nothing; once they are delivered, accepts are taken again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_answers_503_queue_full_and_stores_nothing() {
+        support::init();
+        let ds = TestDownstream::start().await;
+        ds.hold();
+        let (_dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "async"))]);
+        let p = serve(&routes, &store, &["--max-pending", "2"], &[]);
+        let (_, _, first) = post(&p, "update", "k1").await;
+        assert_eq!(post(&p, "update", "k2").await.0, 202);
+        let (status, headers, body) = post(&p, "update", "k3").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"], "queue_full");
+        assert_eq!(headers["retry-after"], "30");
+        let list = admin_deliveries(&p).await;
+        assert_eq!(list["deliveries"].as_array().unwrap().len(), 2, "{list}");
+        // A duplicate stores nothing: it still gets its first answer.
+        let (status, _, again) = post(&p, "update", "k1").await;
+        assert_eq!((status, again), (202, first));
+        ds.release();
+        let taken = poll_until(Duration::from_secs(10), async || {
+            (post(&p, "update", "k3").await.0 == 202).then_some(())
+        })
+        .await;
+        assert!(taken.is_some(), "accepts resume once the queue drains");
+        poll_until(Duration::from_secs(10), async || {
+            let d = admin_deliveries(&p).await;
+            (d["pending"] == 0 && d["leased"] == 0).then_some(())
+        })
+        .await
+        .expect("all delivered");
+        // The environment variable works as the flag does.
+        drop(p);
+        let p = serve(&routes, &store, &[], &[("GATEWAY_MAX_PENDING", "1")]);
+        ds.hold();
+        assert_eq!(post(&p, "update", "k4").await.0, 202);
+        assert_eq!(post(&p, "update", "k5").await.0, 503);
+        ds.release();
+    }
+
+    /// `--dedupe-window`: a key is a duplicate within the window, new after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dedupe_window_is_a_flag() {
+        support::init();
+        let ds = TestDownstream::start().await;
+        let (_dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "async"))]);
+        let p = serve(&routes, &store, &["--dedupe-window", "1s"], &[]);
+        let (_, _, first) = post(&p, "update", "k1").await;
+        assert_eq!(post(&p, "update", "k1").await.2, first);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (status, _, second) = post(&p, "update", "k1").await;
+        assert_eq!(status, 202);
+        assert_ne!(second, first, "the window ended");
+    }
+
+    fn gateway() -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        c
+    }
+
+    /// SPEC §7.3: one SQLite store file belongs to one `serve`; a second exits 1
+    /// naming the file; `gateway deliveries` still reads and replays beside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_serve_on_one_sqlite_file_exits_1_naming_it() {
+        support::init();
+        let ds = TestDownstream::start().await;
+        let (dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "async"))]);
+        let first = serve(&routes, &store, &["--shutdown-grace", "3"], &[]);
+        assert_eq!(post(&first, "update", "k1").await.0, 202);
+        let out = gateway()
+            .args(["serve", "--routes"])
+            .arg(&routes)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--store", &store])
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let db = dir.path().join("gateway.db");
+        assert!(
+            err.contains(&db.display().to_string()) && err.contains("in use"),
+            "{err}"
+        );
+        // The first one is unaffected.
+        assert_eq!(post(&first, "update", "k2").await.0, 202);
+        // The deliveries commands do not lock.
+        let list = gateway()
+            .args(["deliveries", "list", "--format", "json", "--store", &store])
+            .output()
+            .unwrap();
+        assert_eq!(list.status.code(), Some(0), "{list:?}");
+        let rows: Value = serde_json::from_slice(&list.stdout).unwrap();
+        assert_eq!(rows.as_array().unwrap().len(), 2);
+        // Once the first stops, the file is free.
+        kill(&first.child, "-TERM");
+        drop(first);
+        let _again = serve(&routes, &store, &[], &[]);
+    }
+
+    /// SPEC §7.3: SIGTERM ends within `--shutdown-grace`, the delivery worker
+    /// included; a try stuck in flight is abandoned, its delivery goes back to
+    /// pending and is delivered after a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_ends_within_the_grace_and_a_stuck_delivery_is_delivered_after_restart() {
+        let (dir, routes, store) = setup(&[]);
+        sigterm_case(dir, routes, store).await;
+    }
+
+    /// With PostgreSQL the lease must be returned at shutdown: an instance's
+    /// lease (60 s here) would otherwise hold the delivery long after the restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_sigterm_returns_the_lease_of_a_stuck_delivery() {
+        let (dir, routes, _) = setup(&[]);
+        sigterm_case(dir, routes, support::pg::url().await).await;
+    }
+
+    async fn sigterm_case(_dir: tempfile::TempDir, routes: PathBuf, store: String) {
+        support::init();
+        let ds = TestDownstream::start().await;
+        ds.hold();
+        std::fs::write(
+            routes.join("r.yaml"),
+            support::async_route_file(&ds.url(), &[("timeout", "30s")], "1s"),
+        )
+        .unwrap();
+        let mut p = serve(&routes, &store, &["--shutdown-grace", "1s"], &[]);
+        let id = support::post_keyed(&reqwest::Client::new(), &p.listen, "stuck")
+            .await
+            .expect("accepted");
+        let arrived = poll_until(Duration::from_secs(10), async || {
+            (!ds.requests().is_empty()).then_some(())
+        })
+        .await;
+        assert!(arrived.is_some(), "the try reached the downstream");
+        let t0 = Instant::now();
+        kill(&p.child, "-TERM");
+        let (status, lines) = tokio::task::spawn_blocking(move || {
+            let s = p.child.wait().unwrap();
+            (s, p.lines.try_iter().collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+        let took = t0.elapsed();
+        eprintln!("SIGTERM to exit: {took:?}");
+        assert_eq!(status.code(), Some(0), "{lines:?}");
+        assert!(
+            took < Duration::from_millis(2500),
+            "SIGTERM took {took:?} with a grace of 1s"
+        );
+        assert!(lines.iter().any(|l| l.contains("abandoned")), "{lines:#?}");
+        // Restart on the same store: the delivery is sent again and delivered.
+        ds.release();
+        let p = serve(&routes, &store, &[], &[]);
+        let delivered = poll_until(Duration::from_secs(10), async || {
+            let text = reqwest::get(format!("http://{}/admin/deliveries/{id}", p.admin))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let d: Value = serde_json::from_str(&text).ok()?;
+            (d["state"] == "delivered").then_some(d)
+        })
+        .await
+        .expect("delivered after the restart");
+        assert_eq!(
+            delivered["attempts"].as_array().map(Vec::len),
+            Some(1),
+            "the abandoned try is not recorded: {delivered}"
+        );
+        let keys = support::keys_of_requests(&ds);
+        assert_eq!(keys, ["stuck", "stuck"], "sent again with the same key");
+    }
+
+    /// A store written by schema version 1 served by this binary: migrated, its
+    /// pending deliveries (the one a killed process held included) delivered,
+    /// and dead letters purged only past `--dead-retention`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_v1_store_is_served_delivered_and_purged_by_retention() {
+        support::init();
+        let ds = TestDownstream::start().await;
+        let route = |name: &str, intent: &str| {
+            format!(
+                "  - name: {name}\n    bot: support-bot\n    intent: {intent}\n    mode: async\n    downstream: {{ url: \"{}/crm/x\" }}\n",
+                ds.url()
+            )
+        };
+        let file = format!(
+            "bots:\n  - id: support-bot\n    auth: {{ api_key: {{ keys: [\"k\"] }} }}\nroutes:\n{}{}",
+            route("crm-upsert", "update"),
+            route("crm-notes", "note")
+        );
+        let (dir, routes, _) = setup(&[("r.yaml", &file)]);
+        let db = super::fixture_copy(dir.path(), &ds.url()).await;
+        let store = format!("sqlite://{}", db.display());
+        let list = |store: &str| -> Vec<Value> {
+            let out = gateway()
+                .args(["deliveries", "list", "--format", "json", "--store", store])
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "{out:?}");
+            serde_json::from_slice::<Value>(&out.stdout)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .clone()
+        };
+        // A long retention and window keep the 2023 rows.
+        let p = serve(
+            &routes,
+            &store,
+            &["--dead-retention", "36500d", "--dedupe-window", "36500d"],
+            &[],
+        );
+        let delivered = poll_until(Duration::from_secs(10), async || {
+            (ds.requests().len() >= 4).then_some(())
+        })
+        .await;
+        assert!(delivered.is_some(), "{:?}", paths(&ds));
+        assert_eq!(paths(&ds), ["/crm/3", "/crm/4", "/crm/5", "/crm/6"]);
+        poll_until(Duration::from_secs(10), async || {
+            let d = admin_deliveries(&p).await;
+            (d["pending"] == 0 && d["leased"] == 0).then_some(())
+        })
+        .await
+        .expect("settled");
+        kill(&p.child, "-TERM");
+        drop(p);
+        let rows = list(&store);
+        assert_eq!(rows.len(), 6, "{rows:?}");
+        assert_eq!(rows.iter().filter(|r| r["state"] == "dead").count(), 1);
+        // Default retention (30d) and window (24h): the 2023 dead letter and
+        // delivered row go; the four delivered today stay.
+        let p = serve(&routes, &store, &[], &[]);
+        let purged = poll_until(Duration::from_secs(10), async || {
+            let d = admin_deliveries(&p).await;
+            (d["deliveries"].as_array()?.len() == 4).then_some(d)
+        })
+        .await
+        .expect("purged at start");
+        assert_eq!(purged["dead"], 0, "{purged}");
+        assert!(
+            purged["deliveries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["state"] == "delivered")
+        );
+    }
 }
