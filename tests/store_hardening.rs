@@ -1105,4 +1105,234 @@ mod binary {
                 .all(|d| d["state"] == "delivered")
         );
     }
+
+    // ---- a failing store (SPEC §7.3) ----
+
+    /// Async route `r` (every intent but `sync`) keyed by `inputId` to `/crm`,
+    /// and sync route `s` (intent `sync`) without a key to `/sync`.
+    fn outage_routes(url: &str) -> String {
+        format!(
+            "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"k\"] }} }}\nroutes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    mode: async\n    idempotency_key: \"{{{{inputId}}}}\"\n    downstream: {{ url: \"{url}/crm\", timeout: 1s }}\n    body: '{{\"inputId\": {{{{json inputId}}}}}}'\n    retry: {{ schedule: [100ms, 200ms, 500ms, 1s, 1s, 1s, 1s] }}\n  - name: s\n    bot: b\n    intent: sync\n    downstream: {{ url: \"{url}/sync\", timeout: 1s }}\n"
+        )
+    }
+
+    const HEALTHY: u8 = 0;
+    const BROKEN: u8 = 1;
+    const MENDED: u8 = 2;
+
+    /// One answer under load: the phase when it was sent and when it came back.
+    #[derive(Debug, Clone)]
+    struct Answer {
+        sent: u8,
+        back: u8,
+        status: u16,
+        error: Option<String>,
+    }
+
+    /// Async and sync webhooks under load while `break_store` makes the store
+    /// fail and `mend_store` mends it, without restarting the gateway:
+    /// - async accepts answer 202 or 503 `store_unavailable`, never 202 while
+    ///   the store is broken, and every 202 is delivered in the end (nothing
+    ///   uncommitted was acknowledged);
+    /// - the sync route without a key keeps answering 200;
+    /// - once mended, accepts are taken again by the same process.
+    async fn outage_case(
+        p: &Proc,
+        ds: &TestDownstream,
+        break_store: impl FnOnce(),
+        mend_store: impl FnOnce(),
+    ) {
+        use std::collections::HashSet;
+        use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+        use std::sync::{Arc, Mutex};
+        let phase = Arc::new(AtomicU8::new(HEALTHY));
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let async_answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
+        let sync_answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .unwrap();
+        let mut load = Vec::new();
+        for sender in 0..6 {
+            let (phase, stop, acked, client) =
+                (phase.clone(), stop.clone(), acked.clone(), client.clone());
+            let answers = if sender < 4 {
+                async_answers.clone()
+            } else {
+                sync_answers.clone()
+            };
+            let url = format!("http://{}/webhooks/b", p.listen);
+            load.push(tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    let key = format!("in-{sender}-{n}");
+                    n += 1;
+                    let intent = if sender < 4 { "update" } else { "sync" };
+                    let sent = phase.load(Ordering::SeqCst);
+                    let resp = client
+                        .post(&url)
+                        .header("x-api-key", "k")
+                        .body(
+                            json!({"sessionId": "s", "intent": intent, "inputId": key}).to_string(),
+                        )
+                        .send()
+                        .await
+                        .expect("the gateway answers");
+                    let status = resp.status().as_u16();
+                    let body: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+                    let back = phase.load(Ordering::SeqCst);
+                    if sender < 4 && status == 202 {
+                        acked.lock().unwrap().insert(key);
+                    }
+                    answers.lock().unwrap().push(Answer {
+                        sent,
+                        back,
+                        status,
+                        error: body["error"].as_str().map(str::to_owned),
+                    });
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+        }
+        let seen = |answers: &Arc<Mutex<Vec<Answer>>>, f: &dyn Fn(&Answer) -> bool| {
+            answers.lock().unwrap().iter().any(f)
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            seen(&async_answers, &|a| a.status == 202),
+            "accepts while healthy"
+        );
+        break_store();
+        phase.store(BROKEN, Ordering::SeqCst);
+        let refused = poll_until(Duration::from_secs(30), async || {
+            seen(&async_answers, &|a| a.sent == BROKEN && a.status == 503).then_some(())
+        })
+        .await;
+        assert!(
+            refused.is_some(),
+            "async accepts are refused while the store fails"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        phase.store(MENDED, Ordering::SeqCst);
+        mend_store();
+        let recovered = poll_until(Duration::from_secs(30), async || {
+            seen(&async_answers, &|a| a.sent == MENDED && a.status == 202).then_some(())
+        })
+        .await;
+        assert!(recovered.is_some(), "accepts resume without a restart");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::SeqCst);
+        for l in load {
+            l.await.unwrap();
+        }
+
+        let async_answers = async_answers.lock().unwrap().clone();
+        let sync_answers = sync_answers.lock().unwrap().clone();
+        for a in &async_answers {
+            assert!(
+                a.status == 202
+                    || (a.status == 503 && a.error.as_deref() == Some("store_unavailable")),
+                "{a:?}"
+            );
+            assert!(
+                !(a.sent == BROKEN && a.back == BROKEN && a.status == 202),
+                "acknowledged while the store was failing: {a:?}"
+            );
+        }
+        let during: Vec<_> = sync_answers
+            .iter()
+            .filter(|a| a.sent == BROKEN && a.back == BROKEN)
+            .collect();
+        assert!(
+            during.len() >= 3,
+            "sync calls while the store failed: {sync_answers:?}"
+        );
+        assert!(during.iter().all(|a| a.status == 200), "{during:?}");
+        eprintln!(
+            "async answers {} ({} refused), sync answers {} ({} while broken)",
+            async_answers.len(),
+            async_answers.iter().filter(|a| a.status == 503).count(),
+            sync_answers.len(),
+            during.len()
+        );
+
+        // Every acknowledged delivery is delivered: nothing uncommitted was acknowledged.
+        let acked = acked.lock().unwrap().clone();
+        let missing = || {
+            let seen: HashSet<String> = ds
+                .requests()
+                .iter()
+                .filter_map(|r| r.header("idempotency-key"))
+                .collect();
+            acked.iter().filter(|k| !seen.contains(*k)).count()
+        };
+        let all = poll_until(Duration::from_secs(30), async || {
+            (missing() == 0).then_some(())
+        })
+        .await;
+        assert!(
+            all.is_some(),
+            "{} of {} acknowledged deliveries never arrived",
+            missing(),
+            acked.len()
+        );
+    }
+
+    /// SQLite: the store's file system refuses every write. As root, file modes
+    /// stop nothing, so the test lowers the gateway process's file-size limit
+    /// to 0 (`prlimit --fsize`): every write to the database or its WAL then
+    /// fails with EFBIG, as on a full disk, and raising it again mends the
+    /// store. (The process is started with SIGXFSZ ignored, so the write fails
+    /// instead of the signal killing the process.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_refusing_writes_under_load_answers_503_and_recovers() {
+        support::init();
+        let ds = TestDownstream::start().await;
+        let (dir, routes, store) = setup(&[("r.yaml", &outage_routes(&ds.url()))]);
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap '' XFSZ; exec \"$@\"", "sh"])
+            .arg(env!("CARGO_BIN_EXE_gateway"))
+            .args(["serve", "--routes"])
+            .arg(&routes)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--log-format", "json", "--store", &store, "--lease", "2s"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("GATEWAY_LOG", "error,cognigy_gateway::server=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let p = support::process::start(cmd);
+        let pid = p.child.id().to_string();
+        let fsize = |limit: &str| {
+            let ok = Command::new("prlimit")
+                .args(["--pid", &pid, &format!("--fsize={limit}")])
+                .status()
+                .expect("run prlimit")
+                .success();
+            assert!(ok, "prlimit --fsize={limit}");
+        };
+        outage_case(
+            &p,
+            &ds,
+            || fsize("0:unlimited"),
+            || fsize("unlimited:unlimited"),
+        )
+        .await;
+        drop(dir);
+    }
+
+    /// PostgreSQL stopped under load, then started again (a cluster of this test's own).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_stopped_under_load_answers_503_and_recovers() {
+        support::init();
+        let ds = TestDownstream::start().await;
+        let cluster = tokio::task::spawn_blocking(support::pg::Cluster::start)
+            .await
+            .unwrap();
+        let (_dir, routes, _) = setup(&[("r.yaml", &outage_routes(&ds.url()))]);
+        let p = serve(&routes, cluster.url(), &["--lease", "2s"], &[]);
+        outage_case(&p, &ds, || cluster.stop(), || cluster.restart()).await;
+    }
 }

@@ -222,10 +222,19 @@ impl SqliteStore {
             .max_connections(opts.read_connections.max(1))
             .connect_lazy_with(connect);
         let commits = Arc::new(AtomicU64::new(0));
-        let (writer, rx) = mpsc::channel(opts.queue.max(1));
-        tokio::spawn(write_loop(conn, rx, opts.max_batch.max(1), commits.clone()));
+        let (writer_tx, rx) = mpsc::channel(opts.queue.max(1));
+        let writer_conn = Writer {
+            conn: Some(conn),
+            connect: writer,
+        };
+        tokio::spawn(write_loop(
+            writer_conn,
+            rx,
+            opts.max_batch.max(1),
+            commits.clone(),
+        ));
         Ok(SqliteStore {
-            writer,
+            writer: writer_tx,
             reader,
             commits,
             path,
@@ -371,8 +380,50 @@ enum Reply {
     Bool(bool),
 }
 
+/// The writer's connection, opened again after a failed transaction.
+///
+/// When a write fails for an I/O reason (disk full, file read-only, a device
+/// error), SQLite may roll the transaction back by itself, and sqlx's idea of
+/// the connection's transaction depth is then wrong: every later `BEGIN` is
+/// refused, and the store would stay unavailable until a restart. So after
+/// any failed transaction the connection is closed, and the next write opens
+/// a fresh one: once the file system takes writes again, the store works
+/// again by itself (SPEC §7.3).
+struct Writer {
+    conn: Option<SqliteConnection>,
+    connect: SqliteConnectOptions,
+}
+
+impl Writer {
+    /// Runs `ops` in one transaction (see [`run_batch`]), on a fresh
+    /// connection if the last transaction failed.
+    async fn run(&mut self, ops: &[Op], commits: &AtomicU64) -> Result<Vec<Result<Reply>>> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(
+                SqliteConnection::connect_with(&self.connect)
+                    .await
+                    .map_err(StoreError::db("open the SQLite file again"))?,
+            ),
+        };
+        let result = run_batch(conn, ops, commits).await;
+        if result.is_err()
+            && let Some(conn) = self.conn.take()
+        {
+            let _ = conn.close().await;
+        }
+        result
+    }
+
+    async fn close(self) {
+        if let Some(conn) = self.conn {
+            let _ = conn.close().await;
+        }
+    }
+}
+
 async fn write_loop(
-    mut conn: SqliteConnection,
+    mut writer: Writer,
     mut rx: mpsc::Receiver<Msg>,
     max_batch: usize,
     commits: Arc<AtomicU64>,
@@ -394,19 +445,17 @@ async fn write_loop(
         if ops.is_empty() {
             continue;
         }
-        let results = match run_batch(&mut conn, &ops, &commits).await {
+        let results = match writer.run(&ops, &commits).await {
             Ok(results) => results,
             // A statement failed and the batch rolled back: run each alone so
             // only the operation at fault fails.
             Err(_) if ops.len() > 1 => {
                 let mut results = Vec::with_capacity(ops.len());
                 for op in &ops {
-                    results.push(
-                        match run_batch(&mut conn, std::slice::from_ref(op), &commits).await {
-                            Ok(mut r) => r.pop().expect("one result per operation"),
-                            Err(e) => Err(e),
-                        },
-                    );
+                    results.push(match writer.run(std::slice::from_ref(op), &commits).await {
+                        Ok(mut r) => r.pop().expect("one result per operation"),
+                        Err(e) => Err(e),
+                    });
                 }
                 results
             }
@@ -419,7 +468,7 @@ async fn write_loop(
     }
     // Every sender dropped, or close(): queued jobs are dropped (their callers see Closed).
     rx.close();
-    let _ = conn.close().await;
+    writer.close().await;
     if let Some(done) = closing {
         let _ = done.send(());
     }
