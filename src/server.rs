@@ -34,7 +34,9 @@ pub struct Settings {
     pub admin_token: Option<SecretString>,
     /// Where `${VAR}` values come from (the process environment in the binary).
     pub env: EnvLookup,
-    /// How long in-flight requests may take to finish after shutdown begins.
+    /// How long the whole shutdown may take once it begins: in-flight requests
+    /// and delivery tries finish within it, or are cut off (their deliveries
+    /// go back to pending).
     pub shutdown_grace: Duration,
     /// Reload on file changes with this debounce; `None`: no file watcher.
     pub watch: Option<Duration>,
@@ -80,6 +82,9 @@ pub enum ServeError {
     },
     #[error("cannot open the delivery store: {0}")]
     Store(crate::store::StoreError),
+    /// Another `serve` holds the SQLite store (SPEC §7.3): exit status 1.
+    #[error("{0}")]
+    StoreInUse(crate::store::StoreError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -100,6 +105,8 @@ impl ServeError {
 pub struct Server {
     gw: Arc<Gateway>,
     settings: Settings,
+    /// A SQLite store's exclusive lock, held until the server is gone.
+    lock: Option<crate::store::StoreLock>,
 }
 
 impl Server {
@@ -110,7 +117,16 @@ impl Server {
             path: settings.routes.clone(),
             source,
         })?;
-        let store = crate::store::open(&settings.store)
+        // One SQLite file belongs to one serve process: lock it before opening
+        // (the worker takes back the leases of the fixed owner at start).
+        let lock = crate::store::lock_sqlite(&settings.store).map_err(|e| match e {
+            crate::store::StoreError::InUse { .. } => ServeError::StoreInUse(e),
+            e => ServeError::Store(e),
+        })?;
+        let opts = crate::store::StoreOptions {
+            max_pending: Some(settings.limits.max_pending),
+        };
+        let store = crate::store::open_with(&settings.store, opts)
             .await
             .map_err(ServeError::Store)?;
         let env = std::mem::replace(&mut settings.env, Box::new(|_| None));
@@ -130,7 +146,7 @@ impl Server {
             return Err(ServeError::InvalidConfig(diagnostics));
         }
         worker::warn_about_short_lease(&gw.runtime.load().config, settings.worker.lease);
-        Ok(Server { gw, settings })
+        Ok(Server { gw, settings, lock })
     }
 
     /// The running gateway (its runtime, store and metrics).
@@ -147,7 +163,7 @@ impl Server {
         admin: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Server { gw, settings } = self;
+        let Server { gw, settings, lock } = self;
         {
             let cfg = gw.runtime.load();
             tracing::info!(
@@ -171,26 +187,68 @@ impl Server {
             }
         });
         let worker = worker::spawn(gw.clone(), settings.worker.clone());
-        let served = crate::http::run(
-            public,
-            admin,
-            gw.clone(),
-            settings.connections,
-            shutdown,
-            settings.shutdown_grace,
-        )
-        .await;
+        // SIGTERM ends within the grace (SPEC §7.3), the worker included: the
+        // listeners and the worker stop together, both by the grace less a
+        // reserve in which the worker returns its leases and the store closes.
+        let grace = settings.shutdown_grace;
+        let reserve = shutdown_reserve(grace);
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = began_tx.send(tokio::time::Instant::now());
+        };
+        let worker_stopped = async move {
+            let began = began_rx
+                .await
+                .unwrap_or_else(|_| tokio::time::Instant::now());
+            let tries_by = began + grace.saturating_sub(reserve);
+            let stop = worker.stop_by(tries_by);
+            let end = (began + grace).max(tries_by + MIN_RESERVE);
+            if tokio::time::timeout_at(end, stop).await.is_err() {
+                tracing::warn!(
+                    "the delivery worker did not stop within the shutdown grace (the store did \
+                     not answer); its leases expire on their own"
+                );
+            }
+        };
+        let public_grace = grace.saturating_sub(reserve);
+        let (served, ()) = tokio::join!(
+            crate::http::run(
+                public,
+                admin,
+                gw.clone(),
+                settings.connections,
+                shutdown,
+                public_grace,
+            ),
+            worker_stopped
+        );
         if let Some(h) = sighup {
             h.abort();
         }
-        // Queued deliveries stay in the store; leased ones go back to it.
-        worker.stop().await;
-        gw.store.close().await;
+        // Queued deliveries stay in the store; leased ones went back to it.
+        if tokio::time::timeout(reserve.max(MIN_RESERVE), gw.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the delivery store did not close within the shutdown grace");
+        }
+        drop(lock);
         served?;
         tracing::info!("gateway stopped");
         Ok(())
     }
 }
+
+/// The end of the shutdown grace kept for returning leases and closing the
+/// store: a tenth of the grace, at most 500 ms.
+fn shutdown_reserve(grace: Duration) -> Duration {
+    (grace / 10).min(Duration::from_millis(500))
+}
+
+/// The least time given to returning leases, and to closing the store, even
+/// with a grace of (nearly) zero.
+const MIN_RESERVE: Duration = Duration::from_millis(100);
 
 /// Starts the gateway of `settings` and serves `public` and `admin` until `shutdown`.
 pub async fn serve(

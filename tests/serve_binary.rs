@@ -26,9 +26,15 @@ fn command(dir: &std::path::Path, extra: &[&str]) -> Command {
     } else {
         &["--admin-listen", "127.0.0.1:0"][..]
     };
+    // Each process its own store: one SQLite file belongs to one serve (SPEC §7.3).
+    static STORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = env!("CARGO_TARGET_TMPDIR");
+    let store = format!("sqlite://{tmp}/serve_binary-{}-{n}.db", std::process::id());
     c.args(["serve", "--routes"])
         .arg(dir)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--store", &store])
         .args(admin)
         .args(extra);
     c.env_clear()

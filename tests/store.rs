@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cognigy_gateway::store::postgres::{PgOptions, PgStore};
 use cognigy_gateway::store::sqlite::{SqliteOptions, SqliteStore};
 use cognigy_gateway::store::{
-    Accept, AttemptRecord, Begin, NewDelivery, Settle, State, Store, StoreError, StoreExt,
-    StoredAnswer, StoredRequest,
+    Accept, AttemptRecord, Begin, Hold, NewDelivery, ScopedKey, Settle, State, Store, StoreError,
+    StoreExt, StoredAnswer, StoredRequest,
 };
 
 /// A fixed "now" so every time in these tests is deterministic.
@@ -642,51 +642,51 @@ fn answer(status: u16, body: &str) -> StoredAnswer {
     }
 }
 
+/// A sync key of route `r` of `bot`.
+fn sync_key(bot: &str, key: &str) -> ScopedKey {
+    ScopedKey::new(bot, "r", key)
+}
+
+/// `begin` that must answer `New`: its hold.
+async fn begin_new(s: &Arc<dyn Store>, key: &ScopedKey, lease: Duration, now: SystemTime) -> Hold {
+    match s.begin(key, WINDOW, lease, now).await.unwrap() {
+        Begin::New(hold) => hold,
+        other => panic!("expected New, got {other:?}"),
+    }
+}
+
 async fn idempotency_begin_finish_and_window(f: Fixture) {
     let s = &f.store;
     let lease = Duration::from_secs(10);
+    let k = sync_key("bot", "k");
+    let h = begin_new(s, &k, lease, t(0)).await;
     assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(0)).await.unwrap(),
-        Begin::New
-    );
-    assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(1)).await.unwrap(),
+        s.begin(&k, WINDOW, lease, t(1)).await.unwrap(),
         Begin::InProgress
     );
     // Keys are per bot.
-    assert_eq!(
-        s.begin("other-bot", "k", WINDOW, lease, t(1))
-            .await
-            .unwrap(),
-        Begin::New
-    );
+    begin_new(s, &sync_key("other-bot", "k"), lease, t(1)).await;
     let first = answer(201, r#"{"crmId":"C-1"}"#);
-    assert!(s.finish("bot", "k", first.clone(), t(2)).await.unwrap());
+    assert!(s.finish(&h, first.clone(), t(2)).await.unwrap());
     assert!(
-        !s.finish("bot", "k", answer(500, "{}"), t(3)).await.unwrap(),
+        !s.finish(&h, answer(500, "{}"), t(3)).await.unwrap(),
         "the first answer stays"
     );
     assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(59)).await.unwrap(),
+        s.begin(&k, WINDOW, lease, t(59)).await.unwrap(),
         Begin::Done(first)
     );
     // The window runs from the first request.
-    assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(60)).await.unwrap(),
-        Begin::New
-    );
+    let h = begin_new(s, &k, lease, t(60)).await;
     // Abandoned: the next request starts afresh.
-    assert!(s.abandon("bot", "k").await.unwrap());
-    assert!(!s.abandon("bot", "k").await.unwrap());
-    assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(61)).await.unwrap(),
-        Begin::New
-    );
+    assert!(s.abandon(&h).await.unwrap());
+    assert!(!s.abandon(&h).await.unwrap());
+    let h = begin_new(s, &k, lease, t(61)).await;
     // A finished record is not abandoned.
-    s.finish("bot", "k", answer(200, ""), t(62)).await.unwrap();
-    assert!(!s.abandon("bot", "k").await.unwrap());
+    s.finish(&h, answer(200, ""), t(62)).await.unwrap();
+    assert!(!s.abandon(&h).await.unwrap());
     assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(63)).await.unwrap(),
+        s.begin(&k, WINDOW, lease, t(63)).await.unwrap(),
         Begin::Done(answer(200, ""))
     );
 }
@@ -694,21 +694,16 @@ async fn idempotency_begin_finish_and_window(f: Fixture) {
 async fn idempotency_stale_in_progress_is_taken_over(f: Fixture) {
     let s = &f.store;
     let lease = Duration::from_secs(10);
+    let k = sync_key("bot", "k");
+    begin_new(s, &k, lease, t(0)).await;
     assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(0)).await.unwrap(),
-        Begin::New
-    );
-    assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(9)).await.unwrap(),
+        s.begin(&k, WINDOW, lease, t(9)).await.unwrap(),
         Begin::InProgress
     );
     // The first request crashed: after its lease, the key is usable again.
+    begin_new(s, &k, lease, t(10)).await;
     assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(10)).await.unwrap(),
-        Begin::New
-    );
-    assert_eq!(
-        s.begin("bot", "k", WINDOW, lease, t(19)).await.unwrap(),
+        s.begin(&k, WINDOW, lease, t(19)).await.unwrap(),
         Begin::InProgress
     );
 }
@@ -717,19 +712,19 @@ async fn concurrent_begins_of_one_key_start_once(f: Fixture) {
     let other = f.another().await;
     let stores = [f.store.clone(), other];
     for round in 0..5 {
-        let key = format!("k{round}");
+        let key = sync_key("bot", &format!("k{round}"));
         let mut tasks = Vec::new();
         for i in 0..16 {
             let s = stores[i % 2].clone();
             let key = key.clone();
             tasks.push(tokio::spawn(async move {
-                s.begin("bot", &key, WINDOW, LEASE, t(0)).await.unwrap()
+                s.begin(&key, WINDOW, LEASE, t(0)).await.unwrap()
             }));
         }
         let mut new = 0;
         for task in tasks {
             match task.await.unwrap() {
-                Begin::New => new += 1,
+                Begin::New(_) => new += 1,
                 Begin::InProgress => {}
                 Begin::Done(a) => panic!("nothing finished yet: {a:?}"),
             }
@@ -760,9 +755,7 @@ async fn purge_removes_old_delivered_and_keys(f: Fixture) {
             s.bury(&c.lease, failed_try(t(1), 400), t(1)).await.unwrap();
         }
     }
-    s.begin("bot", "sync-key", WINDOW, LEASE, t(0))
-        .await
-        .unwrap();
+    begin_new(s, &sync_key("bot", "sync-key"), LEASE, t(0)).await;
     let fresh = s
         .accept(keyed("fresh"), Some(WINDOW), t(100))
         .await
@@ -774,12 +767,7 @@ async fn purge_removes_old_delivered_and_keys(f: Fixture) {
     assert!(s.get(&old).await.unwrap().is_none());
     assert!(s.get(&dead).await.unwrap().is_some());
     assert!(s.get(&fresh).await.unwrap().is_some());
-    assert_eq!(
-        s.begin("bot", "sync-key", WINDOW, LEASE, t(101))
-            .await
-            .unwrap(),
-        Begin::New
-    );
+    begin_new(s, &sync_key("bot", "sync-key"), LEASE, t(101)).await;
 }
 
 async fn reopening_keeps_data_and_schema(f: Fixture) {
@@ -1098,5 +1086,6 @@ async fn postgres_instances_starting_together_migrate_once() {
         .fetch_all(store.pool())
         .await
         .unwrap();
-    assert_eq!(versions, vec![1]);
+    let latest = cognigy_gateway::store::postgres::SCHEMA_VERSION;
+    assert_eq!(versions, (1..=latest).collect::<Vec<_>>());
 }

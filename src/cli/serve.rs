@@ -37,9 +37,23 @@ pub struct ServeArgs {
     /// Deepest JSON nesting accepted.
     #[arg(long, env = "GATEWAY_MAX_DEPTH", default_value_t = 64)]
     pub max_depth: usize,
-    /// How long in-flight requests may take to finish after SIGTERM/SIGINT, in seconds.
-    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = 10)]
-    pub shutdown_grace: u64,
+    /// How long the shutdown after SIGTERM/SIGINT may take: in-flight requests and delivery
+    /// tries still under way then are cut off (their deliveries go back to pending). A duration
+    /// (2s, 500ms) or whole seconds.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_grace)]
+    pub shutdown_grace: Duration,
+    /// Most deliveries pending (accepted, not yet delivered nor dead); async accepts over it
+    /// answer 503 `queue_full` and store nothing.
+    #[arg(long, env = "GATEWAY_MAX_PENDING", default_value_t = crate::store::DEFAULT_MAX_PENDING,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending: u64,
+    /// How long dead letters are kept, from when they died; older ones are purged (e.g. 30d, 12h).
+    #[arg(long, env = "GATEWAY_DEAD_RETENTION", default_value = "30d", value_parser = parse_long_duration)]
+    pub dead_retention: Duration,
+    /// How long an idempotency key dedupes inbound duplicates, from its first request (at
+    /// least 1s; e.g. 24h, 30m).
+    #[arg(long, env = "GATEWAY_DEDUPE_WINDOW", default_value = "24h", value_parser = parse_dedupe_window)]
+    pub dedupe_window: Duration,
     /// Debounce of file-change reloads, in milliseconds.
     #[arg(long, env = "GATEWAY_RELOAD_DEBOUNCE_MS", default_value_t = 250)]
     pub reload_debounce_ms: u64,
@@ -104,6 +118,9 @@ pub fn run(args: ServeArgs) -> u8 {
         sla: args.sla,
         telemetry: args.telemetry == "on",
         body_timeout: args.body_timeout,
+        dedupe_window: args.dedupe_window,
+        dead_retention: args.dead_retention,
+        max_pending: args.max_pending,
         ..Limits::default()
     };
     settings.connections = ConnLimits {
@@ -112,7 +129,7 @@ pub fn run(args: ServeArgs) -> u8 {
         max_connections: args.max_connections,
     };
     settings.admin_token = admin_token;
-    settings.shutdown_grace = Duration::from_secs(args.shutdown_grace);
+    settings.shutdown_grace = args.shutdown_grace;
     settings.watch = Some(Duration::from_millis(args.reload_debounce_ms));
     settings.poll = (args.reload_poll_secs > 0).then(|| Duration::from_secs(args.reload_poll_secs));
     settings.worker.lease = args.lease;
@@ -126,7 +143,7 @@ pub fn run(args: ServeArgs) -> u8 {
             return 2;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let server = match Server::start(settings).await {
             Ok(s) => s,
             Err(e) => return exit_code(e),
@@ -149,7 +166,11 @@ pub fn run(args: ServeArgs) -> u8 {
             Ok(()) => 0,
             Err(e) => exit_code(e),
         }
-    })
+    });
+    // The shutdown was bounded by the grace: tasks still running (a request
+    // cut off, a blocking reload) are not waited for.
+    rt.shutdown_background();
+    code
 }
 
 /// Errors → messages and exit codes (1: invalid configuration, 2: I/O).
@@ -161,6 +182,10 @@ fn exit_code(e: ServeError) -> u8 {
         return 1;
     }
     eprintln!("gateway serve: {e}");
+    // SPEC §7.3: a store file another serve holds is a refusal, like a bad config.
+    if matches!(e, ServeError::StoreInUse(_)) {
+        return 1;
+    }
     2
 }
 
@@ -197,6 +222,36 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("expected a duration like 250ms, 5s, 2m or 1h, got `{s}`"))
 }
 
+/// `--shutdown-grace`: a duration, or (as before durations were accepted) whole seconds.
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => parse_duration(s),
+    }
+}
+
+/// A duration flag that may also be given in days (`30d`).
+fn parse_long_duration(s: &str) -> Result<Duration, String> {
+    if let Some(days) = s.strip_suffix('d')
+        && let Ok(n) = days.parse::<u64>()
+    {
+        return n
+            .checked_mul(24 * 60 * 60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("`{s}` is too long"));
+    }
+    parse_duration(s)
+        .map_err(|_| format!("expected a duration like 30d, 24h, 30m or 90s, got `{s}`"))
+}
+
+fn parse_dedupe_window(s: &str) -> Result<Duration, String> {
+    let d = parse_long_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("the dedupe window must be at least 1s, got `{s}`"));
+    }
+    Ok(d)
+}
+
 /// The shortest `--lease`: below it a try's budget (the lease less a tenth) is
 /// too small for any real downstream, and leases would expire while claims run.
 const MIN_LEASE: Duration = Duration::from_secs(1);
@@ -207,4 +262,30 @@ fn parse_lease(s: &str) -> Result<Duration, String> {
         return Err(format!("the lease must be at least 1s, got `{s}`"));
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_grace_is_a_duration_or_whole_seconds() {
+        assert_eq!(parse_grace("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_grace("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_grace("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_grace("0"), Ok(Duration::ZERO));
+        assert!(parse_grace("soon").is_err());
+    }
+
+    #[test]
+    fn retention_and_window_take_days() {
+        assert_eq!(
+            parse_long_duration("30d"),
+            Ok(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(parse_long_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_long_duration("d").is_err());
+        assert!(parse_dedupe_window("500ms").is_err());
+        assert_eq!(parse_dedupe_window("1s"), Ok(Duration::from_secs(1)));
+    }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use handlebars::Context;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::config::render::{OutboundRequest, header_value};
 use crate::downstream::retry::TryOutcome;
@@ -53,14 +54,34 @@ impl Default for WorkerOptions {
 
 /// A running worker.
 pub struct WorkerHandle {
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Run>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the worker is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    Going,
+    /// Stop claiming; tries under way may finish until `by` (`None`: however long they take).
+    Stop {
+        by: Option<Instant>,
+    },
 }
 
 impl WorkerHandle {
     /// Stops claiming, finishes the tries under way, returns leased work to the store.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(Run::Stop { by: None });
+        let _ = self.task.await;
+    }
+
+    /// Stops claiming and lets the tries under way finish until `by`; those
+    /// still in flight then are abandoned (their connections dropped, no try
+    /// recorded), and every delivery this worker leased goes back to pending,
+    /// due as it was, to be sent again (by this store's next worker). Resolves
+    /// once that release is written (or failed: the leases then expire).
+    pub async fn stop_by(self, by: Instant) {
+        let _ = self.stop.send(Run::Stop { by: Some(by) });
         let _ = self.task.await;
     }
 }
@@ -75,7 +96,7 @@ pub const LOCAL_OWNER: &str = "local";
 /// still holds: the leases of a predecessor that was killed. With PostgreSQL, owners
 /// are per instance and a dead instance's leases expire instead.
 pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
-    let (stop, mut stopped) = watch::channel(false);
+    let (stop, mut stopped) = watch::channel(Run::Going);
     if gw.store.backend() == "sqlite" {
         opts.owner = LOCAL_OWNER.to_owned();
     }
@@ -96,9 +117,9 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
         let refill = (opts.batch / 4).max(1) as usize;
         let margin = lease_margin(opts.lease);
         let mut tries = tokio::task::JoinSet::new();
-        loop {
-            if *stopped.borrow() {
-                break;
+        let by = loop {
+            if let Run::Stop { by } = *stopped.borrow() {
+                break by;
             }
             if tokio::time::Instant::now() >= next_purge {
                 next_purge += PURGE_EVERY;
@@ -134,8 +155,25 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
                 _ = tokio::time::sleep(opts.poll), if slots_left => {}
                 _ = stopped.changed() => {}
             }
+        };
+        let drain = async { while tries.join_next().await.is_some() {} };
+        let drained = match by {
+            Some(by) => tokio::time::timeout_at(by, drain).await.is_ok(),
+            None => {
+                drain.await;
+                true
+            }
+        };
+        if !drained {
+            let abandoned = tries.len();
+            tries.abort_all();
+            while tries.join_next().await.is_some() {}
+            tracing::warn!(
+                abandoned,
+                "delivery tries still under way at the end of the shutdown grace were abandoned; \
+                 their deliveries go back to pending and are sent again after a restart"
+            );
         }
-        while tries.join_next().await.is_some() {}
         match gw.store.release_owner(&opts.owner, SystemTime::now()).await {
             Ok(n) if n > 0 => {
                 tracing::info!(released = n, "returned leased deliveries to the store")
@@ -153,33 +191,52 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
 pub const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 /// Housekeeping: delivered deliveries and idempotency records older than the
-/// dedupe window go (in bounded batches, so the store is never locked for long).
-/// Dead letters stay until replayed. With several instances each purges; the
-/// deletes are idempotent.
+/// dedupe window go, and dead letters that died longer than `--dead-retention`
+/// ago (in bounded batches, so the store is never locked for long). With
+/// several instances each purges; the deletes are idempotent.
 async fn purge(gw: &Gateway) {
-    let Some(before) = SystemTime::now().checked_sub(gw.shared.limits.dedupe_window) else {
-        return;
-    };
+    let now = SystemTime::now();
+    let limits = &gw.shared.limits;
+    if let Some(before) = now.checked_sub(limits.dedupe_window) {
+        let removed = purge_batches(|| gw.store.purge(before, PURGE_BATCH)).await;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "purged deliveries and idempotency records past the dedupe window"
+            );
+        }
+    }
+    if let Some(before) = now.checked_sub(limits.dead_retention) {
+        let removed = purge_batches(|| gw.store.purge_dead(before, PURGE_BATCH)).await;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "purged dead letters past the dead-letter retention"
+            );
+        }
+    }
+}
+
+const PURGE_BATCH: u32 = 1000;
+
+/// Runs one purge in batches until a batch comes back short; how many rows went.
+async fn purge_batches<'a>(
+    mut batch: impl FnMut() -> crate::store::BoxFuture<'a, crate::store::Result<u64>>,
+) -> u64 {
     let mut total = 0;
     loop {
-        match gw.store.purge(before, 1000).await {
+        match batch().await {
             Ok(n) => {
                 total += n;
-                if n < 1000 {
-                    break;
+                if n < u64::from(PURGE_BATCH) {
+                    return total;
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "delivery store: purge failed");
-                break;
+                return total;
             }
         }
-    }
-    if total > 0 {
-        tracing::info!(
-            removed = total,
-            "purged deliveries and idempotency records past the dedupe window"
-        );
     }
 }
 

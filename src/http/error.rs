@@ -55,6 +55,8 @@ pub enum ApiError {
     InProgress { route: String },
     /// The delivery store did not answer: nothing was accepted.
     StoreUnavailable { message: &'static str },
+    /// Step 8: `--max-pending` deliveries are pending: nothing was accepted.
+    QueueFull { limit: u64 },
     /// Step 9: the route is open, paused or full, and has no fallback.
     Unavailable {
         route: String,
@@ -99,7 +101,9 @@ impl ApiError {
             Schema { .. } | NoRoute { .. } | Render { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AnswerTemplate { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             InProgress { .. } => StatusCode::CONFLICT,
-            StoreUnavailable { .. } | Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            StoreUnavailable { .. } | QueueFull { .. } | Unavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Downstream { .. } | DownstreamAuth { .. } => StatusCode::BAD_GATEWAY,
             Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -123,6 +127,7 @@ impl ApiError {
             Render { .. } | AnswerTemplate { .. } => "render",
             InProgress { .. } => "in_progress",
             StoreUnavailable { .. } => "store_unavailable",
+            QueueFull { .. } => "queue_full",
             Unavailable { .. } => "unavailable",
             Downstream { .. } => "downstream",
             Deadline { .. } => "deadline",
@@ -137,6 +142,8 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::InProgress { .. } | ApiError::StoreUnavailable { .. } => Some(1),
+            // The queue drains at the downstream's pace: come back well later.
+            ApiError::QueueFull { .. } => Some(QUEUE_FULL_RETRY_AFTER.as_secs()),
             ApiError::Unavailable { retry_after, .. }
             | ApiError::RateLimited { retry_after, .. } => Some(retry_after_secs(*retry_after)),
             _ => None,
@@ -195,6 +202,13 @@ impl ApiError {
                 "a request with this idempotency key is being handled now; try again".to_owned()
             }
             StoreUnavailable { message } => message.to_owned(),
+            QueueFull { limit } => {
+                extra.insert("limit".into(), limit.into());
+                format!(
+                    "the delivery queue is full ({limit} deliveries pending); nothing was \
+                     accepted, try again later"
+                )
+            }
             Unavailable { route, reason, .. } => {
                 let message = format!("route `{route}` is not taking calls now ({reason})");
                 extra.insert("route".into(), route.into());
@@ -265,6 +279,9 @@ impl IntoResponse for ApiError {
 pub fn json_error(status: StatusCode, kind: &str, message: &str) -> Response {
     (status, Json(json!({"error": kind, "message": message}))).into_response()
 }
+
+/// `Retry-After` of a `queue_full` refusal.
+pub const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Whole seconds for a `Retry-After` header: rounded up, at least 1.
 pub fn retry_after_secs(d: Duration) -> u64 {
@@ -339,6 +356,7 @@ mod tests {
                 503,
                 "store_unavailable",
             ),
+            (ApiError::QueueFull { limit: 5 }, 503, "queue_full"),
             (
                 ApiError::Unavailable {
                     route: "r".into(),
@@ -390,6 +408,13 @@ mod tests {
         for (e, status, kind) in cases {
             assert_eq!((e.status().as_u16(), e.kind()), (status, kind), "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_full_queue_says_when_to_come_back() {
+        let resp = ApiError::QueueFull { limit: 5 }.into_response();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "30");
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub enum Outcome {
     Duplicate,
     /// The store did not answer: nothing accepted.
     StoreError,
+    /// `--max-pending` deliveries are pending: nothing accepted.
+    QueueFull,
     // Step 9: not called.
     Open,
     Paused,
@@ -70,6 +72,7 @@ impl Outcome {
             Accepted => "accepted",
             Duplicate => "duplicate",
             StoreError => "store_error",
+            QueueFull => "queue_full",
             Open => "open",
             Paused => "paused",
             HalfOpen => "half_open",
@@ -109,6 +112,7 @@ impl Outcome {
             E::Render { .. } | E::AnswerTemplate { .. } => Outcome::RenderError,
             E::InProgress { .. } => Outcome::InProgress,
             E::StoreUnavailable { .. } => Outcome::StoreError,
+            E::QueueFull { .. } => Outcome::QueueFull,
             E::Unavailable { reason, .. } => Outcome::unavailable(reason),
             E::Downstream { .. } => Outcome::Failed,
             E::Deadline { .. } => Outcome::Deadline,
@@ -132,7 +136,7 @@ impl Outcome {
 mod tests {
     use super::Outcome::{self, *};
 
-    const ALL: [Outcome; 25] = [
+    const ALL: [Outcome; 26] = [
         Pending,
         UnknownBot,
         BodyTooLarge,
@@ -149,6 +153,7 @@ mod tests {
         Accepted,
         Duplicate,
         StoreError,
+        QueueFull,
         Open,
         Paused,
         HalfOpen,

@@ -22,7 +22,9 @@ use crate::config::model::{Bot, Mode, OnFailure, Route};
 use crate::runtime::Gateway;
 use crate::runtime::client::{self, Answer, CallResult};
 use crate::runtime::{RouteState, Runtime};
-use crate::store::{Accept, Begin, NewDelivery, StoredAnswer, StoredRequest};
+use crate::store::{
+    Accept, Begin, Hold, NewDelivery, ScopedKey, StoreError, StoredAnswer, StoredRequest,
+};
 use crate::telemetry::log_field::Bounded;
 use crate::template::RenderMeta;
 
@@ -155,11 +157,13 @@ async fn pipeline(
     let Some(key) = req.idempotency_key.clone() else {
         return sync_call(gw, &bot.id, route, state, ctx, &meta, Some(req), log).await;
     };
-    if let Some(first) = step7_begin(gw, &bot.id, route, &key, log).await? {
-        return Ok(first);
-    }
+    let key = ScopedKey::new(&bot.id, &route.name, key);
+    let hold = match step7_begin(gw, route, &key, log).await? {
+        Ok(hold) => hold,
+        Err(first) => return Ok(first),
+    };
     let result = sync_call(gw, &bot.id, route, state, ctx, &meta, Some(req), log).await;
-    step7_settle(gw, &bot.id, &key, result, log.outcome).await
+    step7_settle(gw, &hold, result, log.outcome).await
 }
 
 /// The route's downstream request for this payload; a failure names the route and sends nothing.
@@ -250,21 +254,20 @@ async fn sync_call(
 /// before another request may take it over (the first one crashed or was dropped).
 const IN_PROGRESS_SLACK: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Step 7 for a sync route: `Some(answer)` ends the request — the first
-/// request's answer again, or 409 while that request is still under way.
-/// `None`: this request holds the key; [`step7_settle`] must follow.
+/// Step 7 for a sync route, per (bot, route, key): `Ok(hold)` means this
+/// request holds the key, and [`step7_settle`] must follow with that hold.
+/// `Err(answer)` ends the request with the first request's answer again; 409
+/// while that request is still under way.
 async fn step7_begin(
     gw: &Gateway,
-    bot: &str,
     route: &Route,
-    key: &str,
+    key: &ScopedKey,
     log: &mut Log,
-) -> Result<Option<Response>, ApiError> {
+) -> Result<Result<Hold, Response>, ApiError> {
     let lease = route.deadline + IN_PROGRESS_SLACK;
     match gw
         .store
         .begin(
-            bot,
             key,
             gw.shared.limits.dedupe_window,
             lease,
@@ -272,7 +275,7 @@ async fn step7_begin(
         )
         .await
     {
-        Ok(Begin::New) => Ok(None),
+        Ok(Begin::New(hold)) => Ok(Ok(hold)),
         Ok(Begin::Done(first)) => {
             log.outcome = Outcome::Replayed;
             let mut resp = json_response(first.status, Bytes::from(first.body));
@@ -280,7 +283,7 @@ async fn step7_begin(
                 IDEMPOTENT_REPLAYED,
                 header::HeaderValue::from_static("true"),
             );
-            Ok(Some(resp))
+            Ok(Err(resp))
         }
         Ok(Begin::InProgress) => {
             log.outcome = Outcome::InProgress;
@@ -310,15 +313,14 @@ const IDEMPOTENT_REPLAYED: header::HeaderName =
 /// same `Idempotency-Key` on it.
 async fn step7_settle(
     gw: &Gateway,
-    bot: &str,
-    key: &str,
+    hold: &Hold,
     result: Result<Response, ApiError>,
     outcome: Outcome,
 ) -> Result<Response, ApiError> {
     let resp = match result {
         Ok(resp) if outcome.is_final() => resp,
         other => {
-            if let Err(e) = gw.store.abandon(bot, key).await {
+            if let Err(e) = gw.store.abandon(hold).await {
                 // the key stays in progress until its lease ends; then a retry takes it over
                 tracing::warn!(error = %e, "delivery store: releasing an idempotency key failed");
             }
@@ -334,15 +336,16 @@ async fn step7_settle(
         status: parts.status.as_u16(),
         body: body.to_vec(),
     };
-    if let Err(e) = gw.store.finish(bot, key, answer, SystemTime::now()).await {
+    if let Err(e) = gw.store.finish(hold, answer, SystemTime::now()).await {
         tracing::warn!(error = %e, "delivery store: keeping an idempotent answer failed");
     }
     Ok(Response::from_parts(parts, Body::from(body)))
 }
 
 /// Step 8 (and `on_failure: queue`): commits the delivery to the store, then answers
-/// 202 with its id. A duplicate (same bot and idempotency key within the window) gets
-/// the first delivery's id again and is not stored twice.
+/// 202 with its id. A duplicate (same bot, route and idempotency key within the
+/// window) gets the first delivery's id again and is not stored twice. With
+/// `--max-pending` deliveries pending: 503 `queue_full`, nothing stored.
 async fn step8_accept(
     gw: &Gateway,
     bot: &str,
@@ -379,6 +382,11 @@ async fn step8_accept(
             }
             let body = json!({"delivery_id": accepted.id()}).to_string();
             Ok(json_response(202, Bytes::from(body)))
+        }
+        Err(StoreError::QueueFull { limit }) => {
+            tracing::warn!(route = %route.name, limit, "delivery queue full: accept refused");
+            log.outcome = Outcome::QueueFull;
+            Err(ApiError::QueueFull { limit })
         }
         Err(e) => {
             tracing::error!(route = %route.name, error = %e, "delivery store: accept failed");

@@ -54,6 +54,10 @@ pub struct Limits {
     pub dedupe_window: Duration,
     /// A request body not fully received by then → 408 `body_timeout` (SPEC §7.1).
     pub body_timeout: Duration,
+    /// `--dead-retention`: dead letters older than this are purged (SPEC §7.3).
+    pub dead_retention: Duration,
+    /// `--max-pending`: accepts are refused while this many deliveries are pending (SPEC §7.3).
+    pub max_pending: u64,
 }
 
 impl Default for Limits {
@@ -66,6 +70,8 @@ impl Default for Limits {
             telemetry: true,
             dedupe_window: crate::store::DEFAULT_DEDUPE_WINDOW,
             body_timeout: Duration::from_secs(30),
+            dead_retention: crate::store::DEFAULT_DEAD_RETENTION,
+            max_pending: crate::store::DEFAULT_MAX_PENDING,
         }
     }
 }

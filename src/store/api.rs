@@ -32,22 +32,45 @@
 //! than the longest downstream timeout plus a margin. [`DEFAULT_LEASE`] is
 //! 60 s (`gateway serve --lease`).
 //!
-//! # Inbound dedupe (SPEC §5 step 7)
+//! # Inbound dedupe (SPEC §5 step 7, §7.3)
 //!
-//! *Async routes*: [`Store::accept`] with a window checks (bot, idempotency
-//! key) and inserts in one transaction. A key seen on a delivery accepted
-//! less than `window` ago (strictly: `created_at > now - window`) is a
-//! [`Accept::Duplicate`] carrying the first delivery's id, so the caller can
-//! answer the first 202 again; an older one is forgotten and the new
-//! delivery takes the key over. The window is measured from the first
-//! delivery's acceptance, not extended by duplicates.
+//! Keys are scoped per (bot, route, key): two routes of one bot whose keys
+//! render the same value (one Cognigy `inputId` calling two routes) are two
+//! requests, each sent or delivered.
+//!
+//! *Async routes*: [`Store::accept`] with a window checks (bot, route,
+//! idempotency key) and inserts in one transaction. A key seen on a delivery
+//! accepted less than `window` ago (strictly: `created_at > now - window`) is
+//! a [`Accept::Duplicate`] carrying the first delivery's id, so the caller can
+//! answer the first 202 again; an older one is forgotten and the new delivery
+//! takes the key over. The window is measured from the first delivery's
+//! acceptance, not extended by duplicates.
 //!
 //! *Sync routes*: [`Store::begin`] / [`Store::finish`] keep the first answer
-//! (status and body) per (bot, key) for the window, with an in-progress
+//! (status and body) per [`ScopedKey`] for the window, with an in-progress
 //! marker that expires after a lease, so a crashed request does not block
-//! its key for the whole window. The two mechanisms are separate
-//! namespaces: a route that changes mode within a window may handle one key
-//! twice.
+//! its key for the whole window. `begin` hands the request a [`Hold`] with a
+//! token of its own; only that hold can [`finish`](Store::finish) or
+//! [`abandon`](Store::abandon) the key, so a request whose hold expired and
+//! was taken over cannot overwrite or free the new holder's record. The two
+//! mechanisms are separate namespaces: a route that changes mode within a
+//! window may handle one key twice.
+//!
+//! Sync records written by schema version 1 have no route (stored as the
+//! empty route `''`): until they leave their window they answer for every
+//! route of their bot, as they did when they were written.
+//!
+//! # The pending bound (`--max-pending`)
+//!
+//! With [`StoreOptions::max_pending`], an accept that would make more than
+//! that many deliveries *live* (pending or leased: accepted, not yet
+//! delivered nor dead) is refused with [`StoreError::QueueFull`] and stores
+//! nothing. The count is kept by the database itself (a counter maintained by
+//! triggers, so other processes' writes — `gateway deliveries replay` — are
+//! counted too) and read inside the accepting transaction, so the bound is
+//! exact. A duplicate is still answered with its first delivery's id when the
+//! queue is full: it stores nothing. Replays are not refused: replaying is
+//! the operator's decision.
 
 use std::fmt;
 use std::future::Future;
@@ -194,13 +217,27 @@ impl fmt::Debug for NewDelivery {
     }
 }
 
+/// How a store is opened beyond its URL (`gateway serve` flags).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Refuse accepts while this many deliveries are live (see the module docs);
+    /// `None`: unbounded.
+    pub max_pending: Option<u64>,
+}
+
+/// The default of `gateway serve --max-pending` (SPEC §7.3).
+pub const DEFAULT_MAX_PENDING: u64 = 1_000_000;
+
+/// The default of `gateway serve --dead-retention` (SPEC §7.3): 30 days.
+pub const DEFAULT_DEAD_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
 /// The answer of [`Store::accept`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accept {
     /// Committed: answer 202 with this id.
     Accepted { id: String },
-    /// Same (bot, key) within the window: nothing was stored; `id` is the
-    /// first delivery's, so the 202 is the first answer again.
+    /// Same (bot, route, key) within the window: nothing was stored; `id` is
+    /// the first delivery's, so the 202 is the first answer again.
     Duplicate { id: String },
 }
 
@@ -362,12 +399,53 @@ impl fmt::Debug for StoredAnswer {
     }
 }
 
+/// A sync route's idempotency key in its scope: (bot, route, key).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScopedKey {
+    pub bot: String,
+    pub route: String,
+    /// The rendered `idempotency_key` (a payload value).
+    pub key: String,
+}
+
+impl ScopedKey {
+    pub fn new(bot: impl Into<String>, route: impl Into<String>, key: impl Into<String>) -> Self {
+        ScopedKey {
+            bot: bot.into(),
+            route: route.into(),
+            key: key.into(),
+        }
+    }
+}
+
+/// Names the scope, not the key: keys are payload values.
+impl fmt::Debug for ScopedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScopedKey")
+            .field("bot", &self.bot)
+            .field("route", &self.route)
+            .field("key", &format_args!("<{} bytes>", self.key.len()))
+            .finish()
+    }
+}
+
+/// One request's hold on a [`ScopedKey`], given by [`Store::begin`]: the
+/// token tells this hold from a later one that took the key over after this
+/// one's lease expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub key: ScopedKey,
+    /// Unique per hold (a UUID); stored beside the in-progress marker.
+    pub token: String,
+}
+
 /// The answer of [`Store::begin`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begin {
     /// First time within the window (or the previous holder's in-progress
-    /// lease expired): go ahead, then [`Store::finish`] or [`Store::abandon`].
-    New,
+    /// lease expired): go ahead, then [`Store::finish`] or [`Store::abandon`]
+    /// with this hold.
+    New(Hold),
     /// Another request with this key is being handled right now.
     InProgress,
     /// Answered before within the window: answer this again.
@@ -402,6 +480,23 @@ pub enum StoreError {
     SchemaTooNew { found: i64, supported: i64 },
     #[error("stored delivery {id} is unreadable: {what}")]
     Corrupt { id: String, what: &'static str },
+    /// `--max-pending` deliveries are live: nothing was stored.
+    #[error("the delivery queue is full ({limit} deliveries pending); nothing was stored")]
+    QueueFull { limit: u64 },
+    /// Another `gateway serve` holds the SQLite store (see [`lock_sqlite`]).
+    #[error(
+        "the SQLite store {path} is in use by another `gateway serve` (lock file {lock}); \
+         one store file belongs to one serve process: stop the other one, or use a \
+         postgres:// store to run several instances"
+    )]
+    InUse { path: String, lock: String },
+    #[error("cannot lock the SQLite store {path} (lock file {lock}): {source}")]
+    Lock {
+        path: String,
+        lock: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the store is closed")]
     Closed,
     #[error("store {op}: {source}")]
@@ -455,8 +550,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a new delivery, `pending` and due at `now`; resolves only
     /// after the commit is durable. With `dedupe_window` and an
-    /// idempotency key, a fresh (bot, key) is refused as a duplicate in the
-    /// same transaction (see the module docs).
+    /// idempotency key, a fresh (bot, route, key) is answered as a duplicate
+    /// in the same transaction (see the module docs). Refused with
+    /// [`StoreError::QueueFull`] when the store was opened with
+    /// [`StoreOptions::max_pending`] and that many deliveries are live.
     fn accept(
         &self,
         delivery: NewDelivery,
@@ -505,33 +602,33 @@ pub trait Store: Send + Sync + 'static {
 
     fn stats(&self, now: SystemTime) -> BoxFuture<'_, Result<Stats>>;
 
-    /// Sync-route idempotency (SPEC §5 step 7): registers (bot, key) as in
-    /// progress for `lease`, unless it is already answered or in progress
-    /// within `window` (from the first request). A stale in-progress marker
-    /// (its lease expired: the request crashed) is taken over as `New`.
+    /// Sync-route idempotency (SPEC §5 step 7): registers `key` as in
+    /// progress for `lease` under a new [`Hold`], unless it is already
+    /// answered or in progress within `window` (from the first request). A
+    /// stale in-progress marker (its lease expired: the request crashed or
+    /// stalled) is taken over as `New` with a new hold.
     fn begin<'a>(
         &'a self,
-        bot: &'a str,
-        key: &'a str,
+        key: &'a ScopedKey,
         window: Duration,
         lease: Duration,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<Begin>>;
 
-    /// Records the answer for an in-progress (bot, key). `false` when there
-    /// was none (already finished by a takeover, or expired): the first
-    /// answer stays.
+    /// Records the answer of `hold`'s request. `false`, writing nothing, unless
+    /// the key is still in progress under this very hold (it was taken over
+    /// after the hold expired, or finished, or freed): the record stays.
     fn finish<'a>(
         &'a self,
-        bot: &'a str,
-        key: &'a str,
+        hold: &'a Hold,
         answer: StoredAnswer,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<bool>>;
 
-    /// Forgets an in-progress (bot, key) whose answer should not be
-    /// repeated (e.g. a 503 while the route was open). `false` when there was none.
-    fn abandon<'a>(&'a self, bot: &'a str, key: &'a str) -> BoxFuture<'a, Result<bool>>;
+    /// Frees the key of `hold`'s request, whose answer should not be repeated
+    /// (e.g. a 503 while the route was open). `false`, freeing nothing, unless
+    /// the key is in progress under this very hold.
+    fn abandon<'a>(&'a self, hold: &'a Hold) -> BoxFuture<'a, Result<bool>>;
 
     /// Housekeeping: deletes up to `limit` delivered deliveries last updated
     /// before `before` (with their tries), and up to `limit` idempotency
@@ -539,6 +636,11 @@ pub trait Store: Send + Sync + 'static {
     /// duplicates of purged deliveries would be accepted again. Returns how
     /// many rows went.
     fn purge(&self, before: SystemTime, limit: u32) -> BoxFuture<'_, Result<u64>>;
+
+    /// Housekeeping (`--dead-retention`): deletes up to `limit` dead letters
+    /// that died (were last updated) before `before`, with their tries.
+    /// Returns how many went.
+    fn purge_dead(&self, before: SystemTime, limit: u32) -> BoxFuture<'_, Result<u64>>;
 
     /// Finishes queued writes and closes connections. Operations after it
     /// fail with [`StoreError::Closed`] (SQLite) or a pool error.
@@ -604,12 +706,25 @@ impl<S: Store + ?Sized> StoreExt for S {}
 ///   directories created; `sqlite:///abs/path.db` for an absolute path.
 /// - `postgres://…` or `postgresql://…`: libpq-style URL (sqlx's parameters).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    open_with(url, StoreOptions::default()).await
+}
+
+/// [`open`] with [`StoreOptions`].
+pub async fn open_with(url: &str, opts: StoreOptions) -> Result<Arc<dyn Store>> {
     if let Some(rest) = url.strip_prefix("sqlite://") {
         let path = sqlite_path(rest)?;
-        let store = super::sqlite::SqliteStore::open(path, Default::default()).await?;
+        let sqlite = super::sqlite::SqliteOptions {
+            max_pending: opts.max_pending,
+            ..Default::default()
+        };
+        let store = super::sqlite::SqliteStore::open(path, sqlite).await?;
         Ok(Arc::new(store))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = super::postgres::PgStore::open(url, Default::default()).await?;
+        let pg = super::postgres::PgOptions {
+            max_pending: opts.max_pending,
+            ..Default::default()
+        };
+        let store = super::postgres::PgStore::open(url, pg).await?;
         // no caller may cancel a PostgreSQL operation half-way (see `detached`)
         Ok(Arc::new(super::detached::Detached(Arc::new(store))))
     } else {
@@ -623,6 +738,67 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
 /// unusable ones (for tools that must not create a store by opening it).
 pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
     sqlite_path(url.strip_prefix("sqlite://")?).ok()
+}
+
+/// An exclusive lock on a SQLite store for the life of one `gateway serve`
+/// (SPEC §7.3: one store file belongs to one serve process). Released when
+/// dropped, or by the kernel when the process ends, however it ends.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl StoreLock {
+    /// The lock file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+/// For a `sqlite://` URL, takes the exclusive lock of its database file: a
+/// `flock` on `<database>.lock` beside it (created when missing, with the
+/// parent directories; never deleted, so two processes always lock the same
+/// inode). [`StoreError::InUse`] when another process (or another
+/// [`StoreLock`] of this one) holds it. `Ok(None)` for other URLs: PostgreSQL
+/// is shared by design. The `gateway deliveries` commands do not lock: they
+/// may read and replay beside a running `serve`.
+pub fn lock_sqlite(url: &str) -> Result<Option<StoreLock>> {
+    let Some(rest) = url.strip_prefix("sqlite://") else {
+        return Ok(None);
+    };
+    let db = sqlite_path(rest)?;
+    let mut name = db.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let lock = db.with_file_name(name);
+    let err = |source| StoreError::Lock {
+        path: db.display().to_string(),
+        lock: lock.display().to_string(),
+        source,
+    };
+    if let Some(parent) = lock.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+            path: parent.display().to_string(),
+            source,
+        })?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(StoreLock {
+            _file: file,
+            path: lock,
+        })),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            path: db.display().to_string(),
+            lock: lock.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
+    }
 }
 
 /// The file of a `sqlite://` URL (what follows the scheme).
@@ -667,6 +843,27 @@ mod tests {
         let e = open("mysql://user:hunter2@db/x").await.err().unwrap();
         assert!(matches!(e, StoreError::Url(_)));
         assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_sqlite_store_is_locked_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("sub/gateway.db").display());
+        let held = lock_sqlite(&url).unwrap().expect("a sqlite URL is locked");
+        assert_eq!(held.path(), dir.path().join("sub/gateway.db.lock"));
+        let e = lock_sqlite(&url).unwrap_err();
+        assert!(matches!(e, StoreError::InUse { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("gateway.db") && text.contains("in use"),
+            "{text}"
+        );
+        drop(held);
+        assert!(
+            lock_sqlite(&url).unwrap().is_some(),
+            "free again once dropped"
+        );
+        assert!(lock_sqlite("postgres://h/db").unwrap().is_none());
     }
 
     #[test]

@@ -106,34 +106,36 @@ impl Store for Detached {
 
     fn begin<'a>(
         &'a self,
-        bot: &'a str,
-        key: &'a str,
+        key: &'a ScopedKey,
         window: Duration,
         lease: Duration,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<Begin>> {
-        let (bot, key) = (bot.to_owned(), key.to_owned());
-        self.run(move |s| Box::pin(async move { s.begin(&bot, &key, window, lease, now).await }))
+        let key = key.clone();
+        self.run(move |s| Box::pin(async move { s.begin(&key, window, lease, now).await }))
     }
 
     fn finish<'a>(
         &'a self,
-        bot: &'a str,
-        key: &'a str,
+        hold: &'a Hold,
         answer: StoredAnswer,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<bool>> {
-        let (bot, key) = (bot.to_owned(), key.to_owned());
-        self.run(move |s| Box::pin(async move { s.finish(&bot, &key, answer, now).await }))
+        let hold = hold.clone();
+        self.run(move |s| Box::pin(async move { s.finish(&hold, answer, now).await }))
     }
 
-    fn abandon<'a>(&'a self, bot: &'a str, key: &'a str) -> BoxFuture<'a, Result<bool>> {
-        let (bot, key) = (bot.to_owned(), key.to_owned());
-        self.run(move |s| Box::pin(async move { s.abandon(&bot, &key).await }))
+    fn abandon<'a>(&'a self, hold: &'a Hold) -> BoxFuture<'a, Result<bool>> {
+        let hold = hold.clone();
+        self.run(move |s| Box::pin(async move { s.abandon(&hold).await }))
     }
 
     fn purge(&self, before: SystemTime, limit: u32) -> BoxFuture<'_, Result<u64>> {
         self.run(move |s| Box::pin(async move { s.purge(before, limit).await }))
+    }
+
+    fn purge_dead(&self, before: SystemTime, limit: u32) -> BoxFuture<'_, Result<u64>> {
+        self.run(move |s| Box::pin(async move { s.purge_dead(before, limit).await }))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -203,8 +205,7 @@ mod tests {
         }
         fn begin<'a>(
             &'a self,
-            _: &'a str,
-            _: &'a str,
+            _: &'a ScopedKey,
             _: Duration,
             _: Duration,
             _: SystemTime,
@@ -213,17 +214,19 @@ mod tests {
         }
         fn finish<'a>(
             &'a self,
-            _: &'a str,
-            _: &'a str,
+            _: &'a Hold,
             _: StoredAnswer,
             _: SystemTime,
         ) -> BoxFuture<'a, Result<bool>> {
             unimplemented!()
         }
-        fn abandon<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<bool>> {
+        fn abandon<'a>(&'a self, _: &'a Hold) -> BoxFuture<'a, Result<bool>> {
             unimplemented!()
         }
         fn purge(&self, _: SystemTime, _: u32) -> BoxFuture<'_, Result<u64>> {
+            unimplemented!()
+        }
+        fn purge_dead(&self, _: SystemTime, _: u32) -> BoxFuture<'_, Result<u64>> {
             unimplemented!()
         }
         fn close(&self) -> BoxFuture<'_, ()> {

@@ -8,7 +8,7 @@
 //! Claims take due rows with `SELECT … FOR UPDATE SKIP LOCKED` and mark them
 //! leased in the same statement: two instances claiming at once get
 //! disjoint rows, and a row whose lease expired (its instance died) is due
-//! again. Inbound dedupe rests on the unique index over (bot, dedupe_key):
+//! again. Inbound dedupe rests on the unique index over (bot, route, dedupe_key):
 //! of two transactions inserting the same fresh key, the second waits for
 //! the first and then finds the conflict (`ON CONFLICT DO NOTHING`), so two
 //! instances never both accept one key. Keys older than the window are
@@ -21,19 +21,20 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::api::{
-    Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Lease, NewDelivery, Result,
-    Settle, State, Stats, Store, StoreError, StoredAnswer,
+    Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Hold, Lease, NewDelivery,
+    Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer,
 };
 use super::rows::{
     STATS_SQL, SettlePlan, attempt_from_row, begin_from_row, claimed_from_row, cutoff_ms,
-    delivery_columns, delivery_from_row, dur_ms, headers_json, new_id, not_replayable,
-    stats_from_row, summary_columns, summary_from_row, to_ms,
+    delivery_columns, delivery_from_row, dur_ms, headers_json, legacy_still_answers, new_id,
+    not_replayable, stats_from_row, summary_columns, summary_from_row, to_ms,
 };
 
 /// The schema, one migration per version (version = index + 1); see the
 /// SQLite twin for the meaning of each column. Times are milliseconds since
 /// the Unix epoch (BIGINT), like in SQLite, so both backends share row code.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id              TEXT PRIMARY KEY,
     bot             TEXT NOT NULL,
@@ -83,7 +84,56 @@ CREATE TABLE idempotency (
     PRIMARY KEY (bot, key)
 );
 CREATE INDEX idempotency_created ON idempotency (created_at);
-"#];
+"#,
+    r#"
+-- v2 (SPEC §7.3): inbound dedupe per (bot, route, key); a token per sync hold;
+-- the count of live (pending or leased) deliveries behind --max-pending.
+DROP INDEX deliveries_dedupe;
+CREATE UNIQUE INDEX deliveries_dedupe ON deliveries (bot, route, dedupe_key);
+
+-- '' on records of schema 1: they answer for any route of their bot.
+ALTER TABLE idempotency ADD COLUMN route TEXT NOT NULL DEFAULT '';
+ALTER TABLE idempotency ALTER COLUMN route DROP DEFAULT;
+ALTER TABLE idempotency ADD COLUMN holder TEXT;
+ALTER TABLE idempotency DROP CONSTRAINT idempotency_pkey;
+ALTER TABLE idempotency ADD PRIMARY KEY (bot, route, key);
+
+-- Sharded by backend, so concurrent transactions rarely update the same row.
+CREATE TABLE live_count (shard INT PRIMARY KEY, live BIGINT NOT NULL);
+INSERT INTO live_count (shard, live) SELECT g, 0 FROM generate_series(0, 15) AS g;
+UPDATE live_count
+    SET live = (SELECT COUNT(*) FROM deliveries WHERE state IN ('pending', 'leased'))
+    WHERE shard = 0;
+CREATE FUNCTION deliveries_count_live() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    delta BIGINT := 0;
+    n BIGINT;
+BEGIN
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        SELECT COUNT(*) INTO n FROM new_rows WHERE state IN ('pending', 'leased');
+        delta := delta + n;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        SELECT COUNT(*) INTO n FROM old_rows WHERE state IN ('pending', 'leased');
+        delta := delta - n;
+    END IF;
+    IF delta <> 0 THEN
+        UPDATE live_count SET live = live + delta WHERE shard = pg_backend_pid() % 16;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER deliveries_live_insert AFTER INSERT ON deliveries
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION deliveries_count_live();
+CREATE TRIGGER deliveries_live_update AFTER UPDATE ON deliveries
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION deliveries_count_live();
+CREATE TRIGGER deliveries_live_delete AFTER DELETE ON deliveries
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION deliveries_count_live();
+"#,
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -92,6 +142,10 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// (`pg_advisory_xact_lock` key; "cgw-schema" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6367_772d_7363_6865;
 
+/// `pg_advisory_xact_lock` key of the pending bound ("cgw-queu" in ASCII):
+/// every bounded accept holds it shared; one near the bound holds it alone.
+const QUEUE_LOCK: i64 = 0x6367_772d_7175_6575;
+
 /// Tuning of the PostgreSQL store.
 #[derive(Debug, Clone)]
 pub struct PgOptions {
@@ -99,6 +153,8 @@ pub struct PgOptions {
     pub max_connections: u32,
     /// How long an operation waits for a free connection before failing (transient).
     pub acquire_timeout: Duration,
+    /// `--max-pending` (see [`StoreOptions`](super::StoreOptions)).
+    pub max_pending: Option<u64>,
 }
 
 impl Default for PgOptions {
@@ -106,13 +162,25 @@ impl Default for PgOptions {
         PgOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            max_pending: None,
         }
     }
 }
 
 /// The PostgreSQL [`Store`].
+///
+/// The pending bound is exact across instances without serialising every
+/// accept: each bounded accept holds [`QUEUE_LOCK`] *shared* while it reads
+/// the live count and inserts. Transactions in flight at once are at most the
+/// server's `max_connections` (`slack`), so while the count read is below
+/// `limit - slack` the accepts under way cannot take it to `limit`. Closer to
+/// the bound an accept takes the lock *exclusively*: it waits for the shared
+/// holders to commit, and then counts and inserts alone.
 pub struct PgStore {
     pool: PgPool,
+    max_pending: Option<u64>,
+    /// The server's `max_connections`: the most accepts that can be in flight at once.
+    slack: i64,
 }
 
 impl PgStore {
@@ -128,7 +196,15 @@ impl PgStore {
             .await
             .map_err(StoreError::db("connect to PostgreSQL"))?;
         migrate(&pool).await?;
-        Ok(PgStore { pool })
+        let slack: String = sqlx::query_scalar("SHOW max_connections")
+            .fetch_one(&pool)
+            .await
+            .map_err(StoreError::db("read max_connections"))?;
+        Ok(PgStore {
+            pool,
+            max_pending: opts.max_pending,
+            slack: slack.parse().unwrap_or(10_000),
+        })
     }
 
     /// The connection pool (tests use it to look behind the API).
@@ -174,10 +250,26 @@ async fn migrate(pool: &PgPool) -> Result<()> {
     tx.commit().await.map_err(err())
 }
 
+/// The pending bound of one accept: `limit`, and the `slack` below it under
+/// which the shared lock suffices (see [`PgStore`]).
+#[derive(Clone, Copy)]
+struct Bound {
+    limit: u64,
+    slack: i64,
+}
+
+async fn live_count(tx: &mut PgConnection) -> Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(SUM(live), 0)::BIGINT FROM live_count")
+        .fetch_one(tx)
+        .await
+        .map_err(StoreError::db("count pending deliveries"))
+}
+
 async fn accept(
     conn: &mut PgConnection,
     d: &NewDelivery,
     cutoff: Option<i64>,
+    bound: Option<Bound>,
     now: i64,
 ) -> Result<Accept> {
     let err = || StoreError::db("accept a delivery");
@@ -185,6 +277,44 @@ async fn accept(
     let id = new_id();
     let headers = headers_json(&d.request.headers);
     let mut tx = conn.begin().await.map_err(err())?;
+    if let Some(Bound { limit, slack }) = bound {
+        let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(QUEUE_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(err())?;
+        if live_count(&mut tx).await?.saturating_add(slack) >= limit_i {
+            // Near the bound: count and insert alone.
+            tx.rollback().await.map_err(err())?;
+            tx = conn.begin().await.map_err(err())?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(QUEUE_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(err())?;
+            if live_count(&mut tx).await? >= limit_i {
+                // A duplicate stores nothing: it still gets the first answer.
+                let first: Option<(String, i64)> = sqlx::query_as(
+                    "SELECT id, created_at FROM deliveries \
+                     WHERE bot = $1 AND route = $2 AND dedupe_key = $3",
+                )
+                .bind(&d.bot)
+                .bind(&d.route)
+                .bind(dedupe_key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(err())?;
+                tx.commit().await.map_err(err())?;
+                return match first {
+                    Some((id, created_at)) if cutoff.is_some_and(|c| created_at > c) => {
+                        Ok(Accept::Duplicate { id })
+                    }
+                    _ => Err(StoreError::QueueFull { limit }),
+                };
+            }
+        }
+    }
     // The common case (a fresh key, or no dedupe) is one INSERT. On a
     // conflict (after waiting for a concurrent inserter of the same key to
     // finish), an expired holder lets go of its key and we insert again. A
@@ -196,7 +326,7 @@ async fn accept(
              idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
              updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending', 0, $11, $11, $11, $11) \
-             ON CONFLICT (bot, dedupe_key) DO NOTHING",
+             ON CONFLICT (bot, route, dedupe_key) DO NOTHING",
         )
         .bind(&id)
         .bind(&d.bot)
@@ -218,9 +348,11 @@ async fn accept(
         }
         // Read committed: this statement sees the committed row we conflicted with.
         let holder: Option<(String, i64)> = sqlx::query_as(
-            "SELECT id, created_at FROM deliveries WHERE bot = $1 AND dedupe_key = $2",
+            "SELECT id, created_at FROM deliveries \
+             WHERE bot = $1 AND route = $2 AND dedupe_key = $3",
         )
         .bind(&d.bot)
+        .bind(&d.route)
         .bind(dedupe_key)
         .fetch_optional(&mut *tx)
         .await
@@ -315,44 +447,80 @@ async fn settle(conn: &mut PgConnection, lease: &Lease, outcome: &Settle, now: i
 
 async fn begin(
     conn: &mut PgConnection,
-    bot: &str,
-    key: &str,
+    hold: &Hold,
     cutoff: i64,
     until: i64,
     now: i64,
 ) -> Result<Begin> {
     let err = || StoreError::db("begin an idempotent request");
+    let k = &hold.key;
     for _ in 0..3 {
         let mut tx = conn.begin().await.map_err(err())?;
-        sqlx::query("DELETE FROM idempotency WHERE bot = $1 AND key = $2 AND created_at <= $3")
-            .bind(bot)
-            .bind(key)
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await
-            .map_err(err())?;
-        let r = sqlx::query(
-            "INSERT INTO idempotency (bot, key, state, created_at, locked_until, updated_at) \
-             VALUES ($1, $2, 'in_progress', $3, $4, $3) ON CONFLICT (bot, key) DO NOTHING",
+        // Records past their window go: this route's, and a schema-1 record (route '').
+        sqlx::query(
+            "DELETE FROM idempotency WHERE bot = $1 AND route IN ($2, '') AND key = $3 \
+             AND created_at <= $4",
         )
-        .bind(bot)
-        .bind(key)
+        .bind(&k.bot)
+        .bind(&k.route)
+        .bind(&k.key)
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await
+        .map_err(err())?;
+        // A schema-1 record answers for every route of its bot, as when it was written.
+        let legacy = sqlx::query(
+            "SELECT state, status, body, locked_until FROM idempotency \
+             WHERE bot = $1 AND route = '' AND key = $2 FOR UPDATE",
+        )
+        .bind(&k.bot)
+        .bind(&k.key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err())?;
+        if let Some(row) = legacy {
+            if legacy_still_answers(&row, now)? {
+                tx.commit().await.map_err(err())?;
+                return begin_from_row(&row);
+            }
+            // Its request is gone (its lease ended): forget it.
+            sqlx::query("DELETE FROM idempotency WHERE bot = $1 AND route = '' AND key = $2")
+                .bind(&k.bot)
+                .bind(&k.key)
+                .execute(&mut *tx)
+                .await
+                .map_err(err())?;
+        }
+        let r = sqlx::query(
+            "INSERT INTO idempotency \
+             (bot, route, key, state, created_at, locked_until, updated_at, holder) \
+             VALUES ($1, $2, $3, 'in_progress', $4, $5, $4, $6) \
+             ON CONFLICT (bot, route, key) DO NOTHING",
+        )
+        .bind(&k.bot)
+        .bind(&k.route)
+        .bind(&k.key)
         .bind(now)
         .bind(until)
+        .bind(&hold.token)
         .execute(&mut *tx)
         .await
         .map_err(err())?;
         let taken = r.rows_affected() == 1 || {
-            // A stale in-progress marker (its request crashed) is taken over;
-            // the row lock makes two takers take turns, and the second finds it fresh.
+            // A stale in-progress marker (its request crashed or stalled) is
+            // taken over under this hold; the row lock makes two takers take
+            // turns, and the second finds it fresh.
             sqlx::query(
-                "UPDATE idempotency SET locked_until = $3, updated_at = $4 \
-                 WHERE bot = $1 AND key = $2 AND state = 'in_progress' AND locked_until <= $4",
+                "UPDATE idempotency SET locked_until = $4, updated_at = $5, holder = $6 \
+                 WHERE bot = $1 AND route = $2 AND key = $3 AND state = 'in_progress' \
+                 AND locked_until <= $5",
             )
-            .bind(bot)
-            .bind(key)
+            .bind(&k.bot)
+            .bind(&k.route)
+            .bind(&k.key)
             .bind(until)
             .bind(now)
+            .bind(&hold.token)
             .execute(&mut *tx)
             .await
             .map_err(err())?
@@ -361,15 +529,18 @@ async fn begin(
         };
         if taken {
             tx.commit().await.map_err(err())?;
-            return Ok(Begin::New);
+            return Ok(Begin::New(hold.clone()));
         }
-        let row =
-            sqlx::query("SELECT state, status, body FROM idempotency WHERE bot = $1 AND key = $2")
-                .bind(bot)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(err())?;
+        let row = sqlx::query(
+            "SELECT state, status, body FROM idempotency \
+             WHERE bot = $1 AND route = $2 AND key = $3",
+        )
+        .bind(&k.bot)
+        .bind(&k.route)
+        .bind(&k.key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err())?;
         tx.commit().await.map_err(err())?;
         if let Some(row) = row {
             return begin_from_row(&row);
@@ -406,7 +577,11 @@ impl Store for PgStore {
         Box::pin(async move {
             let mut conn = self.conn().await?;
             let cutoff = dedupe_window.map(|w| cutoff_ms(now, w));
-            accept(&mut conn, &delivery, cutoff, to_ms(now)).await
+            let bound = self.max_pending.map(|limit| Bound {
+                limit,
+                slack: self.slack,
+            });
+            accept(&mut conn, &delivery, cutoff, bound, to_ms(now)).await
         })
     }
 
@@ -595,8 +770,7 @@ impl Store for PgStore {
 
     fn begin<'a>(
         &'a self,
-        bot: &'a str,
-        key: &'a str,
+        key: &'a ScopedKey,
         window: Duration,
         lease: Duration,
         now: SystemTime,
@@ -605,25 +779,32 @@ impl Store for PgStore {
             let mut conn = self.conn().await?;
             let now_ms = to_ms(now);
             let until = now_ms.saturating_add(dur_ms(lease));
-            begin(&mut conn, bot, key, cutoff_ms(now, window), until, now_ms).await
+            let hold = Hold {
+                key: key.clone(),
+                token: new_id(),
+            };
+            begin(&mut conn, &hold, cutoff_ms(now, window), until, now_ms).await
         })
     }
 
     fn finish<'a>(
         &'a self,
-        bot: &'a str,
-        key: &'a str,
+        hold: &'a Hold,
         answer: StoredAnswer,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
+            let k = &hold.key;
             let r = sqlx::query(
-                "UPDATE idempotency SET state = 'done', status = $3, body = $4, \
-                 locked_until = NULL, updated_at = $5 \
-                 WHERE bot = $1 AND key = $2 AND state = 'in_progress'",
+                "UPDATE idempotency SET state = 'done', status = $5, body = $6, \
+                 locked_until = NULL, holder = NULL, updated_at = $7 \
+                 WHERE bot = $1 AND route = $2 AND key = $3 AND state = 'in_progress' \
+                 AND holder = $4",
             )
-            .bind(bot)
-            .bind(key)
+            .bind(&k.bot)
+            .bind(&k.route)
+            .bind(&k.key)
+            .bind(&hold.token)
             .bind(i64::from(answer.status))
             .bind(&answer.body)
             .bind(to_ms(now))
@@ -634,17 +815,36 @@ impl Store for PgStore {
         })
     }
 
-    fn abandon<'a>(&'a self, bot: &'a str, key: &'a str) -> BoxFuture<'a, Result<bool>> {
+    fn abandon<'a>(&'a self, hold: &'a Hold) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
+            let k = &hold.key;
             let r = sqlx::query(
-                "DELETE FROM idempotency WHERE bot = $1 AND key = $2 AND state = 'in_progress'",
+                "DELETE FROM idempotency WHERE bot = $1 AND route = $2 AND key = $3 \
+                 AND state = 'in_progress' AND holder = $4",
             )
-            .bind(bot)
-            .bind(key)
+            .bind(&k.bot)
+            .bind(&k.route)
+            .bind(&k.key)
+            .bind(&hold.token)
             .execute(&self.pool)
             .await
             .map_err(StoreError::db("abandon a key"))?;
             Ok(r.rows_affected() == 1)
+        })
+    }
+
+    fn purge_dead(&self, before: SystemTime, limit: u32) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let r = sqlx::query(
+                "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
+                 WHERE state = 'dead' AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(to_ms(before))
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::db("purge dead letters"))?;
+            Ok(r.rows_affected())
         })
     }
 

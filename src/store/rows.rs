@@ -304,6 +304,22 @@ where
     }))
 }
 
+/// Whether a schema-1 idempotency record (no route; selected with `state`
+/// and `locked_until`) still decides a request's fate at `now`: answered, or
+/// in progress under a live lease. A stale one is forgotten by the caller.
+pub(crate) fn legacy_still_answers<'r, R>(row: &'r R, now: i64) -> Result<bool>
+where
+    R: sqlx::Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let err = || StoreError::db("read an idempotency record");
+    let state: String = row.try_get("state").map_err(err())?;
+    let locked_until: Option<i64> = row.try_get("locked_until").map_err(err())?;
+    Ok(state == "done" || locked_until.is_some_and(|u| u > now))
+}
+
 pub(crate) const STATS_SQL: &str = "SELECT \
     (SELECT COUNT(*) FROM deliveries WHERE state = 'pending') AS pending, \
     (SELECT COUNT(*) FROM deliveries WHERE state = 'leased') AS leased, \

@@ -37,18 +37,19 @@ use sqlx::sqlite::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::api::{
-    Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Lease, NewDelivery, Result,
-    Settle, State, Stats, Store, StoreError, StoredAnswer,
+    Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Hold, Lease, NewDelivery,
+    Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer,
 };
 use super::rows::{
     STATS_SQL, SettlePlan, attempt_from_row, begin_from_row, claimed_from_row, cutoff_ms,
-    delivery_columns, delivery_from_row, dur_ms, headers_json, new_id, not_replayable,
-    stats_from_row, summary_columns, summary_from_row, to_ms,
+    delivery_columns, delivery_from_row, dur_ms, headers_json, legacy_still_answers, new_id,
+    not_replayable, stats_from_row, summary_columns, summary_from_row, to_ms,
 };
 
 /// The schema, one migration per version (version = index + 1). Applied in
 /// one transaction at open; never edit a released entry, append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id              TEXT PRIMARY KEY NOT NULL,
     bot             TEXT NOT NULL,
@@ -99,7 +100,54 @@ CREATE TABLE idempotency (
     PRIMARY KEY (bot, key)
 );
 CREATE INDEX idempotency_created ON idempotency (created_at);
-"#];
+"#,
+    r#"
+-- v2 (SPEC §7.3): inbound dedupe per (bot, route, key); a token per sync hold;
+-- the count of live (pending or leased) deliveries behind --max-pending.
+DROP INDEX deliveries_dedupe;
+CREATE UNIQUE INDEX deliveries_dedupe ON deliveries (bot, route, dedupe_key);
+
+CREATE TABLE idempotency_v2 (
+    bot          TEXT NOT NULL,
+    route        TEXT NOT NULL,     -- '' on records of schema 1: any route of the bot
+    key          TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('in_progress', 'done')),
+    status       INTEGER,
+    body         BLOB,
+    created_at   INTEGER NOT NULL,
+    locked_until INTEGER,
+    updated_at   INTEGER NOT NULL,
+    holder       TEXT,              -- the token of the hold while in progress
+    PRIMARY KEY (bot, route, key)
+);
+INSERT INTO idempotency_v2
+    (bot, route, key, state, status, body, created_at, locked_until, updated_at)
+    SELECT bot, '', key, state, status, body, created_at, locked_until, updated_at
+    FROM idempotency;
+DROP TABLE idempotency;
+ALTER TABLE idempotency_v2 RENAME TO idempotency;
+CREATE INDEX idempotency_created ON idempotency (created_at);
+
+CREATE TABLE live_count (
+    id   INTEGER PRIMARY KEY CHECK (id = 0),
+    live INTEGER NOT NULL
+);
+INSERT INTO live_count (id, live)
+    SELECT 0, COUNT(*) FROM deliveries WHERE state IN ('pending', 'leased');
+CREATE TRIGGER deliveries_live_insert AFTER INSERT ON deliveries
+    WHEN NEW.state IN ('pending', 'leased')
+    BEGIN UPDATE live_count SET live = live + 1; END;
+CREATE TRIGGER deliveries_live_delete AFTER DELETE ON deliveries
+    WHEN OLD.state IN ('pending', 'leased')
+    BEGIN UPDATE live_count SET live = live - 1; END;
+CREATE TRIGGER deliveries_live_update AFTER UPDATE OF state ON deliveries
+    WHEN (OLD.state IN ('pending', 'leased')) <> (NEW.state IN ('pending', 'leased'))
+    BEGIN
+        UPDATE live_count
+        SET live = live + CASE WHEN NEW.state IN ('pending', 'leased') THEN 1 ELSE -1 END;
+    END;
+"#,
+];
 
 /// Tuning of the SQLite store.
 #[derive(Debug, Clone)]
@@ -113,6 +161,8 @@ pub struct SqliteOptions {
     pub read_connections: u32,
     /// How long a connection waits for a lock held by another process.
     pub busy_timeout: Duration,
+    /// `--max-pending` (see [`StoreOptions`](super::StoreOptions)).
+    pub max_pending: Option<u64>,
 }
 
 impl Default for SqliteOptions {
@@ -122,6 +172,7 @@ impl Default for SqliteOptions {
             queue: 4096,
             read_connections: 4,
             busy_timeout: Duration::from_secs(5),
+            max_pending: None,
         }
     }
 }
@@ -132,6 +183,7 @@ pub struct SqliteStore {
     reader: SqlitePool,
     commits: Arc<AtomicU64>,
     path: PathBuf,
+    max_pending: Option<u64>,
 }
 
 impl SqliteStore {
@@ -170,13 +222,23 @@ impl SqliteStore {
             .max_connections(opts.read_connections.max(1))
             .connect_lazy_with(connect);
         let commits = Arc::new(AtomicU64::new(0));
-        let (writer, rx) = mpsc::channel(opts.queue.max(1));
-        tokio::spawn(write_loop(conn, rx, opts.max_batch.max(1), commits.clone()));
+        let (writer_tx, rx) = mpsc::channel(opts.queue.max(1));
+        let writer_conn = Writer {
+            conn: Some(conn),
+            connect: writer,
+        };
+        tokio::spawn(write_loop(
+            writer_conn,
+            rx,
+            opts.max_batch.max(1),
+            commits.clone(),
+        ));
         Ok(SqliteStore {
-            writer,
+            writer: writer_tx,
             reader,
             commits,
             path,
+            max_pending: opts.max_pending,
         })
     }
 
@@ -260,6 +322,7 @@ enum Op {
         delivery: NewDelivery,
         /// Dedupe cutoff (`now - window`), when deduping.
         cutoff: Option<i64>,
+        max_pending: Option<u64>,
         now: i64,
     },
     Claim {
@@ -285,23 +348,24 @@ enum Op {
         now: i64,
     },
     Begin {
-        bot: String,
-        key: String,
+        hold: Hold,
         cutoff: i64,
         until: i64,
         now: i64,
     },
     Finish {
-        bot: String,
-        key: String,
+        hold: Hold,
         answer: StoredAnswer,
         now: i64,
     },
     Abandon {
-        bot: String,
-        key: String,
+        hold: Hold,
     },
     Purge {
+        before: i64,
+        limit: i64,
+    },
+    PurgeDead {
         before: i64,
         limit: i64,
     },
@@ -316,8 +380,50 @@ enum Reply {
     Bool(bool),
 }
 
+/// The writer's connection, opened again after a failed transaction.
+///
+/// When a write fails for an I/O reason (disk full, file read-only, a device
+/// error), SQLite may roll the transaction back by itself, and sqlx's idea of
+/// the connection's transaction depth is then wrong: every later `BEGIN` is
+/// refused, and the store would stay unavailable until a restart. So after
+/// any failed transaction the connection is closed, and the next write opens
+/// a fresh one: once the file system takes writes again, the store works
+/// again by itself (SPEC §7.3).
+struct Writer {
+    conn: Option<SqliteConnection>,
+    connect: SqliteConnectOptions,
+}
+
+impl Writer {
+    /// Runs `ops` in one transaction (see [`run_batch`]), on a fresh
+    /// connection if the last transaction failed.
+    async fn run(&mut self, ops: &[Op], commits: &AtomicU64) -> Result<Vec<Result<Reply>>> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(
+                SqliteConnection::connect_with(&self.connect)
+                    .await
+                    .map_err(StoreError::db("open the SQLite file again"))?,
+            ),
+        };
+        let result = run_batch(conn, ops, commits).await;
+        if result.is_err()
+            && let Some(conn) = self.conn.take()
+        {
+            let _ = conn.close().await;
+        }
+        result
+    }
+
+    async fn close(self) {
+        if let Some(conn) = self.conn {
+            let _ = conn.close().await;
+        }
+    }
+}
+
 async fn write_loop(
-    mut conn: SqliteConnection,
+    mut writer: Writer,
     mut rx: mpsc::Receiver<Msg>,
     max_batch: usize,
     commits: Arc<AtomicU64>,
@@ -339,19 +445,17 @@ async fn write_loop(
         if ops.is_empty() {
             continue;
         }
-        let results = match run_batch(&mut conn, &ops, &commits).await {
+        let results = match writer.run(&ops, &commits).await {
             Ok(results) => results,
             // A statement failed and the batch rolled back: run each alone so
             // only the operation at fault fails.
             Err(_) if ops.len() > 1 => {
                 let mut results = Vec::with_capacity(ops.len());
                 for op in &ops {
-                    results.push(
-                        match run_batch(&mut conn, std::slice::from_ref(op), &commits).await {
-                            Ok(mut r) => r.pop().expect("one result per operation"),
-                            Err(e) => Err(e),
-                        },
-                    );
+                    results.push(match writer.run(std::slice::from_ref(op), &commits).await {
+                        Ok(mut r) => r.pop().expect("one result per operation"),
+                        Err(e) => Err(e),
+                    });
                 }
                 results
             }
@@ -364,7 +468,7 @@ async fn write_loop(
     }
     // Every sender dropped, or close(): queued jobs are dropped (their callers see Closed).
     rx.close();
-    let _ = conn.close().await;
+    writer.close().await;
     if let Some(done) = closing {
         let _ = done.send(());
     }
@@ -398,8 +502,9 @@ async fn run_op(conn: &mut SqliteConnection, op: &Op) -> Result<Reply> {
         Op::Accept {
             delivery,
             cutoff,
+            max_pending,
             now,
-        } => accept(conn, delivery, *cutoff, *now)
+        } => accept(conn, delivery, *cutoff, *max_pending, *now)
             .await
             .map(Reply::Accept),
         Op::Claim {
@@ -487,27 +592,25 @@ async fn run_op(conn: &mut SqliteConnection, op: &Op) -> Result<Reply> {
             Ok(Reply::Count(r.rows_affected()))
         }
         Op::Begin {
-            bot,
-            key,
+            hold,
             cutoff,
             until,
             now,
-        } => begin(conn, bot, key, *cutoff, *until, *now)
+        } => begin(conn, hold, *cutoff, *until, *now)
             .await
             .map(Reply::Begin),
-        Op::Finish {
-            bot,
-            key,
-            answer,
-            now,
-        } => {
+        Op::Finish { hold, answer, now } => {
+            let k = &hold.key;
             let r = sqlx::query(
-                "UPDATE idempotency SET state = 'done', status = ?3, body = ?4, \
-                 locked_until = NULL, updated_at = ?5 \
-                 WHERE bot = ?1 AND key = ?2 AND state = 'in_progress'",
+                "UPDATE idempotency SET state = 'done', status = ?5, body = ?6, \
+                 locked_until = NULL, holder = NULL, updated_at = ?7 \
+                 WHERE bot = ?1 AND route = ?2 AND key = ?3 AND state = 'in_progress' \
+                 AND holder = ?4",
             )
-            .bind(bot)
-            .bind(key)
+            .bind(&k.bot)
+            .bind(&k.route)
+            .bind(&k.key)
+            .bind(&hold.token)
             .bind(i64::from(answer.status))
             .bind(&answer.body)
             .bind(now)
@@ -516,16 +619,32 @@ async fn run_op(conn: &mut SqliteConnection, op: &Op) -> Result<Reply> {
             .map_err(StoreError::db("record an answer"))?;
             Ok(Reply::Bool(r.rows_affected() == 1))
         }
-        Op::Abandon { bot, key } => {
+        Op::Abandon { hold } => {
+            let k = &hold.key;
             let r = sqlx::query(
-                "DELETE FROM idempotency WHERE bot = ?1 AND key = ?2 AND state = 'in_progress'",
+                "DELETE FROM idempotency WHERE bot = ?1 AND route = ?2 AND key = ?3 \
+                 AND state = 'in_progress' AND holder = ?4",
             )
-            .bind(bot)
-            .bind(key)
+            .bind(&k.bot)
+            .bind(&k.route)
+            .bind(&k.key)
+            .bind(&hold.token)
             .execute(&mut *conn)
             .await
             .map_err(StoreError::db("abandon a key"))?;
             Ok(Reply::Bool(r.rows_affected() == 1))
+        }
+        Op::PurgeDead { before, limit } => {
+            let r = sqlx::query(
+                "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
+                 WHERE state = 'dead' AND updated_at < ?1 LIMIT ?2 + 0)",
+            )
+            .bind(before)
+            .bind(limit)
+            .execute(&mut *conn)
+            .await
+            .map_err(StoreError::db("purge dead letters"))?;
+            Ok(Reply::Count(r.rows_affected()))
         }
         Op::Purge { before, limit } => {
             let err = StoreError::db("purge");
@@ -556,10 +675,37 @@ async fn accept(
     conn: &mut SqliteConnection,
     d: &NewDelivery,
     cutoff: Option<i64>,
+    max_pending: Option<u64>,
     now: i64,
 ) -> Result<Accept> {
     let err = || StoreError::db("accept a delivery");
     let dedupe_key = cutoff.and(d.idempotency_key.as_deref());
+    if let Some(limit) = max_pending {
+        // Read inside the writer's transaction: exact.
+        let live: i64 = sqlx::query_scalar("SELECT live FROM live_count")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(err())?;
+        if live >= i64::try_from(limit).unwrap_or(i64::MAX) {
+            // A duplicate stores nothing: it still gets the first answer.
+            let first: Option<(String, i64)> = sqlx::query_as(
+                "SELECT id, created_at FROM deliveries \
+                 WHERE bot = ?1 AND route = ?2 AND dedupe_key = ?3",
+            )
+            .bind(&d.bot)
+            .bind(&d.route)
+            .bind(dedupe_key)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(err())?;
+            return match first {
+                Some((id, created_at)) if cutoff.is_some_and(|c| created_at > c) => {
+                    Ok(Accept::Duplicate { id })
+                }
+                _ => Err(StoreError::QueueFull { limit }),
+            };
+        }
+    }
     let id = new_id();
     let headers = headers_json(&d.request.headers);
     // The common case (a fresh key, or no dedupe) is this one statement. On a
@@ -571,7 +717,7 @@ async fn accept(
              idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
              updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', 0, ?11, ?11, ?11, ?11) \
-             ON CONFLICT (bot, dedupe_key) DO NOTHING",
+             ON CONFLICT (bot, route, dedupe_key) DO NOTHING",
         )
         .bind(&id)
         .bind(&d.bot)
@@ -591,9 +737,11 @@ async fn accept(
             return Ok(Accept::Accepted { id });
         }
         let (first, created_at): (String, i64) = sqlx::query_as(
-            "SELECT id, created_at FROM deliveries WHERE bot = ?1 AND dedupe_key = ?2",
+            "SELECT id, created_at FROM deliveries \
+             WHERE bot = ?1 AND route = ?2 AND dedupe_key = ?3",
         )
         .bind(&d.bot)
+        .bind(&d.route)
         .bind(dedupe_key)
         .fetch_one(&mut *conn)
         .await
@@ -674,56 +822,93 @@ async fn settle(
 
 async fn begin(
     conn: &mut SqliteConnection,
-    bot: &str,
-    key: &str,
+    hold: &Hold,
     cutoff: i64,
     until: i64,
     now: i64,
 ) -> Result<Begin> {
     let err = || StoreError::db("begin an idempotent request");
-    sqlx::query("DELETE FROM idempotency WHERE bot = ?1 AND key = ?2 AND created_at <= ?3")
-        .bind(bot)
-        .bind(key)
-        .bind(cutoff)
-        .execute(&mut *conn)
-        .await
-        .map_err(err())?;
-    let r = sqlx::query(
-        "INSERT INTO idempotency (bot, key, state, created_at, locked_until, updated_at) \
-         VALUES (?1, ?2, 'in_progress', ?3, ?4, ?3) ON CONFLICT (bot, key) DO NOTHING",
+    let k = &hold.key;
+    // Records past their window go: this route's, and a schema-1 record (route '').
+    sqlx::query(
+        "DELETE FROM idempotency WHERE bot = ?1 AND route IN (?2, '') AND key = ?3 \
+         AND created_at <= ?4",
     )
-    .bind(bot)
-    .bind(key)
-    .bind(now)
-    .bind(until)
+    .bind(&k.bot)
+    .bind(&k.route)
+    .bind(&k.key)
+    .bind(cutoff)
     .execute(&mut *conn)
     .await
     .map_err(err())?;
-    if r.rows_affected() == 1 {
-        return Ok(Begin::New);
-    }
-    // A stale in-progress marker (its request crashed) is taken over.
-    let r = sqlx::query(
-        "UPDATE idempotency SET locked_until = ?3, updated_at = ?4 \
-         WHERE bot = ?1 AND key = ?2 AND state = 'in_progress' AND locked_until <= ?4",
+    // A schema-1 record answers for every route of its bot, as when it was written.
+    let legacy = sqlx::query(
+        "SELECT state, status, body, locked_until FROM idempotency \
+         WHERE bot = ?1 AND route = '' AND key = ?2",
     )
-    .bind(bot)
-    .bind(key)
-    .bind(until)
-    .bind(now)
-    .execute(&mut *conn)
+    .bind(&k.bot)
+    .bind(&k.key)
+    .fetch_optional(&mut *conn)
     .await
     .map_err(err())?;
-    if r.rows_affected() == 1 {
-        return Ok(Begin::New);
-    }
-    let row =
-        sqlx::query("SELECT state, status, body FROM idempotency WHERE bot = ?1 AND key = ?2")
-            .bind(bot)
-            .bind(key)
-            .fetch_one(&mut *conn)
+    if let Some(row) = legacy {
+        if legacy_still_answers(&row, now)? {
+            return begin_from_row(&row);
+        }
+        // Its request is gone (its lease ended): forget it.
+        sqlx::query("DELETE FROM idempotency WHERE bot = ?1 AND route = '' AND key = ?2")
+            .bind(&k.bot)
+            .bind(&k.key)
+            .execute(&mut *conn)
             .await
             .map_err(err())?;
+    }
+    let r = sqlx::query(
+        "INSERT INTO idempotency \
+         (bot, route, key, state, created_at, locked_until, updated_at, holder) \
+         VALUES (?1, ?2, ?3, 'in_progress', ?4, ?5, ?4, ?6) \
+         ON CONFLICT (bot, route, key) DO NOTHING",
+    )
+    .bind(&k.bot)
+    .bind(&k.route)
+    .bind(&k.key)
+    .bind(now)
+    .bind(until)
+    .bind(&hold.token)
+    .execute(&mut *conn)
+    .await
+    .map_err(err())?;
+    if r.rows_affected() == 1 {
+        return Ok(Begin::New(hold.clone()));
+    }
+    // A stale in-progress marker (its request crashed or stalled) is taken
+    // over under this hold: the old holder can no longer finish or free it.
+    let r = sqlx::query(
+        "UPDATE idempotency SET locked_until = ?4, updated_at = ?5, holder = ?6 \
+         WHERE bot = ?1 AND route = ?2 AND key = ?3 AND state = 'in_progress' \
+         AND locked_until <= ?5",
+    )
+    .bind(&k.bot)
+    .bind(&k.route)
+    .bind(&k.key)
+    .bind(until)
+    .bind(now)
+    .bind(&hold.token)
+    .execute(&mut *conn)
+    .await
+    .map_err(err())?;
+    if r.rows_affected() == 1 {
+        return Ok(Begin::New(hold.clone()));
+    }
+    let row = sqlx::query(
+        "SELECT state, status, body FROM idempotency WHERE bot = ?1 AND route = ?2 AND key = ?3",
+    )
+    .bind(&k.bot)
+    .bind(&k.route)
+    .bind(&k.key)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(err())?;
     begin_from_row(&row)
 }
 
@@ -744,6 +929,7 @@ impl Store for SqliteStore {
             let op = Op::Accept {
                 delivery,
                 cutoff: dedupe_window.map(|w| cutoff_ms(now, w)),
+                max_pending: self.max_pending,
                 now: to_ms(now),
             };
             match self.write(op).await? {
@@ -898,16 +1084,17 @@ impl Store for SqliteStore {
 
     fn begin<'a>(
         &'a self,
-        bot: &'a str,
-        key: &'a str,
+        key: &'a ScopedKey,
         window: Duration,
         lease: Duration,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<Begin>> {
         Box::pin(async move {
             let op = Op::Begin {
-                bot: bot.to_owned(),
-                key: key.to_owned(),
+                hold: Hold {
+                    key: key.clone(),
+                    token: new_id(),
+                },
                 cutoff: cutoff_ms(now, window),
                 until: to_ms(now).saturating_add(dur_ms(lease)),
                 now: to_ms(now),
@@ -921,15 +1108,13 @@ impl Store for SqliteStore {
 
     fn finish<'a>(
         &'a self,
-        bot: &'a str,
-        key: &'a str,
+        hold: &'a Hold,
         answer: StoredAnswer,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let op = Op::Finish {
-                bot: bot.to_owned(),
-                key: key.to_owned(),
+                hold: hold.clone(),
                 answer,
                 now: to_ms(now),
             };
@@ -940,15 +1125,25 @@ impl Store for SqliteStore {
         })
     }
 
-    fn abandon<'a>(&'a self, bot: &'a str, key: &'a str) -> BoxFuture<'a, Result<bool>> {
+    fn abandon<'a>(&'a self, hold: &'a Hold) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
-            let op = Op::Abandon {
-                bot: bot.to_owned(),
-                key: key.to_owned(),
-            };
+            let op = Op::Abandon { hold: hold.clone() };
             match self.write(op).await? {
                 Reply::Bool(b) => Ok(b),
                 _ => unreachable!("abandon answers Bool"),
+            }
+        })
+    }
+
+    fn purge_dead(&self, before: SystemTime, limit: u32) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let op = Op::PurgeDead {
+                before: to_ms(before),
+                limit: i64::from(limit),
+            };
+            match self.write(op).await? {
+                Reply::Count(n) => Ok(n),
+                _ => unreachable!("purge_dead answers Count"),
             }
         })
     }

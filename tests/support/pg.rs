@@ -106,7 +106,76 @@ fn as_server_user(root: bool, program: &Path) -> Command {
     }
 }
 
+/// A PostgreSQL cluster of one test's own, for a test that stops and starts
+/// its server (the shared one of [`url`] must stay up for the others). Like
+/// that one, it is stopped and deleted when the test process ends.
+pub struct Cluster {
+    root: bool,
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    url: String,
+}
+
+impl Cluster {
+    /// Runs `initdb` and starts the server on a free loopback port.
+    pub fn start() -> Cluster {
+        let (root, bin, dir) = init_cluster();
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(url) = start_server(root, &bin, &dir, port) {
+                return Cluster {
+                    root,
+                    bin,
+                    dir,
+                    port,
+                    url,
+                };
+            }
+        }
+        panic!(
+            "PostgreSQL did not start; see {}",
+            dir.join("log").display()
+        );
+    }
+
+    /// The `postgres` database of this cluster.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended) and waits until it is gone.
+    pub fn stop(&self) {
+        let pidfile = self.dir.join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&pidfile).expect("the server is running");
+        let pid = text.lines().next().unwrap_or_default().trim().to_owned();
+        let killed = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("run kill");
+        assert!(killed.success(), "kill -INT {pid}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pidfile.exists() {
+            assert!(Instant::now() < deadline, "PostgreSQL did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the stopped server again, on the same port and data.
+    pub fn restart(&self) {
+        let url = start_server(self.root, &self.bin, &self.dir, self.port)
+            .expect("PostgreSQL starts again on its port");
+        assert_eq!(url, self.url);
+    }
+}
+
 fn start_cluster() -> String {
+    Cluster::start().url
+}
+
+/// `initdb` into a new temp dir (owned by `postgres` when we are root):
+/// (root?, the binaries' directory, the cluster's directory).
+fn init_cluster() -> (bool, PathBuf, PathBuf) {
     let bin = find_bin_dir().unwrap_or_else(|| {
         panic!(
             "PostgreSQL server binaries (initdb, postgres) were not found in \
@@ -156,17 +225,7 @@ fn start_cluster() -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-
-    for _ in 0..5 {
-        let port = free_port();
-        if let Some(url) = start_server(root, &bin, &dir, port) {
-            return url;
-        }
-    }
-    panic!(
-        "PostgreSQL did not start; see {}",
-        dir.join("log").display()
-    );
+    (root, bin, dir)
 }
 
 fn free_port() -> u16 {
