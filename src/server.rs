@@ -164,6 +164,19 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let Server { gw, settings, lock } = self;
+        let sighup = settings.sighup.then(|| spawn_sighup(gw.clone()));
+        let _watch = settings.watch.and_then(|debounce| {
+            match crate::runtime::watch::spawn(gw.clone(), debounce, settings.poll) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the routes directory; reload with SIGHUP or POST /admin/reload");
+                    None
+                }
+            }
+        });
+        let worker = worker::spawn(gw.clone(), settings.worker.clone());
+        // Logged once SIGHUP, the watcher and the worker are in place: a signal or
+        // a file change after this line is never missed.
         {
             let cfg = gw.runtime.load();
             tracing::info!(
@@ -176,17 +189,6 @@ impl Server {
                 "gateway serving"
             );
         }
-        let sighup = settings.sighup.then(|| spawn_sighup(gw.clone()));
-        let _watch = settings.watch.and_then(|debounce| {
-            match crate::runtime::watch::spawn(gw.clone(), debounce, settings.poll) {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the routes directory; reload with SIGHUP or POST /admin/reload");
-                    None
-                }
-            }
-        });
-        let worker = worker::spawn(gw.clone(), settings.worker.clone());
         // SIGTERM ends within the grace (SPEC §7.3), the worker included: the
         // listeners and the worker stop together, both by the grace less a
         // reserve in which the worker returns its leases and the store closes.
@@ -264,20 +266,24 @@ pub async fn serve(
 }
 
 /// Reloads on each SIGHUP, through the one reload path.
+/// The handler is installed before this returns (a SIGHUP right after start-up
+/// reloads instead of ending the process).
 fn spawn_sighup(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let hup = signal(SignalKind::hangup());
+        tokio::spawn(async move {
+            let Ok(mut hup) = hup else {
+                tracing::warn!("cannot handle SIGHUP; reload with POST /admin/reload");
                 return;
             };
             while hup.recv().await.is_some() {
                 let gw = gw.clone();
                 let _ = tokio::task::spawn_blocking(move || gw.reload()).await;
             }
-        }
-        #[cfg(not(unix))]
-        drop(gw);
-    })
+        })
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move { drop(gw) })
 }
