@@ -28,7 +28,7 @@
 //!
 //! `STORE_BENCH_ONLY=sqlite` (any substring of the case names) runs only the matching cases.
 
-#[path = "../tests/support/pg.rs"]
+#[path = "../tests/it/support/pg.rs"]
 mod pg;
 
 use std::sync::Arc;

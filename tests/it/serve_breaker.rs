@@ -2,13 +2,11 @@
 //! then recovers; what the bot sees, what the downstream sees, admin and metrics.
 //! State changes are awaited by polling with a bound, never by fixed sleeps.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{self, Scripted, TestDownstream, TestGateway};
 use serde_json::{Value, json};
-use support::{Scripted, TestDownstream, TestGateway};
 
 fn files(a: &TestDownstream, b: &TestDownstream, breaker: &str) -> String {
     format!(

@@ -19,7 +19,7 @@
 //! deliberate change of the output, rewrite the files with
 //!
 //! ```sh
-//! UPDATE_EXPECT=1 cargo test --test validate_fixtures
+//! UPDATE_EXPECT=1 cargo test --test it validate_fixtures
 //! ```
 //!
 //! and review `git diff tests/fixtures` line by line before committing.

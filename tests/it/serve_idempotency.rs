@@ -2,12 +2,10 @@
 //! window gets the first answer again and nothing is sent twice. A real
 //! gateway (real SQLite store) in front of a real local downstream.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{PAYLOAD_SCHEMA, Scripted, TestDownstream, TestGateway, bot_file};
 use serde_json::{Value, json};
-use support::{PAYLOAD_SCHEMA, Scripted, TestDownstream, TestGateway, bot_file};
 
 /// Bots `b` and `c`, each with a sync route keyed by `inputId`; `extra` goes
 /// into route `b`'s block.

@@ -1,12 +1,10 @@
 //! The sync pipeline end to end (SPEC §5 steps 1–6, 9–10): a real gateway on
 //! 127.0.0.1:0 in front of a real local downstream.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{self, PAYLOAD_SCHEMA, Scripted, TestDownstream, TestGateway, bot_file};
 use serde_json::{Value, json};
-use support::{PAYLOAD_SCHEMA, Scripted, TestDownstream, TestGateway, bot_file};
 
 fn route(ds: &TestDownstream, extra: &str) -> String {
     format!(

@@ -1,13 +1,12 @@
 //! The real `gateway serve` binary: start-up refusal, admin token rules,
 //! reload on SIGHUP, and graceful shutdown on SIGTERM.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::process::{kill, start};
-use support::{Scripted, TestDownstream};
+use crate::support;
+use crate::support::process::{kill, start};
+use crate::support::{Scripted, TestDownstream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 

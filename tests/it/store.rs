@@ -2,8 +2,6 @@
 //! on a SQLite file and on a PostgreSQL server (`support::pg`), plus what only
 //! SQLite has (group commit, crash durability of the file).
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,6 +12,8 @@ use cognigy_gateway::delivery::{
     Accept, AttemptRecord, Begin, NewDelivery, Settle, State, Store, StoreError, StoreExt,
     StoredAnswer, StoredRequest,
 };
+
+use crate::support;
 
 /// A fixed "now" so every time in these tests is deterministic.
 fn t(secs: u64) -> SystemTime {
@@ -952,7 +952,7 @@ fn sqlite_every_acknowledged_accept_survives_sigkill() {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "sqlite_crash_child",
+                "store::sqlite_crash_child",
                 "--nocapture",
                 "--test-threads=1",
             ])

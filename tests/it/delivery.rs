@@ -1,12 +1,10 @@
 //! Durable async delivery end to end: a real gateway with a real SQLite store
 //! and its worker, in front of a real local downstream. Waits are bounded polls.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{self, Scripted, TestDownstream, TestGateway};
 use serde_json::{Value, json};
-use support::{Scripted, TestDownstream, TestGateway};
 
 fn files(ds: &TestDownstream, extra: &str) -> String {
     format!(

@@ -2,12 +2,10 @@
 //! percentiles against injected delays, the status page over HTTP, and the
 //! admin token (bearer and browser cookie).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{Scripted, TestDownstream, TestGateway};
 use serde_json::json;
-use support::{Scripted, TestDownstream, TestGateway};
 
 fn files(ds: &TestDownstream) -> String {
     format!(

@@ -8,15 +8,13 @@
 //! expire, so the gateway runs with a short `--lease` and the last instance
 //! takes the work over within seconds.
 
-mod support;
-
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::TestDownstream;
-use support::process::{Proc, serve};
+use crate::support::process::{Proc, serve};
+use crate::support::{self, TestDownstream};
 
 /// Short enough that a PostgreSQL takeover after the last kill is quick.
 const LEASE: &str = "2s";
@@ -33,7 +31,7 @@ mod sqlite {
 mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_accepted_delivery_is_lost_across_ten_sigkills() {
-        super::crash_test(&super::support::pg::url().await).await;
+        super::crash_test(&crate::support::pg::url().await).await;
     }
 }
 

@@ -2,14 +2,12 @@
 //! atomically; every bad change keeps the running configuration serving, with
 //! its diagnostics at /admin/status. Waits are bounded polls, never fixed sleeps.
 
-mod support;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{self, Scripted, TestDownstream, TestGateway};
 use serde_json::{Value, json};
-use support::{Scripted, TestDownstream, TestGateway};
 
 const BOTS: &str = "bots:\n  - id: b\n    auth: { api_key: { keys: [\"${BOT_KEY}\"] } }\n    schema: ../schemas/payload.json\n";
 const SCHEMA: &str = r#"{"type": "object", "properties": {"sessionId": {"type": "string"}}}"#;

@@ -8,16 +8,15 @@
 //! and records an overlap whenever a request arrives with an idempotency key
 //! that is still being answered: two instances sending one delivery at once.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::support;
+use crate::support::process::{Proc, kill, serve};
+use crate::support::{Recorded, Scripted, TestDownstream, poll_until};
 use cognigy_gateway::delivery::{State, Store};
-use support::process::{Proc, kill, serve};
-use support::{Recorded, Scripted, TestDownstream, poll_until};
 
 /// Same machine, same clock: only millisecond rounding and clock slewing
 /// separate the store's lease times from the downstream's arrival times.

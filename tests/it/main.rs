@@ -1,0 +1,30 @@
+//! The one integration-test binary (`cargo test --test it`): every
+//! end-to-end test of the crate is a module here, so the crate's heavy
+//! dependencies (axum, reqwest, sqlx) are linked once, not once per file.
+//!
+//! All tests run in this one process, on parallel threads. What used to be
+//! per process is shared: the throwaway PostgreSQL cluster of
+//! [`support::pg`] starts once for the whole run and stops when the process
+//! ends; the rustls provider is installed once ([`support::init`]). Nothing
+//! here changes the process environment: the real binary is run with an
+//! environment built explicitly ([`support::gateway_cmd`]).
+
+mod support;
+
+mod cli;
+mod cli_deliveries;
+mod delivery;
+mod delivery_crash;
+mod delivery_instances;
+mod reload;
+mod serve_auth;
+mod serve_binary;
+mod serve_breaker;
+mod serve_idempotency;
+mod serve_oauth2;
+mod serve_ops;
+mod serve_pipeline;
+mod serve_properties;
+mod status_page_browser;
+mod store;
+mod validate_fixtures;
