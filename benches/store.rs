@@ -30,6 +30,8 @@
 
 #[path = "../tests/it/support/pg.rs"]
 mod pg;
+#[path = "../tests/it/support/wait.rs"]
+mod wait;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

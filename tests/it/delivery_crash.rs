@@ -9,12 +9,11 @@
 //! takes the work over within seconds.
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::process::{Proc, serve};
-use crate::support::{self, TestDownstream};
+use crate::support::process::{Proc, kill, serve};
+use crate::support::{self, TestDownstream, wait_until};
 
 /// Short enough that a PostgreSQL takeover after the last kill is quick.
 const LEASE: &str = "2s";
@@ -36,7 +35,6 @@ mod postgres {
 }
 
 async fn crash_test(store: &str) {
-    support::init();
     let ds = TestDownstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes");
@@ -50,7 +48,7 @@ async fn crash_test(store: &str) {
     let current: Arc<Mutex<Proc>> = Arc::new(Mutex::new(start_gw()));
     let accepted: Arc<Mutex<HashSet<String>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = reqwest::Client::builder()
+    let client = support::client_builder()
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
@@ -85,14 +83,8 @@ async fn crash_test(store: &str) {
         let wait = 100 + (rand_u64(i) % 300);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         let mut g = current.lock().unwrap();
-        assert!(
-            Command::new("kill")
-                .args(["-KILL", &g.child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let _ = g.child.wait();
+        kill(&g.child, "-KILL");
+        let _ = g.child.wait(); // SIGKILL cannot be caught: it ends at once
         *g = start_gw();
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -115,10 +107,7 @@ async fn crash_test(store: &str) {
             .collect();
         accepted.iter().filter(|k| !seen.contains(*k)).count()
     };
-    let arrived = support::poll_until(Duration::from_secs(30), async || {
-        (missing() == 0).then_some(())
-    })
-    .await;
+    let arrived = wait_until(Duration::from_secs(30), async || missing() == 0).await;
     assert!(
         arrived.is_some(),
         "{} accepted deliveries never arrived",

@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::support::{Scripted, TestDownstream, TestGateway};
 use serde_json::json;
+
+use crate::support::{Scripted, TestDownstream, TestGateway};
 
 async fn gateway(ds: &TestDownstream, client_auth: &str) -> TestGateway {
     let files = format!(

@@ -5,8 +5,9 @@
 
 use std::path::Path;
 
-use crate::support::{self, Scripted, TestDownstream, TestGateway};
 use serde_json::json;
+
+use crate::support::{self, Scripted, TestDownstream, TestGateway};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_page_in_a_real_browser() {
