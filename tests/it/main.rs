@@ -5,9 +5,10 @@
 //! All tests run in this one process, on parallel threads. What used to be
 //! per process is shared: the throwaway PostgreSQL cluster of
 //! [`support::pg`] starts once for the whole run and stops when the process
-//! ends; the rustls provider is installed once ([`support::init`]). Nothing
-//! here changes the process environment: the real binary is run with an
-//! environment built explicitly ([`support::gateway_cmd`]).
+//! ends; the rustls provider is installed by whichever test first makes a
+//! client ([`support::client`]). Nothing changes the process environment:
+//! the real binary runs with an environment built explicitly
+//! ([`support::gateway_cmd`]). Every wait is [`support::wait_until`].
 
 mod support;
 
