@@ -28,8 +28,10 @@
 //!
 //! `STORE_BENCH_ONLY=sqlite` (any substring of the case names) runs only the matching cases.
 
-#[path = "../tests/support/pg.rs"]
+#[path = "../tests/it/support/pg.rs"]
 mod pg;
+#[path = "../tests/it/support/wait.rs"]
+mod wait;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

@@ -4,9 +4,9 @@
 #   curl; chromium (the status page is tested in a real headless browser, driven by
 #   playwright-core from tests/browser/, installed with npm from its lockfile);
 #   postgresql's server binaries: the delivery store's tests run against a real PostgreSQL,
-#   always (never skipped). Each test binary that needs one starts a throwaway cluster itself
-#   (tests/support/pg.rs: initdb in a temp dir as the `postgres` user, a free loopback port,
-#   stopped when the binary exits). To reuse a running server instead, export
+#   always (never skipped). The integration-test binary (tests/it/) starts one throwaway
+#   cluster for its whole run (tests/it/support/pg.rs: initdb in a temp dir as the `postgres`
+#   user, a free loopback port, stopped when the binary exits), the store bench its own. To reuse a running server instead, export
 #   GATEWAY_TEST_PG_URL=postgres://user@host:port/db (each test makes its own schema in it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

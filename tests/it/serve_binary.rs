@@ -1,15 +1,11 @@
 //! The real `gateway serve` binary: start-up refusal, admin token rules,
 //! reload on SIGHUP, and graceful shutdown on SIGTERM.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::process::{kill, start};
-use support::{Scripted, TestDownstream};
-
-const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+use crate::support::process::{kill, start};
+use crate::support::{self, Scripted, TestDownstream, gateway_cmd, wait_until};
 
 fn routes_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
@@ -19,8 +15,10 @@ fn routes_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     d
 }
 
+/// `gateway serve` on `dir` and free loopback ports, logging JSON to a pipe;
+/// an environment of only PATH (add to it with `.env`).
 fn command(dir: &std::path::Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
+    let mut c = gateway_cmd();
     let admin = if extra.contains(&"--admin-listen") {
         &[][..]
     } else {
@@ -37,8 +35,6 @@ fn command(dir: &std::path::Path, extra: &[&str]) -> Command {
         .args(["--store", &store])
         .args(admin)
         .args(extra);
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
     c.stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
@@ -108,12 +104,11 @@ fn admin_listener_off_loopback_needs_a_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_token_is_enforced_and_never_shown() {
-    support::init();
     let d = routes_dir(&[("r.yaml", "")]);
     let mut c = command(d.path(), &[]);
     c.env("GATEWAY_ADMIN_TOKEN", "adm1n-t0ken");
     let p = start(c);
-    let client = reqwest::Client::new();
+    let client = support::client();
     let url = format!("http://{}/admin/status", p.admin);
     assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
     assert_eq!(
@@ -138,11 +133,13 @@ async fn admin_token_is_enforced_and_never_shown() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_and_a_bad_file_keeps_the_running_config() {
-    support::init();
     let ds = TestDownstream::start().await;
     let d = routes_dir(&[("r.yaml", &route_file(&ds.url(), "/v1"))]);
-    let p = start(command(d.path(), &[]));
-    let client = reqwest::Client::new();
+    // The file watcher waits an hour for quiet: only SIGHUP and the admin API
+    // reload here (a watcher could apply the new file first, or the empty
+    // file a write leaves for a moment).
+    let p = start(command(d.path(), &["--reload-debounce-ms", "3600000"]));
+    let client = support::client();
     let post = || {
         client
             .post(format!("http://{}/webhooks/b", p.listen))
@@ -158,7 +155,12 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_running_config() {
 
     std::fs::write(d.path().join("r.yaml"), route_file(&ds.url(), "/v2")).unwrap();
     kill(&p.child, "-HUP");
-    let gen1 = wait_for_generation(&client, &p.admin, gen0 + 1).await;
+    let gen1 = wait_until(Duration::from_secs(10), async || {
+        let st = support::json(status(&client).await.unwrap()).await;
+        st["generation"].as_u64().filter(|g| *g > gen0)
+    })
+    .await
+    .expect("SIGHUP applies the new file within 10 s");
     assert_eq!(gen1, gen0 + 1);
     assert_eq!(post().await.unwrap().status(), 200);
     assert_eq!(ds.requests().last().unwrap().uri, "/v2");
@@ -189,34 +191,13 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_running_config() {
     );
 }
 
-async fn wait_for_generation(client: &reqwest::Client, admin: &str, want: u64) -> u64 {
-    for _ in 0..200 {
-        let g = support::json(
-            client
-                .get(format!("http://{admin}/admin/status"))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await["generation"]
-            .as_u64()
-            .unwrap();
-        if g >= want {
-            return g;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("generation {want} not reached");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_in_flight_requests_and_exits_0() {
-    support::init();
     let ds = TestDownstream::start().await;
-    ds.push(Scripted::status(200).delay(Duration::from_millis(700)));
+    ds.hold(); // the request stays in flight until released
     let d = routes_dir(&[("r.yaml", &route_file(&ds.url(), "/slow"))]);
-    let mut p = start(command(d.path(), &[]));
-    let client = reqwest::Client::new();
+    let p = start(command(d.path(), &[]));
+    let client = support::client();
     let url = format!("http://{}/webhooks/b", p.listen);
     let inflight = tokio::spawn({
         let client = client.clone();
@@ -232,27 +213,27 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
                 .as_u16()
         }
     });
-    while ds.requests().is_empty() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(Duration::from_secs(10), async || !ds.requests().is_empty())
+        .await
+        .expect("the request reaches the downstream");
     kill(&p.child, "-TERM");
+    // Shutdown has begun while the request is still in flight; then it is answered.
+    wait_until(Duration::from_secs(10), async || {
+        p.lines.try_iter().any(|l| l.contains("shutdown requested"))
+    })
+    .await
+    .expect("the gateway logs that shutdown began");
+    ds.release();
     assert_eq!(
         inflight.await.unwrap(),
         200,
         "the in-flight request finished"
     );
-    let status = tokio::task::spawn_blocking(move || {
-        let s = p.child.wait().unwrap();
-        let lines: Vec<String> = p.lines.try_iter().collect();
-        (s, lines)
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.0.code(), Some(0));
+    let (status, lines) = p.stop_wait().await;
+    assert_eq!(status.code(), Some(0));
     assert!(
-        status.1.iter().any(|l| l.contains("gateway stopped")),
-        "{:?}",
-        status.1
+        lines.iter().any(|l| l.contains("gateway stopped")),
+        "{lines:?}"
     );
 }
 
@@ -261,7 +242,6 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
 /// reload with a rotated secret) contains none of the configured secrets.
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_of_a_full_run_contain_no_secret() {
-    support::init();
     let ds = TestDownstream::start().await;
     let secrets = [
         "bot-k3y-aaaa",
@@ -283,8 +263,8 @@ async fn logs_of_a_full_run_contain_no_secret() {
         .env("CRM_TOKEN", secrets[1])
         .env("CRM_SECRET", secrets[2])
         .env("GATEWAY_ADMIN_TOKEN", secrets[3]);
-    let mut p = start(c);
-    let client = reqwest::Client::new();
+    let p = start(c);
+    let client = support::client();
     let hook = format!("http://{}/webhooks/b", p.listen);
     let post = |key: &'static str, body: &'static str| {
         client
@@ -328,7 +308,7 @@ async fn logs_of_a_full_run_contain_no_secret() {
     );
     ds.set_default(Scripted::status(503));
     let _ = post("bot-k3y-aaaa", r#"{"intent":"x"}"#).await.unwrap();
-    let admin = reqwest::Client::new();
+    let admin = support::client();
     let _ = admin
         .get(format!("http://{}/admin/status", p.admin))
         .bearer_auth("wrong")
@@ -360,13 +340,7 @@ async fn logs_of_a_full_run_contain_no_secret() {
         .send()
         .await
         .unwrap();
-    kill(&p.child, "-TERM");
-    let lines = tokio::task::spawn_blocking(move || {
-        let _ = p.child.wait();
-        p.lines.iter().collect::<Vec<String>>()
-    })
-    .await
-    .unwrap();
+    let (_, lines) = p.stop("-TERM").await;
     let log = lines.join("\n");
     assert!(
         log.contains("\"webhook\"") || log.contains("webhook"),
@@ -384,15 +358,14 @@ async fn logs_of_a_full_run_contain_no_secret() {
 /// Payload values are logged only for fields a route opts into (`log_fields`).
 #[tokio::test(flavor = "multi_thread")]
 async fn only_opted_in_payload_fields_are_logged() {
-    support::init();
     let ds = TestDownstream::start().await;
     let yaml = format!(
         "bots:\n  - id: b\n    auth: {{ api_key: {{ keys: [\"k\"] }} }}\nroutes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    log_fields: [/sessionId]\n    downstream: {{ url: \"{}/x\" }}\n",
         ds.url()
     );
     let d = routes_dir(&[("r.yaml", &yaml)]);
-    let mut p = start(command(d.path(), &[]));
-    let resp = reqwest::Client::new()
+    let p = start(command(d.path(), &[]));
+    let resp = support::client()
         .post(format!("http://{}/webhooks/b", p.listen))
         .header("x-api-key", "k")
         .body(r#"{"sessionId":"sess-visible-123","email":"pii-hidden@example.com"}"#)
@@ -400,13 +373,7 @@ async fn only_opted_in_payload_fields_are_logged() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    kill(&p.child, "-TERM");
-    let lines = tokio::task::spawn_blocking(move || {
-        let _ = p.child.wait();
-        p.lines.iter().collect::<Vec<String>>()
-    })
-    .await
-    .unwrap();
+    let (_, lines) = p.stop("-TERM").await;
     let webhook = lines
         .iter()
         .find(|l| l.contains("\"webhook\""))

@@ -1,12 +1,12 @@
 //! Per-bot inbound rate limit (SPEC §7.1): exact 429 counts for a burst, a
 //! `Retry-After` that is honest, recovery with time, other bots unaffected.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
+use crate::support::{TestDownstream, TestGateway};
 use serde_json::json;
-use support::{TestDownstream, TestGateway};
 
 fn files(url: &str) -> String {
     format!(
@@ -55,7 +55,7 @@ async fn a_burst_gets_exactly_the_bucket_and_then_429_with_retry_after() {
     // After the Retry-After the gateway gave, a token is back.
     let wait = Duration::from_secs(*limited.last().unwrap());
     tokio::time::sleep(wait).await;
-    let back = support::poll_until(Duration::from_secs(5), async || {
+    let back = support::wait_until(Duration::from_secs(5), async || {
         (gw.send("limited", &payload).await.0 == 200).then_some(())
     })
     .await;

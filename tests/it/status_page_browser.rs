@@ -3,12 +3,11 @@
 //! breaker's Reset, and save screenshots under `target/artifacts/`.
 //! `scripts/test.sh` installs Chromium and the npm package when missing.
 
-mod support;
-
 use std::path::Path;
 
 use serde_json::json;
-use support::{Scripted, TestDownstream, TestGateway};
+
+use crate::support::{self, Scripted, TestDownstream, TestGateway};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_page_in_a_real_browser() {

@@ -1,11 +1,14 @@
 //! Test support: a real local downstream (`TestDownstream`, with a token
 //! endpoint) and a real gateway (`TestGateway`) on 127.0.0.1:0; [`pg`] gives a
-//! real PostgreSQL.
-#![allow(dead_code)]
+//! real PostgreSQL; [`process`] runs the real binary ([`gateway_cmd`]);
+//! [`wait_until`] is the one way to wait for something.
 
 pub mod pg;
-
 pub mod process;
+pub mod wait;
+
+pub use process::gateway_cmd;
+pub use wait::wait_until;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -18,11 +21,29 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use cognigy_gateway::runtime::{Gateway, Limits};
+use cognigy_gateway::runtime::Limits;
 use cognigy_gateway::server::{ServeError, Server, Settings};
 
-pub fn init() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+/// Installs the rustls provider reqwest is built to use (`rustls-no-provider`)
+/// for the whole process; the first call does it, later ones find it there.
+fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// An HTTP client for tests: the rustls provider installed first (so no test
+/// depends on another having made a client before it), and a 30 s bound on
+/// every request (no test waits for an answer without one).
+pub fn client() -> reqwest::Client {
+    client_builder().build().expect("an HTTP client")
+}
+
+/// [`client`]'s builder, for settings of a test's own.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    init();
+    reqwest::Client::builder().timeout(Duration::from_secs(30))
 }
 
 /// One request the downstream received.
@@ -294,13 +315,16 @@ pub async fn json(resp: reqwest::Response) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"))
 }
 
-/// Sends a raw HTTP/1.1 request and returns the status line's code.
+/// Sends a raw HTTP/1.1 request and returns the status line's code (within 30 s).
 pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+        .await
+        .expect("an answer within 30 s")
+        .unwrap();
     let head = String::from_utf8_lossy(&buf[..n]);
     head.split_whitespace()
         .nth(1)
@@ -312,7 +336,6 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> u16 {
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub gw: Arc<Gateway>,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -404,11 +427,6 @@ impl GatewayBuilder {
         self.limits = l;
         self
     }
-    /// Reload on file changes (50 ms debounce).
-    pub fn watch(mut self) -> Self {
-        self.watch = true;
-        self
-    }
     pub fn admin_token(mut self, t: &str) -> Self {
         self.admin_token = Some(t.into());
         self
@@ -467,7 +485,6 @@ impl GatewayBuilder {
                     .unwrap_or_default()
             ),
         };
-        let gw = server.gateway().clone();
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
@@ -478,8 +495,7 @@ impl GatewayBuilder {
         TestGateway {
             addr,
             admin: admin_addr,
-            gw,
-            client: reqwest::Client::new(),
+            client: client(),
             dir,
             shutdown: Some(tx),
             task: Some(task),
@@ -553,22 +569,4 @@ pub async fn post_keyed(client: &reqwest::Client, listen: &str, key: &str) -> Op
     }
     let body: serde_json::Value = serde_json::from_str(&resp.text().await.ok()?).ok()?;
     body["delivery_id"].as_str().map(str::to_owned)
-}
-
-/// Runs `check` every 50 ms until it gives `Some`, for at most `within`
-/// (then `None`): the one way tests wait for something to happen.
-pub async fn poll_until<T>(
-    within: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> Option<T> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return Some(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

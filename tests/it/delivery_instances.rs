@@ -8,16 +8,15 @@
 //! and records an overlap whenever a request arrives with an idempotency key
 //! that is still being answered: two instances sending one delivery at once.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use cognigy_gateway::store::{State, Store};
-use support::process::{Proc, kill, serve};
-use support::{Recorded, Scripted, TestDownstream, poll_until};
+
+use crate::support::process::{Proc, kill, serve};
+use crate::support::{self, Recorded, Scripted, TestDownstream, wait_until};
 
 /// Same machine, same clock: only millisecond rounding and clock slewing
 /// separate the store's lease times from the downstream's arrival times.
@@ -37,7 +36,6 @@ struct Cluster {
 impl Cluster {
     /// The route's downstream `timeout` and async `schedule`.
     async fn new(timeout: &str, schedule: &str) -> Cluster {
-        support::init();
         let ds = TestDownstream::start().await;
         let dir = tempfile::tempdir().unwrap();
         let routes = dir.path().join("routes");
@@ -60,7 +58,7 @@ impl Cluster {
             url,
             routes,
             store,
-            client: reqwest::Client::new(),
+            client: support::client(),
             _dir: dir,
         }
     }
@@ -84,7 +82,7 @@ impl Cluster {
 
     /// Waits (bounded) until the store holds `n` delivered deliveries and nothing pending or leased.
     async fn wait_all_delivered(&self, n: usize, within: Duration) {
-        let done = poll_until(within, async || {
+        let done = wait_until(within, async || {
             let stats = self.store.stats(SystemTime::now()).await.ok()?;
             let delivered = self.store.list(Some(State::Delivered), 10_000).await.ok()?;
             (stats.pending == 0 && stats.leased == 0 && delivered.len() == n).then_some(())
@@ -178,7 +176,7 @@ async fn a_killed_instance_s_deliveries_are_taken_over_once_its_lease_expires() 
         let id = c.accept(&gws[names[n % 3]].listen, &key).await;
         ids.insert(key, id);
     }
-    let held = poll_until(Duration::from_secs(10), async || {
+    let held = wait_until(Duration::from_secs(10), async || {
         let r = c.ds.requests();
         (r.len() >= K).then_some(r)
     })
@@ -210,7 +208,7 @@ async fn a_killed_instance_s_deliveries_are_taken_over_once_its_lease_expires() 
             .into_iter()
             .find(|r| r.header("idempotency-key").as_deref() == Some(key) && instance(r) != victim)
     };
-    let takeovers = poll_until(Duration::from_secs(15), async || {
+    let takeovers = wait_until(Duration::from_secs(15), async || {
         victims
             .keys()
             .map(|k| taken_over(k).map(|r| (k.clone(), r)))

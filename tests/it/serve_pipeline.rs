@@ -1,12 +1,13 @@
 //! The sync pipeline end to end (SPEC §5 steps 1–6, 9–10): a real gateway on
 //! 127.0.0.1:0 in front of a real local downstream.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{PAYLOAD_SCHEMA, Scripted, TestDownstream, TestGateway, bot_file};
+
+use crate::support::{
+    self, PAYLOAD_SCHEMA, Scripted, TestDownstream, TestGateway, bot_file, wait_until,
+};
 
 fn route(ds: &TestDownstream, extra: &str) -> String {
     format!(
@@ -400,21 +401,21 @@ async fn step9_bulkhead_full_is_503_at_once() {
     let gw = builder(&format!("routes:\n  - name: r\n    bot: b\n    intent: \"*\"\n    downstream: {{ url: \"{}/slow\", max_in_flight: 1 }}\n", ds.url()))
         .start()
         .await;
-    ds.push(Scripted::status(200).delay(Duration::from_millis(800)));
+    ds.hold(); // the first call holds the only slot until released
     let gw = std::sync::Arc::new(gw);
     let g2 = gw.clone();
     let first = tokio::spawn(async move { g2.send("b", &json!({"sessionId": "s"})).await.0 });
     // wait until the first call reached the downstream
-    while ds.requests().is_empty() {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(Duration::from_secs(10), async || !ds.requests().is_empty())
+        .await
+        .expect("the first call reaches the downstream");
     let (status, headers, body) = gw.send("b", &json!({"sessionId": "s"})).await;
     assert_eq!(
         (status, body["error"].as_str(), body["reason"].as_str()),
         (503, Some("unavailable"), Some("max_in_flight"))
     );
     assert_eq!(headers["retry-after"], "1");
+    ds.release();
     assert_eq!(first.await.unwrap(), 200);
 }
 

@@ -1,12 +1,11 @@
 //! Every inbound auth mode through the real server: good, bad, missing and
 //! rotated secrets, known-answer vectors, and one bot's secret on another's path.
 
-mod support;
-
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use serde_json::json;
-use support::{TestDownstream, TestGateway};
+
+use crate::support::{TestDownstream, TestGateway};
 
 const SCHEMA: &str = r#"{"type": "object"}"#;
 // GitHub's documented X-Hub-Signature-256 example.

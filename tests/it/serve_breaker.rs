@@ -2,13 +2,12 @@
 //! then recovers; what the bot sees, what the downstream sees, admin and metrics.
 //! State changes are awaited by polling with a bound, never by fixed sleeps.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Scripted, TestDownstream, TestGateway};
+
+use crate::support::{self, Scripted, TestDownstream, TestGateway, wait_until};
 
 fn files(a: &TestDownstream, b: &TestDownstream, breaker: &str) -> String {
     format!(
@@ -59,15 +58,8 @@ async fn breaker(gw: &TestGateway, route: &str) -> Value {
         .clone()
 }
 
-async fn wait_state(gw: &TestGateway, route: &str, state: &str) {
-    for _ in 0..400 {
-        if breaker(gw, route).await["state"] == state {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{route} never became {state}: {}", breaker(gw, route).await);
-}
+/// How long a breaker may take to change state.
+const WITHIN: Duration = Duration::from_secs(10);
 
 async fn metrics(gw: &TestGateway) -> String {
     gw.client
@@ -171,13 +163,20 @@ async fn hanging_downstream_opens_on_timeouts() {
         let (status, _, body) = gw.send("bot", &json!({"intent": "a"})).await;
         assert_eq!((status, body["reason"].as_str()), (502, Some("timeout")));
     }
-    wait_state(&gw, "route-a", "open").await;
+    wait_until(WITHIN, async || {
+        breaker(&gw, "route-a").await["state"] == "open"
+    })
+    .await
+    .expect("route-a opens on timeouts");
 }
 
 #[tokio::test]
 async fn slow_calls_open_the_route_without_any_failure() {
     let (a, b) = (TestDownstream::start().await, TestDownstream::start().await);
-    let gw = start(&a, &b, "{ min_calls: 4, consecutive_failures: 100, slow_call: { threshold: 50ms, rate: 0.5 }, open_for: 1h }").await;
+    let slow = "{ min_calls: 4, consecutive_failures: 100, slow_call: { threshold: 50ms, rate: 0.5 }, open_for: 1h }";
+    // slow, never timed out, however loaded the machine is
+    let yaml = files(&a, &b, slow).replace("timeout: 300ms", "timeout: 5s");
+    let gw = TestGateway::builder().file("r.yaml", &yaml).start().await;
     a.set_default(Scripted::status(200).delay(Duration::from_millis(120)));
     for _ in 0..4 {
         assert_eq!(gw.send("bot", &json!({"intent": "a"})).await.0, 200);
@@ -195,10 +194,23 @@ async fn health_probe_runs_only_while_open_then_half_open_admits_n_and_recovery_
         "{{ consecutive_failures: 2, open_for: 1h, half_open_probes: 2, close_after: 2, health: {{ url: \"{}/health\", interval: 20ms }} }}",
         a.url()
     );
-    let gw = Arc::new(start(&a, &b, &breaker_cfg).await);
-    // closed: several probe intervals pass, no health request is made
+    // route-b has the same probe, and is opened below: its probes show that
+    // the probe tasks run (they tick alike), so route-a's task has ticked too.
+    // route-a's held calls (below) must not time out, however loaded the machine is
+    let yaml = files(&a, &b, &breaker_cfg).replace("timeout: 300ms", "timeout: 5s")
+        + &format!(
+            "    retry: {{ attempts: 1 }}\n    breaker: {{ consecutive_failures: 1, open_for: 1h, health: {{ url: \"{}/health\", interval: 20ms }} }}\n",
+            b.url()
+        );
+    let gw = Arc::new(TestGateway::builder().file("r.yaml", &yaml).start().await);
+    b.set_default(Scripted::status(503)); // route-b's calls and probes fail: it stays open
+    assert_eq!(gw.send("bot", &json!({"intent": "b"})).await.0, 502);
+    // closed: while route-b's probes run (several of them), route-a makes none
     assert_eq!(gw.send("bot", &json!({"intent": "a"})).await.0, 200);
-    tokio::time::sleep(Duration::from_millis(150)).await; // a window in which probes would run if they ran while closed
+    let b_probes = || b.requests().iter().filter(|r| r.uri == "/health").count();
+    wait_until(WITHIN, async || b_probes() >= 5)
+        .await
+        .expect("route-b's probes run while it is open");
     assert!(
         a.requests().iter().all(|r| r.uri != "/health"),
         "no probe while closed"
@@ -212,7 +224,11 @@ async fn health_probe_runs_only_while_open_then_half_open_admits_n_and_recovery_
         assert_eq!(gw.send("bot", &json!({"intent": "a"})).await.0, 502);
     }
     // the probe (health → 200 by default now) moves the route to half-open early
-    wait_state(&gw, "route-a", "half_open").await;
+    wait_until(WITHIN, async || {
+        breaker(&gw, "route-a").await["state"] == "half_open"
+    })
+    .await
+    .expect("a successful probe moves route-a to half-open");
     let probes: Vec<String> = a
         .requests()
         .iter()
@@ -223,7 +239,7 @@ async fn health_probe_runs_only_while_open_then_half_open_admits_n_and_recovery_
 
     // half-open admits at most 2 concurrent calls; the rest get the fallback at once
     let before = a.requests().iter().filter(|r| r.uri == "/crm").count();
-    a.set_default(Scripted::status(200).delay(Duration::from_millis(250)));
+    a.hold(); // the admitted calls stay under way until all others are answered
     let mut tasks = vec![];
     for _ in 0..10 {
         let gw = gw.clone();
@@ -231,6 +247,12 @@ async fn health_probe_runs_only_while_open_then_half_open_admits_n_and_recovery_
             gw.send("bot", &json!({"intent": "a"})).await
         }));
     }
+    wait_until(WITHIN, async || {
+        tasks.iter().filter(|t| t.is_finished()).count() >= 8
+    })
+    .await
+    .expect("8 of 10 calls answered at once while 2 are under way");
+    a.release();
     let mut delivered = 0;
     let mut fallback = 0;
     for t in tasks {
@@ -274,7 +296,11 @@ async fn a_failed_probe_reopens_with_a_longer_period() {
     a.push(Scripted::status(500));
     assert_eq!(gw.send("bot", &json!({"intent": "a"})).await.0, 502);
     assert_eq!(breaker(&gw, "route-a").await["open_for_ms"], 3_600_000);
-    wait_state(&gw, "route-a", "half_open").await;
+    wait_until(WITHIN, async || {
+        breaker(&gw, "route-a").await["state"] == "half_open"
+    })
+    .await
+    .expect("a successful probe moves route-a to half-open");
     a.push(Scripted::status(500));
     assert_eq!(gw.send("bot", &json!({"intent": "a"})).await.0, 502);
     let st = breaker(&gw, "route-a").await;

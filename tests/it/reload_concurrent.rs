@@ -3,13 +3,13 @@
 //! changing leave the real binary serving exactly the files on disk; a reload
 //! that changes nothing is `unchanged`.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::process::{kill, serve};
 use cognigy_gateway::config::compile::{LoadOptions, load};
-use support::process::{kill, serve};
 
 /// Versions the route file goes through.
 const VERSIONS: usize = 8;
@@ -60,7 +60,6 @@ async fn status(c: &reqwest::Client, admin: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_reloads_end_on_the_files_on_disk() {
-    support::init();
     let tmp = tempfile::tempdir().unwrap();
     let routes = tmp.path().join("routes");
     std::fs::create_dir(&routes).unwrap();
@@ -81,7 +80,7 @@ async fn twenty_concurrent_reloads_end_on_the_files_on_disk() {
             "warn,cognigy_gateway::server=info,cognigy_gateway::runtime=info",
         )],
     );
-    let c = reqwest::Client::new();
+    let c = crate::support::client();
 
     // 20 reloads at once: 7 admin, 7 SIGHUP, and the watcher's on each of 6 file writes.
     let mut tasks = tokio::task::JoinSet::new();
@@ -124,7 +123,7 @@ async fn twenty_concurrent_reloads_end_on_the_files_on_disk() {
     // stay) the one on disk. A reload stored out of order would leave an older
     // one serving, and no later event would fix it.
     let want = disk_hash(&routes);
-    let got = support::poll_until(Duration::from_secs(15), async || {
+    let got = support::wait_until(Duration::from_secs(15), async || {
         let s = status(&c, &p.admin).await;
         (s["hash"] == want.as_str()).then_some(s)
     })

@@ -1,12 +1,11 @@
 //! Durable async delivery end to end: a real gateway with a real SQLite store
 //! and its worker, in front of a real local downstream. Waits are bounded polls.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Scripted, TestDownstream, TestGateway};
+
+use crate::support::{self, Scripted, TestDownstream, TestGateway, wait_until};
 
 fn files(ds: &TestDownstream, extra: &str) -> String {
     format!(
@@ -35,15 +34,8 @@ routes:
     )
 }
 
-async fn eventually<F: AsyncFn() -> bool>(what: &str, check: F) {
-    for _ in 0..500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
+/// How long the worker may take for what a test waits for.
+const WITHIN: Duration = Duration::from_secs(10);
 
 async fn admin(gw: &TestGateway, path: &str) -> Value {
     support::json(gw.client.get(gw.admin_url(path)).send().await.unwrap()).await
@@ -71,17 +63,20 @@ async fn accepted_with_202_then_delivered_by_the_worker() {
         .await;
     assert_eq!(status, 202);
     let id = body["delivery_id"].as_str().unwrap().to_string();
-    eventually("delivered", async || crm_calls(&ds).len() == 1).await;
+    wait_until(WITHIN, async || crm_calls(&ds).len() == 1)
+        .await
+        .expect("delivered");
     let r = &crm_calls(&ds)[0];
     assert_eq!(
         (r.uri.as_str(), r.header("idempotency-key").as_deref()),
         ("/crm/s1", Some("in-1"))
     );
     assert_eq!(r.json(), json!({"session": "s1"}));
-    eventually("marked delivered", async || {
+    wait_until(WITHIN, async || {
         admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
     })
-    .await;
+    .await
+    .expect("marked delivered");
 }
 
 #[tokio::test]
@@ -96,8 +91,18 @@ async fn an_inbound_duplicate_gets_the_first_answer_and_is_sent_once() {
     let (s2, _, b2) = gw.send("b", &p).await;
     assert_eq!((s1, s2), (202, 202));
     assert_eq!(b1, b2, "the first answer again");
-    eventually("delivered", async || crm_calls(&ds).len() == 1).await;
-    tokio::time::sleep(Duration::from_millis(100)).await; // a window in which a second send would show
+    // The worker is done once the store holds nothing pending or leased: every
+    // send it makes for what was accepted has been made by then.
+    let all = wait_until(WITHIN, async || {
+        let all = admin(&gw, "/admin/deliveries").await;
+        (all["pending"] == 0 && all["leased"] == 0 && all["deliveries"][0]["state"] == "delivered")
+            .then_some(all)
+    })
+    .await
+    .expect("the worker delivered and has nothing left");
+    let rows = all["deliveries"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "the duplicate stored nothing: {all}");
+    assert_eq!(rows[0]["id"], b1["delivery_id"], "{all}");
     assert_eq!(crm_calls(&ds).len(), 1, "nothing sent twice");
 }
 
@@ -117,10 +122,11 @@ async fn retries_follow_the_schedule_with_the_same_idempotency_key() {
         )
         .await;
     let id = body["delivery_id"].as_str().unwrap().to_string();
-    eventually("delivered on the third try", async || {
+    wait_until(WITHIN, async || {
         admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
     })
-    .await;
+    .await
+    .expect("delivered on the third try");
     let calls = crm_calls(&ds);
     assert_eq!(calls.len(), 3);
     assert!(
@@ -153,10 +159,11 @@ async fn dead_letter_and_replay_round_trip() {
         )
         .await;
     let id = body["delivery_id"].as_str().unwrap().to_string();
-    eventually("dead after 1 + 3 tries", async || {
+    wait_until(WITHIN, async || {
         admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "dead"
     })
-    .await;
+    .await
+    .expect("dead after 1 + 3 tries");
     assert_eq!(crm_calls(&ds).len(), 4);
     let dead = admin(&gw, "/admin/deliveries?state=dead").await;
     assert_eq!(
@@ -172,10 +179,11 @@ async fn dead_letter_and_replay_round_trip() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    eventually("delivered after replay", async || {
+    wait_until(WITHIN, async || {
         admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
     })
-    .await;
+    .await
+    .expect("delivered after replay");
     assert_eq!(crm_calls(&ds).len(), 5);
     assert_eq!(admin(&gw, "/admin/deliveries?state=dead").await["dead"], 0);
 }
@@ -202,7 +210,7 @@ async fn an_open_route_holds_deliveries_without_using_their_tries() {
             &json!({"intent": "a", "sessionId": "s1", "inputId": "in-1"}),
         )
         .await;
-    eventually("breaker open", async || {
+    wait_until(WITHIN, async || {
         let r = admin(&gw, "/admin/routes").await;
         r["routes"]
             .as_array()
@@ -210,7 +218,8 @@ async fn an_open_route_holds_deliveries_without_using_their_tries() {
             .iter()
             .any(|r| r["name"] == "async-crm" && r["breaker"]["state"] == "open")
     })
-    .await;
+    .await
+    .expect("breaker open");
     let (_, _, b2) = gw
         .send(
             "b",
@@ -218,7 +227,7 @@ async fn an_open_route_holds_deliveries_without_using_their_tries() {
         )
         .await;
     // while open, nothing reaches /crm; once a probe succeeds (health → 200) both are delivered
-    eventually("both delivered", async || {
+    wait_until(WITHIN, async || {
         let a = admin(
             &gw,
             &format!("/admin/deliveries/{}", b1["delivery_id"].as_str().unwrap()),
@@ -231,7 +240,8 @@ async fn an_open_route_holds_deliveries_without_using_their_tries() {
         .await;
         a["state"] == "delivered" && b["state"] == "delivered"
     })
-    .await;
+    .await
+    .expect("both delivered");
     let second = admin(
         &gw,
         &format!("/admin/deliveries/{}", b2["delivery_id"].as_str().unwrap()),
@@ -261,10 +271,11 @@ async fn on_failure_queue_turns_a_failed_sync_call_into_a_delivery() {
         .await;
     assert_eq!(status, 202, "{body}");
     let id = body["delivery_id"].as_str().unwrap().to_string();
-    eventually("delivered later", async || {
+    wait_until(WITHIN, async || {
         admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
     })
-    .await;
+    .await
+    .expect("delivered later");
     let sync_calls: Vec<_> = ds
         .requests()
         .into_iter()
@@ -302,16 +313,17 @@ async fn a_slow_delivery_does_not_hold_up_the_others() {
     // the first delivery's downstream takes a minute to answer
     ds.push(Scripted::status(200).delay(Duration::from_secs(60)));
     accept(&gw, "slow").await;
-    eventually("the slow one is under way", async || {
-        crm_calls(&ds).len() == 1
-    })
-    .await;
+    wait_until(WITHIN, async || crm_calls(&ds).len() == 1)
+        .await
+        .expect("the slow one is under way");
     for n in 1..=5 {
         accept(&gw, &format!("in-{n}")).await;
     }
     // the others are delivered while the first still waits (a worker that ran
     // claims batch by batch would hold them for the minute)
-    eventually("the others delivered", async || crm_calls(&ds).len() == 6).await;
+    wait_until(WITHIN, async || crm_calls(&ds).len() == 6)
+        .await
+        .expect("the others delivered");
     assert!(
         ds.max_in_flight() >= 2,
         "sent while the slow one was in flight"
@@ -322,10 +334,18 @@ async fn a_slow_delivery_does_not_hold_up_the_others() {
 async fn the_worker_keeps_to_the_route_s_max_in_flight() {
     let ds = TestDownstream::start().await;
     let gw = async_gateway(&ds, &[("max_in_flight", "2")]).await;
-    ds.set_default(Scripted::status(200).delay(Duration::from_millis(100)));
+    // All 8 are due at once: the downstream holds the first tries, so the
+    // worker has more work than slots however slowly the accepts come in.
+    ds.hold();
     for n in 0..8 {
         accept(&gw, &format!("in-{n}")).await;
     }
-    eventually("all delivered", async || crm_calls(&ds).len() == 8).await;
+    wait_until(WITHIN, async || crm_calls(&ds).len() >= 2)
+        .await
+        .expect("two sent at once");
+    ds.release();
+    wait_until(WITHIN, async || crm_calls(&ds).len() == 8)
+        .await
+        .expect("all delivered");
     assert_eq!(ds.max_in_flight(), 2, "two at a time, never more");
 }

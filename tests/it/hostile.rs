@@ -3,15 +3,15 @@
 //! before the body, JSON errors on both listeners. Each test prints the figures
 //! it measured (`cargo test hostile -- --nocapture` shows them).
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::TestDownstream;
-use support::process::{Proc, serve};
+use crate::support::TestDownstream;
+use crate::support::process::{Proc, serve};
 
 fn routes(url: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
@@ -127,7 +127,6 @@ async fn trickle_body(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_and_bodies_do_not_starve_ordinary_webhooks() {
-    support::init();
     let ds = TestDownstream::start().await;
     let d = routes(&ds.url());
     let p: Proc = serve(
@@ -138,7 +137,7 @@ async fn slow_headers_and_bodies_do_not_starve_ordinary_webhooks() {
     );
     let pid = p.child.id();
     let listen = p.listen.clone();
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     let base = ordinary(&client, &listen, 200, 4).await;
     let (_, _, fds_before) = usage(pid);
 
@@ -202,12 +201,11 @@ async fn slow_headers_and_bodies_do_not_starve_ordinary_webhooks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_bot_names_do_not_grow_metrics_or_memory() {
-    support::init();
     let ds = TestDownstream::start().await;
     let d = routes(&ds.url());
     let p = serve(d.path(), &store(&d), &[], &[]);
     let pid = p.child.id();
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     let metrics = |c: reqwest::Client, admin: String| async move {
         c.get(format!("http://{admin}/metrics"))
             .send()
@@ -278,7 +276,6 @@ async fn random_bot_names_do_not_grow_metrics_or_memory() {
 
 #[tokio::test]
 async fn a_wrong_key_is_refused_before_the_body_arrives() {
-    support::init();
     let ds = TestDownstream::start().await;
     let d = routes(&ds.url());
     let p = serve(d.path(), &store(&d), &["--body-timeout", "30s"], &[]);
@@ -308,11 +305,10 @@ async fn a_wrong_key_is_refused_before_the_body_arrives() {
 
 #[tokio::test]
 async fn both_listeners_answer_unknown_paths_and_methods_with_json() {
-    support::init();
     let ds = TestDownstream::start().await;
     let d = routes(&ds.url());
     let p = serve(d.path(), &store(&d), &[], &[]);
-    let c = reqwest::Client::new();
+    let c = crate::support::client();
     for (method, url, status) in [
         ("GET", format!("http://{}/webhooks/b", p.listen), 405),
         ("GET", format!("http://{}/nope", p.listen), 404),
@@ -343,10 +339,9 @@ async fn both_listeners_answer_unknown_paths_and_methods_with_json() {
 
 #[tokio::test]
 async fn a_webhook_log_line_cannot_be_forged_or_stretched() {
-    support::init();
     let ds = TestDownstream::start().await;
     let d = routes(&ds.url());
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"));
+    let mut cmd = crate::support::gateway_cmd();
     cmd.args(["serve", "--routes"])
         .arg(d.path())
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -357,7 +352,7 @@ async fn a_webhook_log_line_cannot_be_forged_or_stretched() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let p = support::process::start_text(cmd);
-    let c = reqwest::Client::new();
+    let c = crate::support::client();
     let long = "y".repeat(60_000);
     for name in [
         format!("evil%0A2026-12-02T00:00:00Z%20INFO%20forged%20line{long}"),

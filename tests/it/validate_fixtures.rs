@@ -19,14 +19,15 @@
 //! deliberate change of the output, rewrite the files with
 //!
 //! ```sh
-//! UPDATE_EXPECT=1 cargo test --test validate_fixtures
+//! UPDATE_EXPECT=1 cargo test --test it validate_fixtures
 //! ```
 //!
 //! and review `git diff tests/fixtures` line by line before committing.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use crate::support::gateway_cmd;
 
 /// Fewer cases than this means the folder walk is broken, not that all is well.
 const MIN_CASES: usize = 28;
@@ -73,13 +74,11 @@ fn run_case(case: &Path, update: bool) -> Result<(), String> {
         })
         .collect();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let out = gateway_cmd()
         .arg("validate")
         .arg("routes")
         .args(&args)
         .current_dir(case)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .envs(env)
         .output()
         .unwrap_or_else(|e| panic!("{name}: cannot run gateway: {e}"));

@@ -2,11 +2,10 @@
 //! template yields a downstream body that parses, with the same keys, and the
 //! exact string as the value. Runs through the real server.
 
-mod support;
-
 use proptest::prelude::*;
 use serde_json::json;
-use support::{TestDownstream, TestGateway};
+
+use crate::support::{TestDownstream, TestGateway};
 
 #[test]
 fn json_string_injection_is_impossible() {

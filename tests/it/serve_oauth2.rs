@@ -1,11 +1,10 @@
 //! Downstream OAuth2 through the real server and a real local token endpoint.
 
-mod support;
-
 use std::sync::Arc;
 
 use serde_json::json;
-use support::{Scripted, TestDownstream, TestGateway};
+
+use crate::support::{Scripted, TestDownstream, TestGateway};
 
 async fn gateway(ds: &TestDownstream, client_auth: &str) -> TestGateway {
     let files = format!(

@@ -4,7 +4,9 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use crate::support::gateway_cmd;
 
 fn crate_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -16,11 +18,9 @@ fn fixture(case: &str) -> PathBuf {
 
 /// Runs `gateway args…` in `cwd` with only `PATH` (and `env`) in the environment.
 fn gateway_with_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gateway"))
+    gateway_cmd()
         .args(args)
         .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .envs(env.iter().copied())
         .output()
         .expect("run gateway")

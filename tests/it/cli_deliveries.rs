@@ -1,7 +1,7 @@
 //! `gateway deliveries` on a real SQLite store, through the real binary.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, SystemTime};
 
 use cognigy_gateway::store::{
@@ -9,12 +9,13 @@ use cognigy_gateway::store::{
     sqlite::SqliteStore,
 };
 
+use crate::support::gateway_cmd;
+
+/// Runs `gateway args…` in `cwd` with only `PATH` in the environment.
 fn gateway(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gateway"))
+    gateway_cmd()
         .args(args)
         .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .output()
         .expect("run gateway")
 }

@@ -2,12 +2,11 @@
 //! percentiles against injected delays, the status page over HTTP, and the
 //! admin token (bearer and browser cookie).
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::json;
-use support::{Scripted, TestDownstream, TestGateway};
+
+use crate::support::{self, Scripted, TestDownstream, TestGateway};
 
 fn files(ds: &TestDownstream) -> String {
     format!(
@@ -136,19 +135,30 @@ async fn latency_report_matches_injected_delays() {
     let gw = TestGateway::builder()
         .file("r.yaml", &files(&ds))
         .limits(cognigy_gateway::runtime::Limits {
-            sla: Duration::from_millis(150),
+            sla: Duration::from_millis(250),
             ..Default::default()
         })
         .start()
         .await;
-    // 8 calls at ~100 ms and 2 at ~300 ms
+    // 8 calls at 20 ms and 2 at 500 ms (the downstream's delays), far from
+    // the 250 ms SLA. What the gateway measures lies between the delay and
+    // what the client measured around the call, so the bounds below hold
+    // however loaded the machine is (all tests share one process), and are
+    // exact (8 of 10 within the SLA) when it is not.
+    let mut client_ms = Vec::new();
     for i in 0..10 {
-        let d = if i < 8 { 100 } else { 300 };
+        let d = if i < 8 { 20 } else { 500 };
         ds.push(Scripted::status(200).delay(Duration::from_millis(d)));
+        let started = std::time::Instant::now();
         assert_eq!(gw.send("bot", &json!({"intent": "a"})).await.0, 200);
+        client_ms.push(started.elapsed().as_secs_f64() * 1000.0);
     }
+    client_ms.sort_by(f64::total_cmp);
+    // The histogram keeps two significant digits.
+    let at_most = |ms: f64| ms * 1.02 + 1.0;
+    let within_sla = client_ms.iter().filter(|ms| **ms < 250.0).count() as f64 / 10.0;
     let v: serde_json::Value = serde_json::from_str(&text(&gw, "/metrics/latency").await).unwrap();
-    assert_eq!(v["sla_ms"], 150);
+    assert_eq!(v["sla_ms"], 250);
     let crm = v["routes"]
         .as_array()
         .unwrap()
@@ -160,9 +170,21 @@ async fn latency_report_matches_injected_delays() {
         assert_eq!(s["count"], 10, "{which}: {s}");
         let p50 = s["p50_ms"].as_f64().unwrap();
         let p99 = s["p99_ms"].as_f64().unwrap();
-        assert!((100.0..150.0).contains(&p50), "{which} p50 {p50}");
-        assert!((300.0..400.0).contains(&p99), "{which} p99 {p99}");
-        assert_eq!(s["sla_compliance"], 0.8, "{which}: 8 of 10 within 150 ms");
+        let compliance = s["sla_compliance"].as_f64().unwrap();
+        // the 5th of 10 and the slowest, each between its delay and the client's time
+        assert!(
+            (20.0..=at_most(client_ms[4])).contains(&p50),
+            "{which} p50 {p50}, client {client_ms:?}"
+        );
+        assert!(
+            (500.0..=at_most(client_ms[9])).contains(&p99),
+            "{which} p99 {p99}, client {client_ms:?}"
+        );
+        assert!(
+            (within_sla..=0.8).contains(&compliance),
+            "{which}: {compliance} within 250 ms; 8 of 10 were sent to answer at once, \
+             and the client saw {within_sla} answered within it: {client_ms:?}"
+        );
     }
     // a route without traffic reports zero observations, fully compliant
     let other = v["routes"]
@@ -206,7 +228,7 @@ async fn status_page_shows_routes_states_and_reload() {
     assert!(html.contains("id=\"dead-letters\""));
     assert!(!html.contains("test-key"));
     // a form reset redirects back to the page and closes the breaker
-    let client = reqwest::Client::builder()
+    let client = support::client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
@@ -233,7 +255,7 @@ async fn admin_token_bearer_and_browser_cookie() {
         .admin_token("s3cret-admin")
         .start()
         .await;
-    let client = reqwest::Client::builder()
+    let client = support::client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();

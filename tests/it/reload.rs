@@ -2,14 +2,13 @@
 //! atomically; every bad change keeps the running configuration serving, with
 //! its diagnostics at /admin/status. Waits are bounded polls, never fixed sleeps.
 
-mod support;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Scripted, TestDownstream, TestGateway};
+
+use crate::support::{self, Scripted, TestDownstream, TestGateway, wait_until};
 
 const BOTS: &str = "bots:\n  - id: b\n    auth: { api_key: { keys: [\"${BOT_KEY}\"] } }\n    schema: ../schemas/payload.json\n";
 const SCHEMA: &str = r#"{"type": "object", "properties": {"sessionId": {"type": "string"}}}"#;
@@ -65,16 +64,8 @@ async fn reload_count(gw: &TestGateway, result: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Waits (bounded) until `check` holds.
-async fn eventually<F: AsyncFn() -> bool>(what: &str, check: F) {
-    for _ in 0..500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
+/// How long a reload may take to show (the watcher debounces for 50 ms).
+const WITHIN: Duration = Duration::from_secs(10);
 
 fn write(dir: &Path, name: &str, content: &str) {
     let p = dir.join(name);
@@ -102,10 +93,11 @@ async fn add_change_and_delete_route_files() {
         "more/c.yaml",
         &route(&ds, "route-c", "c", "/c"),
     );
-    eventually("route-c served", async || {
+    wait_until(WITHIN, async || {
         gw.send("b", &json!({"intent": "c"})).await.0 == 200
     })
-    .await;
+    .await
+    .expect("route-c served");
     assert_eq!(ds.requests().last().unwrap().uri, "/c");
     let gen1 = status(&gw).await["generation"].as_u64().unwrap();
     assert!(gen1 > gen0);
@@ -116,18 +108,20 @@ async fn add_change_and_delete_route_files() {
         route(&ds, "route-a", "a", "/v2"),
     )
     .unwrap();
-    eventually("route-a changed", async || {
+    wait_until(WITHIN, async || {
         gw.send("b", &json!({"intent": "a"})).await;
         ds.requests().last().unwrap().uri == "/v2"
     })
-    .await;
+    .await
+    .expect("route-a changed");
 
     // delete a file
     std::fs::remove_file(routes(&gw).join("more/c.yaml")).unwrap();
-    eventually("route-c gone", async || {
+    wait_until(WITHIN, async || {
         gw.send("b", &json!({"intent": "c"})).await.0 == 422
     })
-    .await;
+    .await
+    .expect("route-c gone");
     assert_eq!(status(&gw).await["last_reload"]["ok"], true);
 }
 
@@ -194,7 +188,9 @@ async fn every_kind_of_bad_change_keeps_the_running_configuration() {
         let generation = status(&gw).await["generation"].as_u64().unwrap();
         let errors = reload_count(&gw, "error").await;
         apply();
-        eventually(what, async || reload_count(&gw, "error").await > errors).await;
+        wait_until(WITHIN, async || reload_count(&gw, "error").await > errors)
+            .await
+            .expect(what);
         let st = status(&gw).await;
         assert_eq!(
             st["generation"].as_u64(),
@@ -218,10 +214,11 @@ async fn every_kind_of_bad_change_keeps_the_running_configuration() {
         write(&routes(&gw), "bots.yaml", BOTS);
         write(&schemas, "payload.json", SCHEMA);
         let _ = std::fs::remove_file(routes(&gw).join("z.yaml"));
-        eventually("repaired", async || {
+        wait_until(WITHIN, async || {
             status(&gw).await["last_reload"]["ok"] == true
         })
-        .await;
+        .await
+        .expect("repaired");
     }
     // the diagnostics never show the secret
     assert!(!status(&gw).await.to_string().contains("test-key"));
@@ -242,10 +239,11 @@ async fn a_configmap_symlink_swap_is_picked_up() {
     std::os::unix::fs::symlink("..v1", r.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/bots.yaml", r.join("bots.yaml")).unwrap();
     std::os::unix::fs::symlink("..data/a.yaml", r.join("a.yaml")).unwrap();
-    eventually("v1 served", async || {
+    wait_until(WITHIN, async || {
         gw.send("b", &json!({"intent": "a"})).await.0 == 200
     })
-    .await;
+    .await
+    .expect("v1 served");
     assert_eq!(ds.requests().last().unwrap().uri, "/v1");
     // the swap: a new version dir, a new link, renamed over ..data atomically
     std::fs::create_dir_all(r.join("..v2")).unwrap();
@@ -254,11 +252,12 @@ async fn a_configmap_symlink_swap_is_picked_up() {
     std::os::unix::fs::symlink("..v2", r.join("..data_tmp")).unwrap();
     std::fs::rename(r.join("..data_tmp"), r.join("..data")).unwrap();
     std::fs::remove_dir_all(r.join("..v1")).unwrap();
-    eventually("v2 served", async || {
+    wait_until(WITHIN, async || {
         gw.send("b", &json!({"intent": "a"})).await;
         ds.requests().last().unwrap().uri == "/v2"
     })
-    .await;
+    .await
+    .expect("v2 served");
 }
 
 #[tokio::test]
@@ -273,10 +272,11 @@ async fn breaker_state_of_an_unchanged_route_survives_a_reload_of_another_file()
         "other.yaml",
         &route(&ds, "route-o", "o", "/o"),
     );
-    eventually("new generation", async || {
+    wait_until(WITHIN, async || {
         status(&gw).await["generation"].as_u64().unwrap() > generation
     })
-    .await;
+    .await
+    .expect("new generation");
     // route-a is still open: answered 503 without a call
     let before = ds.requests().len();
     let (status_code, _, body) = gw.send("b", &json!({"intent": "a"})).await;
@@ -284,10 +284,11 @@ async fn breaker_state_of_an_unchanged_route_survives_a_reload_of_another_file()
     assert_eq!(ds.requests().len(), before);
     // changing route-a itself starts it fresh
     write(&routes(&gw), "a.yaml", &route(&ds, "route-a", "a", "/v9"));
-    eventually("route-a fresh", async || {
+    wait_until(WITHIN, async || {
         gw.send("b", &json!({"intent": "a"})).await.0 == 200
     })
-    .await;
+    .await
+    .expect("route-a fresh");
 }
 
 #[tokio::test]

@@ -2,12 +2,11 @@
 //! window gets the first answer again and nothing is sent twice. A real
 //! gateway (real SQLite store) in front of a real local downstream.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{PAYLOAD_SCHEMA, Scripted, TestDownstream, TestGateway, bot_file};
+
+use crate::support::{PAYLOAD_SCHEMA, Scripted, TestDownstream, TestGateway, bot_file, wait_until};
 
 /// Bots `b` and `c`, each with a sync route keyed by `inputId`; `extra` goes
 /// into route `b`'s block.
@@ -84,24 +83,20 @@ async fn keys_are_per_bot() {
 async fn a_duplicate_while_the_first_is_under_way_is_409_and_not_sent() {
     let ds = TestDownstream::start().await;
     let gw = std::sync::Arc::new(gateway(&ds, "").await);
-    ds.push(Scripted::status(200).delay(Duration::from_millis(800)));
+    ds.hold(); // the first request stays under way until released
     let first = tokio::spawn({
         let gw = gw.clone();
         async move { gw.send("b", &payload("in-1")).await }
     });
     // the first request has reached the downstream (and holds the key)
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    while ds.requests().is_empty() {
-        assert!(
-            std::time::Instant::now() < until,
-            "first request never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(Duration::from_secs(10), async || !ds.requests().is_empty())
+        .await
+        .expect("the first request reaches the downstream");
     let (status, headers, body) = gw.send("b", &payload("in-1")).await;
     assert_eq!(status, 409);
     assert_eq!(body["error"], "in_progress");
     assert_eq!(headers["retry-after"], "1");
+    ds.release();
     assert_eq!(first.await.unwrap().0, 200);
     // once answered, the duplicate gets that answer
     let (status, headers, _) = gw.send("b", &payload("in-1")).await;

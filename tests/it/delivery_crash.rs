@@ -8,15 +8,12 @@
 //! expire, so the gateway runs with a short `--lease` and the last instance
 //! takes the work over within seconds.
 
-mod support;
-
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::TestDownstream;
-use support::process::{Proc, serve};
+use crate::support::process::{Proc, kill, serve};
+use crate::support::{self, TestDownstream, wait_until};
 
 /// Short enough that a PostgreSQL takeover after the last kill is quick.
 const LEASE: &str = "2s";
@@ -33,12 +30,11 @@ mod sqlite {
 mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_accepted_delivery_is_lost_across_ten_sigkills() {
-        super::crash_test(&super::support::pg::url().await).await;
+        super::crash_test(&crate::support::pg::url().await).await;
     }
 }
 
 async fn crash_test(store: &str) {
-    support::init();
     let ds = TestDownstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes");
@@ -52,7 +48,7 @@ async fn crash_test(store: &str) {
     let current: Arc<Mutex<Proc>> = Arc::new(Mutex::new(start_gw()));
     let accepted: Arc<Mutex<HashSet<String>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = reqwest::Client::builder()
+    let client = support::client_builder()
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
@@ -87,14 +83,8 @@ async fn crash_test(store: &str) {
         let wait = 100 + (rand_u64(i) % 300);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         let mut g = current.lock().unwrap();
-        assert!(
-            Command::new("kill")
-                .args(["-KILL", &g.child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let _ = g.child.wait();
+        kill(&g.child, "-KILL");
+        let _ = g.child.wait(); // SIGKILL cannot be caught: it ends at once
         *g = start_gw();
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -117,10 +107,7 @@ async fn crash_test(store: &str) {
             .collect();
         accepted.iter().filter(|k| !seen.contains(*k)).count()
     };
-    let arrived = support::poll_until(Duration::from_secs(30), async || {
-        (missing() == 0).then_some(())
-    })
-    .await;
+    let arrived = wait_until(Duration::from_secs(30), async || missing() == 0).await;
     assert!(
         arrived.is_some(),
         "{} accepted deliveries never arrived",

@@ -2,8 +2,6 @@
 //! on a SQLite file and on a PostgreSQL server (`support::pg`), plus what only
 //! SQLite has (group commit, crash durability of the file).
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,6 +12,8 @@ use cognigy_gateway::store::{
     Accept, AttemptRecord, Begin, Hold, NewDelivery, ScopedKey, Settle, State, Store, StoreError,
     StoreExt, StoredAnswer, StoredRequest,
 };
+
+use crate::support;
 
 /// A fixed "now" so every time in these tests is deterministic.
 fn t(secs: u64) -> SystemTime {
@@ -895,14 +895,20 @@ async fn sqlite_accepted_delivery_survives_a_store_that_never_closed() {
 /// Set in the child process of the crash test: the database file to accept into.
 const CRASH_CHILD_DB: &str = "GATEWAY_TEST_CRASH_CHILD_DB";
 
-/// The child of `sqlite_every_acknowledged_accept_survives_sigkill`: accepts
-/// forever from 16 tasks, printing each id once `accept` returned (the
-/// moment the gateway would answer 202). Does nothing in a normal run.
+/// The child of `sqlite_every_acknowledged_accept_survives_sigkill`, which
+/// runs this binary again for it alone, with the database in
+/// `GATEWAY_TEST_CRASH_CHILD_DB`: accepts forever from 16 tasks, printing
+/// each id once `accept` returned (the moment the gateway would answer 202).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of store::sqlite_every_acknowledged_accept_survives_sigkill, \
+            which runs it (--ignored --exact store::sqlite_crash_child)"]
 async fn sqlite_crash_child() {
-    let Ok(db) = std::env::var(CRASH_CHILD_DB) else {
-        return;
-    };
+    let db = std::env::var(CRASH_CHILD_DB).unwrap_or_else(|_| {
+        panic!(
+            "{CRASH_CHILD_DB} is not set: this test is the child of \
+             store::sqlite_every_acknowledged_accept_survives_sigkill, which runs it"
+        )
+    });
     let store = Arc::new(
         SqliteStore::open(&db, SqliteOptions::default())
             .await
@@ -933,29 +939,60 @@ async fn sqlite_crash_child() {
 #[test]
 fn sqlite_every_acknowledged_accept_survives_sigkill() {
     use std::io::BufRead;
+    use std::sync::mpsc::RecvTimeoutError;
+    /// How long one round (start, accepts until the kill, the rest of the output) may take.
+    const ROUND: Duration = Duration::from_secs(60);
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("gateway.db");
     let mut acknowledged = Vec::new();
     for round in 0..4 {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
+                "--ignored",
                 "--exact",
-                "sqlite_crash_child",
+                "store::sqlite_crash_child",
                 "--nocapture",
                 "--test-threads=1",
             ])
+            .env_clear()
             .env(CRASH_CHILD_DB, &db)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // Its output arrives on a channel, so every read below has a deadline.
         let stdout = child.stdout.take().unwrap();
-        let mut lines = std::io::BufReader::new(stdout).lines();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + ROUND;
+        let next =
+            || lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
         // Kill it at a different moment each round, mid-stream.
         let kill_after = 200 + round * 350;
         let mut seen = 0;
         while seen < kill_after {
-            let line = lines.next().expect("child ended early").unwrap();
+            let line = match next() {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    panic!("round {round}: {seen} of {kill_after} accepts within {ROUND:?}")
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "round {round}: the child ended after {seen} accepts: {:?}",
+                        child.wait()
+                    )
+                }
+            };
             if let Some(id) = line.strip_prefix("ACK ") {
                 acknowledged.push(id.to_owned());
                 seen += 1;
@@ -963,10 +1000,17 @@ fn sqlite_every_acknowledged_accept_survives_sigkill() {
         }
         child.kill().unwrap(); // SIGKILL
         // Ids printed before the kill were acknowledged too.
-        for line in lines {
-            let Ok(line) = line else { break };
-            if let Some(id) = line.strip_prefix("ACK ") {
-                acknowledged.push(id.to_owned());
+        loop {
+            match next() {
+                Ok(line) => {
+                    if let Some(id) = line.strip_prefix("ACK ") {
+                        acknowledged.push(id.to_owned());
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("round {round}: the killed child's output did not end within {ROUND:?}")
+                }
             }
         }
         child.wait().unwrap();

@@ -5,7 +5,7 @@
 //! failing store. Store scenarios run on SQLite and on PostgreSQL (`sqlite::`,
 //! `postgres::`); `binary::` runs the real `gateway` against a local downstream.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -733,8 +733,8 @@ mod binary {
 
     use serde_json::{Value, json};
 
-    use super::support::process::{Proc, kill, serve};
-    use super::support::{self, TestDownstream, poll_until};
+    use crate::support::process::{Proc, kill, serve};
+    use crate::support::{self, TestDownstream, wait_until};
 
     /// Bot `b` (API key `k`) with two routes keyed by `inputId`: `upsert`
     /// (intent `update`, to `/upsert`) and `notes` (intent `note`, to `/notes`),
@@ -765,7 +765,7 @@ mod binary {
     }
 
     async fn post(p: &Proc, intent: &str, input: &str) -> (u16, reqwest::header::HeaderMap, Value) {
-        let resp = reqwest::Client::new()
+        let resp = crate::support::client()
             .post(format!("http://{}/webhooks/b", p.listen))
             .header("x-api-key", "k")
             .body(json!({"sessionId": "s", "intent": intent, "inputId": input}).to_string())
@@ -799,7 +799,6 @@ mod binary {
     /// same `inputId` is two deliveries, each delivered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_async_routes_with_one_input_id_are_both_delivered() {
-        support::init();
         let ds = TestDownstream::start().await;
         let (_dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "async"))]);
         let p = serve(&routes, &store, &[], &[]);
@@ -807,7 +806,7 @@ mod binary {
         let (s2, _, notes) = post(&p, "note", "in-1").await;
         assert_eq!((s1, s2), (202, 202));
         assert_ne!(upsert["delivery_id"], notes["delivery_id"]);
-        let both = poll_until(Duration::from_secs(10), async || {
+        let both = wait_until(Duration::from_secs(10), async || {
             (ds.requests().len() >= 2).then_some(())
         })
         .await;
@@ -827,7 +826,6 @@ mod binary {
     /// duplicate gets that route's answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_sync_routes_with_one_input_id_are_both_sent() {
-        support::init();
         let ds = TestDownstream::start().await;
         let (_dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "sync"))]);
         let p = serve(&routes, &store, &[], &[]);
@@ -856,7 +854,6 @@ mod binary {
     /// stores nothing; once they are delivered, accepts are taken again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_queue_answers_503_queue_full_and_stores_nothing() {
-        support::init();
         let ds = TestDownstream::start().await;
         ds.hold();
         let (_dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "async"))]);
@@ -873,12 +870,12 @@ mod binary {
         let (status, _, again) = post(&p, "update", "k1").await;
         assert_eq!((status, again), (202, first));
         ds.release();
-        let taken = poll_until(Duration::from_secs(10), async || {
+        let taken = wait_until(Duration::from_secs(10), async || {
             (post(&p, "update", "k3").await.0 == 202).then_some(())
         })
         .await;
         assert!(taken.is_some(), "accepts resume once the queue drains");
-        poll_until(Duration::from_secs(10), async || {
+        wait_until(Duration::from_secs(10), async || {
             let d = admin_deliveries(&p).await;
             (d["pending"] == 0 && d["leased"] == 0).then_some(())
         })
@@ -896,7 +893,6 @@ mod binary {
     /// `--dedupe-window`: a key is a duplicate within the window, new after it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_dedupe_window_is_a_flag() {
-        support::init();
         let ds = TestDownstream::start().await;
         let (_dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "async"))]);
         let p = serve(&routes, &store, &["--dedupe-window", "1s"], &[]);
@@ -909,7 +905,7 @@ mod binary {
     }
 
     fn gateway() -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        let mut c = crate::support::gateway_cmd();
         c.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
         c
@@ -919,7 +915,6 @@ mod binary {
     /// naming the file; `gateway deliveries` still reads and replays beside it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_serve_on_one_sqlite_file_exits_1_naming_it() {
-        support::init();
         let ds = TestDownstream::start().await;
         let (dir, routes, store) = setup(&[("r.yaml", &two_routes(&ds.url(), "async"))]);
         let first = serve(&routes, &store, &["--shutdown-grace", "3"], &[]);
@@ -973,7 +968,6 @@ mod binary {
     }
 
     async fn sigterm_case(_dir: tempfile::TempDir, routes: PathBuf, store: String) {
-        support::init();
         let ds = TestDownstream::start().await;
         ds.hold();
         std::fs::write(
@@ -982,10 +976,10 @@ mod binary {
         )
         .unwrap();
         let mut p = serve(&routes, &store, &["--shutdown-grace", "1s"], &[]);
-        let id = support::post_keyed(&reqwest::Client::new(), &p.listen, "stuck")
+        let id = support::post_keyed(&crate::support::client(), &p.listen, "stuck")
             .await
             .expect("accepted");
-        let arrived = poll_until(Duration::from_secs(10), async || {
+        let arrived = wait_until(Duration::from_secs(10), async || {
             (!ds.requests().is_empty()).then_some(())
         })
         .await;
@@ -1009,7 +1003,7 @@ mod binary {
         // Restart on the same store: the delivery is sent again and delivered.
         ds.release();
         let p = serve(&routes, &store, &[], &[]);
-        let delivered = poll_until(Duration::from_secs(10), async || {
+        let delivered = wait_until(Duration::from_secs(10), async || {
             let text = reqwest::get(format!("http://{}/admin/deliveries/{id}", p.admin))
                 .await
                 .ok()?
@@ -1035,7 +1029,6 @@ mod binary {
     /// and dead letters purged only past `--dead-retention`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_v1_store_is_served_delivered_and_purged_by_retention() {
-        support::init();
         let ds = TestDownstream::start().await;
         let route = |name: &str, intent: &str| {
             format!(
@@ -1070,13 +1063,13 @@ mod binary {
             &["--dead-retention", "36500d", "--dedupe-window", "36500d"],
             &[],
         );
-        let delivered = poll_until(Duration::from_secs(10), async || {
+        let delivered = wait_until(Duration::from_secs(10), async || {
             (ds.requests().len() >= 4).then_some(())
         })
         .await;
         assert!(delivered.is_some(), "{:?}", paths(&ds));
         assert_eq!(paths(&ds), ["/crm/3", "/crm/4", "/crm/5", "/crm/6"]);
-        poll_until(Duration::from_secs(10), async || {
+        wait_until(Duration::from_secs(10), async || {
             let d = admin_deliveries(&p).await;
             (d["pending"] == 0 && d["leased"] == 0).then_some(())
         })
@@ -1090,7 +1083,7 @@ mod binary {
         // Default retention (30d) and window (24h): the 2023 dead letter and
         // delivered row go; the four delivered today stay.
         let p = serve(&routes, &store, &[], &[]);
-        let purged = poll_until(Duration::from_secs(10), async || {
+        let purged = wait_until(Duration::from_secs(10), async || {
             let d = admin_deliveries(&p).await;
             (d["deliveries"].as_array()?.len() == 4).then_some(d)
         })
@@ -1206,7 +1199,7 @@ mod binary {
         );
         break_store();
         phase.store(BROKEN, Ordering::SeqCst);
-        let refused = poll_until(Duration::from_secs(30), async || {
+        let refused = wait_until(Duration::from_secs(30), async || {
             seen(&async_answers, &|a| a.sent == BROKEN && a.status == 503).then_some(())
         })
         .await;
@@ -1217,7 +1210,7 @@ mod binary {
         tokio::time::sleep(Duration::from_secs(1)).await;
         phase.store(MENDED, Ordering::SeqCst);
         mend_store();
-        let recovered = poll_until(Duration::from_secs(30), async || {
+        let recovered = wait_until(Duration::from_secs(30), async || {
             seen(&async_answers, &|a| a.sent == MENDED && a.status == 202).then_some(())
         })
         .await;
@@ -1268,7 +1261,7 @@ mod binary {
                 .collect();
             acked.iter().filter(|k| !seen.contains(*k)).count()
         };
-        let all = poll_until(Duration::from_secs(30), async || {
+        let all = wait_until(Duration::from_secs(30), async || {
             (missing() == 0).then_some(())
         })
         .await;
@@ -1288,7 +1281,6 @@ mod binary {
     /// instead of the signal killing the process.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_refusing_writes_under_load_answers_503_and_recovers() {
-        support::init();
         let ds = TestDownstream::start().await;
         let (dir, routes, store) = setup(&[("r.yaml", &outage_routes(&ds.url()))]);
         let mut cmd = Command::new("sh");
@@ -1326,7 +1318,6 @@ mod binary {
     /// PostgreSQL stopped under load, then started again (a cluster of this test's own).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_stopped_under_load_answers_503_and_recovers() {
-        support::init();
         let ds = TestDownstream::start().await;
         let cluster = tokio::task::spawn_blocking(support::pg::Cluster::start)
             .await

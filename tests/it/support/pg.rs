@@ -3,31 +3,35 @@
 //!
 //! The server is `GATEWAY_TEST_PG_URL` when set (`scripts/test.sh` may set
 //! it for a whole run). Otherwise the first call starts a throwaway cluster
-//! for this test process: `initdb` into a fresh directory under the temp
-//! dir, `postgres` on a free loopback port with its socket in that
-//! directory and `fsync=on`; as root both run as the `postgres` user
-//! (Debian's server refuses root). A small watchdog shell stops the server
-//! and deletes the directory when this process is gone, however it ended.
+//! for this test process (once, however many tests ask at the same time):
+//! `initdb` into a fresh directory under the temp dir, `postgres` on a free
+//! loopback port with its socket in that directory and `fsync=on`; as root
+//! both run as the `postgres` user (Debian's server refuses root). A small
+//! watchdog shell stops the server and deletes the directory when this
+//! process is gone, however it ended.
 //!
 //! Without PostgreSQL binaries the call panics, telling to run
 //! `scripts/test.sh` (which installs them): PostgreSQL tests never skip.
-#![allow(dead_code)]
+//!
+//! Also included by `benches/store.rs`, with [`super::wait`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::Connection;
+use tokio::sync::OnceCell;
+
+use super::wait::wait_until;
 
 /// The environment variable naming an existing server to use instead.
-pub const URL_VAR: &str = "GATEWAY_TEST_PG_URL";
+const URL_VAR: &str = "GATEWAY_TEST_PG_URL";
 
 /// A URL whose `search_path` is a new, empty schema on the test server.
 pub async fn url() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let base = server_url();
+    let base = server_url().await;
     let schema = format!(
         "gw_test_{}_{}",
         std::process::id(),
@@ -43,27 +47,33 @@ pub async fn url() -> String {
     format!("{base}{sep}options[search_path]={schema}")
 }
 
-/// The base URL of the test server (started on first use).
-pub fn server_url() -> &'static str {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| match std::env::var(URL_VAR) {
+/// The base URL of the test server, started by the first caller; the others
+/// wait for it.
+async fn server_url() -> &'static str {
+    static URL: OnceCell<String> = OnceCell::const_new();
+    URL.get_or_init(async || match std::env::var(URL_VAR) {
         Ok(url) if !url.is_empty() => url,
-        _ => start_cluster(),
+        _ => start_cluster().await,
     })
+    .await
 }
 
 async fn connect_with_retry(url: &str) -> sqlx::PgConnection {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match sqlx::PgConnection::connect(url).await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut last = String::new();
+    let conn = wait_until(
+        Duration::from_secs(20),
+        async || match sqlx::PgConnection::connect(url).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                last = e.to_string();
+                None
             }
-            Err(e) => panic!("cannot connect to the test PostgreSQL server: {e}"),
-        }
-    }
+        },
+    )
+    .await;
+    conn.unwrap_or_else(|| {
+        panic!("cannot connect to the test PostgreSQL server within 20 s: {last}")
+    })
 }
 
 /// Directories holding `initdb` and `postgres`: Debian's versioned ones
@@ -88,10 +98,18 @@ fn find_bin_dir() -> Option<PathBuf> {
         .find(|d| d.join("initdb").is_file() && d.join("postgres").is_file())
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
+/// Runs `cmd` to its end on a blocking thread (the runtime keeps going).
+async fn output(mut cmd: Command) -> std::io::Result<std::process::Output> {
+    tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("the command's thread")
+}
+
+async fn is_root() -> bool {
+    let mut id = Command::new("id");
+    id.arg("-u");
+    output(id)
+        .await
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
@@ -109,6 +127,7 @@ fn as_server_user(root: bool, program: &Path) -> Command {
 /// A PostgreSQL cluster of one test's own, for a test that stops and starts
 /// its server (the shared one of [`url`] must stay up for the others). Like
 /// that one, it is stopped and deleted when the test process ends.
+#[allow(dead_code)] // used by tests/it, not by benches/store.rs (which includes this file)
 pub struct Cluster {
     root: bool,
     bin: PathBuf,
@@ -117,26 +136,45 @@ pub struct Cluster {
     url: String,
 }
 
+/// Runs `fut` to its end on a thread of its own (callable from sync code and
+/// from inside a runtime alike).
+fn run_on_own_thread<T: Send + 'static, F: Future<Output = T>>(
+    make: impl FnOnce() -> F + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(make())
+    })
+    .join()
+    .expect("the helper thread")
+}
+
+#[allow(dead_code)]
 impl Cluster {
-    /// Runs `initdb` and starts the server on a free loopback port.
+    /// Runs `initdb` and starts the server on a free loopback port. Blocking.
     pub fn start() -> Cluster {
-        let (root, bin, dir) = init_cluster();
-        for _ in 0..5 {
-            let port = free_port();
-            if let Some(url) = start_server(root, &bin, &dir, port) {
-                return Cluster {
-                    root,
-                    bin,
-                    dir,
-                    port,
-                    url,
-                };
+        run_on_own_thread(|| async {
+            let (root, bin, dir) = init_cluster().await;
+            for _ in 0..5 {
+                let port = free_port();
+                if let Some(url) = start_server(root, &bin, &dir, port).await {
+                    return Cluster {
+                        root,
+                        bin,
+                        dir,
+                        port,
+                        url,
+                    };
+                }
             }
-        }
-        panic!(
-            "PostgreSQL did not start; see {}",
-            dir.join("log").display()
-        );
+            panic!(
+                "PostgreSQL did not start; see {}",
+                dir.join("log").display()
+            );
+        })
     }
 
     /// The `postgres` database of this cluster.
@@ -144,7 +182,7 @@ impl Cluster {
         &self.url
     }
 
-    /// Stops the server (fast shutdown: sessions are ended) and waits until it is gone.
+    /// Stops the server (fast shutdown: sessions are ended) and waits (bounded) until it is gone.
     pub fn stop(&self) {
         let pidfile = self.dir.join("data").join("postmaster.pid");
         let text = std::fs::read_to_string(&pidfile).expect("the server is running");
@@ -154,28 +192,33 @@ impl Cluster {
             .status()
             .expect("run kill");
         assert!(killed.success(), "kill -INT {pid}");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while pidfile.exists() {
-            assert!(Instant::now() < deadline, "PostgreSQL did not stop");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PostgreSQL did not stop"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Starts the stopped server again, on the same port and data.
+    /// Starts the stopped server again, on the same port and data. Blocking.
     pub fn restart(&self) {
-        let url = start_server(self.root, &self.bin, &self.dir, self.port)
-            .expect("PostgreSQL starts again on its port");
+        let (root, bin, dir, port) = (self.root, self.bin.clone(), self.dir.clone(), self.port);
+        let url =
+            run_on_own_thread(move || async move { start_server(root, &bin, &dir, port).await })
+                .expect("PostgreSQL starts again on its port");
         assert_eq!(url, self.url);
     }
 }
 
-fn start_cluster() -> String {
+async fn start_cluster() -> String {
     Cluster::start().url
 }
 
 /// `initdb` into a new temp dir (owned by `postgres` when we are root):
 /// (root?, the binaries' directory, the cluster's directory).
-fn init_cluster() -> (bool, PathBuf, PathBuf) {
+async fn init_cluster() -> (bool, PathBuf, PathBuf) {
     let bin = find_bin_dir().unwrap_or_else(|| {
         panic!(
             "PostgreSQL server binaries (initdb, postgres) were not found in \
@@ -183,27 +226,26 @@ fn init_cluster() -> (bool, PathBuf, PathBuf) {
              (Debian package `postgresql`), or set {URL_VAR} to a server the tests may use."
         )
     });
-    let root = is_root();
+    let root = is_root().await;
     let dir = tempfile::Builder::new()
         .prefix("gw-pg-")
         .tempdir()
         .expect("make a temp dir for PostgreSQL")
         .keep();
     if root {
-        let status = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .expect("run chown");
+        let mut chown = Command::new("chown");
+        chown.args(["postgres:postgres"]).arg(&dir);
+        let out = output(chown).await.expect("run chown");
         assert!(
-            status.success(),
+            out.status.success(),
             "chown postgres {} failed (is there a `postgres` user? scripts/test.sh installs \
              PostgreSQL and creates it)",
             dir.display()
         );
     }
     let data = dir.join("data");
-    let out = as_server_user(root, &bin.join("initdb"))
+    let mut initdb = as_server_user(root, &bin.join("initdb"));
+    initdb
         .arg("-D")
         .arg(&data)
         .args([
@@ -216,9 +258,8 @@ fn init_cluster() -> (bool, PathBuf, PathBuf) {
             "--no-sync",
             "--no-instructions",
         ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run initdb");
+        .stdin(Stdio::null());
+    let out = output(initdb).await.expect("run initdb");
     assert!(
         out.status.success(),
         "initdb failed: {}{}",
@@ -236,7 +277,7 @@ fn free_port() -> u16 {
 }
 
 /// Starts the server with its watchdog; `None` if it exited (port taken).
-fn start_server(root: bool, bin: &Path, dir: &Path, port: u16) -> Option<String> {
+async fn start_server(root: bool, bin: &Path, dir: &Path, port: u16) -> Option<String> {
     use std::os::unix::process::CommandExt;
     // $1 postgres, $2 dir, $3 port, $4 our pid. Stops the server (fast
     // shutdown) and removes the directory once our process is gone.
@@ -269,8 +310,7 @@ wait "$pg"
     std::thread::spawn(move || watchdog.wait());
     // postmaster.pid's 8th line says "ready" once connections are accepted.
     let pidfile = dir.join("data").join("postmaster.pid");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
+    let ready = wait_until(Duration::from_secs(30), async || {
         if let Ok(text) = std::fs::read_to_string(&pidfile)
             && text.lines().nth(7).is_some_and(|l| l.trim() == "ready")
             && text
@@ -278,21 +318,41 @@ wait "$pg"
                 .nth(3)
                 .is_some_and(|l| l.trim() == port.to_string())
         {
-            return Some(format!("postgres://postgres@127.0.0.1:{port}/postgres"));
+            return Some(Started::Ready);
         }
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         if log_text.contains("could not bind") || log_text.contains("could not create any TCP") {
-            // Someone took the port between our probe and the server's bind.
-            std::thread::sleep(Duration::from_millis(300));
-            return None;
+            return Some(Started::PortTaken);
         }
         if log_text.contains("FATAL") && !pidfile.exists() {
             panic!("PostgreSQL failed to start:\n{log_text}");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        None
+    })
+    .await;
+    match ready {
+        Some(Started::Ready) => Some(format!("postgres://postgres@127.0.0.1:{port}/postgres")),
+        Some(Started::PortTaken) => {
+            // Someone took the port between our probe and the server's bind:
+            // the next try starts once this server is gone.
+            let gone = wait_until(Duration::from_secs(10), async || !pidfile.exists()).await;
+            assert!(
+                gone.is_some(),
+                "PostgreSQL on a taken port did not exit within 10 s: {}",
+                pidfile.display()
+            );
+            None
+        }
+        None => panic!(
+            "PostgreSQL was not ready within 30 s; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ),
     }
-    panic!(
-        "PostgreSQL was not ready within 30 s; its log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+}
+
+/// How a server start ended.
+enum Started {
+    Ready,
+    /// It could not bind its port: try another.
+    PortTaken,
 }
