@@ -1,8 +1,11 @@
-//! `${NAME}` and `${NAME:-default}` in route files, applied to string values
-//! after YAML parsing (so a parse error can never show an expanded secret).
+//! `${NAME}`, `${NAME:-default}` and `${file:PATH}` in route files, applied to
+//! string values after YAML parsing (so a parse error can never show an
+//! expanded secret).
 //!
-//! `$${` writes a literal `${`. The environment is passed in as a lookup
-//! function so tests and `validate` need no real environment.
+//! `$${` writes a literal `${`. The environment and the files are passed in as
+//! lookup functions, so tests and `validate` need no real environment; this
+//! module never reads a file itself (the caller resolves `PATH` against the
+//! route file's directory and trims the trailing newline).
 
 use serde_json::Value;
 
@@ -12,18 +15,59 @@ pub struct Expansion {
     pub value: String,
     /// Names referenced without a default and not set.
     pub missing: Vec<String>,
-    /// Whether any part of the value came from the environment (treat it as secret when shown).
+    /// `${file:PATH}` references that could not be read: the path as written and why.
+    pub missing_files: Vec<(String, FileError)>,
+    /// Whether any part of the value came from the environment or a `${file:…}`
+    /// (treat it as secret when shown).
     pub from_env: bool,
+}
+
+/// Why a `${file:PATH}` could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileError {
+    /// Not there or not readable: like an unset variable (a warning for `validate`
+    /// without `--require-env`, an error for `serve`).
+    Missing(String),
+    /// There, but unusable (not UTF-8 text): always an error.
+    Invalid(String),
+}
+
+/// A `${file:…}` lookup that has no files (the plain [`expand`]).
+fn no_files(_: &str) -> Result<String, FileError> {
+    Err(FileError::Missing("files are not read here".into()))
+}
+
+/// The value of a `${file:…}` from the file's bytes: UTF-8 text, one trailing
+/// newline (`\n` or `\r\n`) trimmed.
+pub fn file_value(bytes: Vec<u8>) -> Result<String, FileError> {
+    let mut s = String::from_utf8(bytes)
+        .map_err(|_| FileError::Invalid("is not UTF-8 text".into()))?;
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    Ok(s)
 }
 
 /// A `${` without a closing `}` or with an invalid name.
 #[derive(Debug, PartialEq, Eq)]
 pub struct EnvSyntaxError(pub String);
 
-/// Expands one string.
+/// Expands one string (no `${file:…}`: those are reported missing).
 pub fn expand(
     s: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Expansion, EnvSyntaxError> {
+    expand_with(s, lookup, &no_files)
+}
+
+/// Expands one string; `file` gives the value of a `${file:PATH}` (PATH as written).
+pub fn expand_with(
+    s: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    file: &dyn Fn(&str) -> Result<String, FileError>,
 ) -> Result<Expansion, EnvSyntaxError> {
     if !s.contains('$') {
         return Ok(Expansion {
@@ -50,6 +94,22 @@ pub fn expand(
             return Err(EnvSyntaxError("`${` without a closing `}`".into()));
         };
         let inner = &after[2..end];
+        if let Some(path) = inner.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err(EnvSyntaxError(
+                    "`${file:}` names no file: expected ${file:PATH}".into(),
+                ));
+            }
+            match file(path) {
+                Ok(v) => {
+                    out.value.push_str(&v);
+                    out.from_env = true;
+                }
+                Err(e) => out.missing_files.push((path.to_owned(), e)),
+            }
+            rest = &after[end + 1..];
+            continue;
+        }
         let (name, default) = match inner.find(":-") {
             Some(j) => (&inner[..j], Some(&inner[j + 2..])),
             None => (inner, None),
@@ -59,7 +119,7 @@ pub fn expand(
             || name.starts_with(|c: char| c.is_ascii_digit())
         {
             return Err(EnvSyntaxError(format!(
-                "`${{{inner}}}` is not a valid variable reference: expected ${{NAME}} or ${{NAME:-default}} with NAME made of A-Z, 0-9 and _"
+                "`${{{inner}}}` is not a valid variable reference: expected ${{NAME}}, ${{NAME:-default}} or ${{file:PATH}}, with NAME made of A-Z, 0-9 and _"
             )));
         }
         match (lookup(name), default) {
@@ -90,6 +150,8 @@ pub struct EnvProblem {
 #[derive(Debug)]
 pub enum EnvProblemKind {
     Missing(Vec<String>),
+    /// A `${file:PATH}` that could not be read: the path as written and why.
+    File(String, FileError),
     Syntax(String),
 }
 
@@ -97,7 +159,7 @@ pub enum EnvProblemKind {
 #[derive(Debug, Default)]
 pub struct DocExpansion {
     pub problems: Vec<EnvProblem>,
-    /// Pointers whose value includes environment content.
+    /// Pointers whose value includes environment (or `${file:…}`) content.
     pub from_env: Vec<String>,
     /// Pointers whose value references a missing variable (left unresolved).
     pub unresolved: Vec<String>,
@@ -105,31 +167,48 @@ pub struct DocExpansion {
 
 /// Expands every string value (not keys) in `doc`, in place.
 pub fn expand_document(doc: &mut Value, lookup: &dyn Fn(&str) -> Option<String>) -> DocExpansion {
+    expand_document_with(doc, lookup, &no_files)
+}
+
+/// [`expand_document`] with `${file:…}` values from `file`.
+pub fn expand_document_with(
+    doc: &mut Value,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    file: &dyn Fn(&str) -> Result<String, FileError>,
+) -> DocExpansion {
     let mut acc = DocExpansion::default();
     let mut pointer = String::new();
-    walk(doc, &mut pointer, lookup, &mut acc);
+    walk(doc, &mut pointer, &Lookups { var: lookup, file }, &mut acc);
     acc
 }
 
-fn walk(
-    v: &mut Value,
-    pointer: &mut String,
-    lookup: &dyn Fn(&str) -> Option<String>,
-    acc: &mut DocExpansion,
-) {
+struct Lookups<'a> {
+    var: &'a dyn Fn(&str) -> Option<String>,
+    file: &'a dyn Fn(&str) -> Result<String, FileError>,
+}
+
+fn walk(v: &mut Value, pointer: &mut String, lookup: &Lookups, acc: &mut DocExpansion) {
     match v {
         // most strings hold no reference: leave them as they are, without allocating
         Value::String(s) if !s.contains('$') => {}
-        Value::String(s) => match expand(s, lookup) {
+        Value::String(s) => match expand_with(s, lookup.var, lookup.file) {
             Ok(e) => {
                 if e.from_env {
                     acc.from_env.push(pointer.clone());
                 }
-                if !e.missing.is_empty() {
+                if !e.missing.is_empty() || !e.missing_files.is_empty() {
                     acc.unresolved.push(pointer.clone());
+                }
+                if !e.missing.is_empty() {
                     acc.problems.push(EnvProblem {
                         pointer: pointer.clone(),
                         kind: EnvProblemKind::Missing(e.missing),
+                    });
+                }
+                for (path, err) in e.missing_files {
+                    acc.problems.push(EnvProblem {
+                        pointer: pointer.clone(),
+                        kind: EnvProblemKind::File(path, err),
                     });
                 }
                 *s = e.value;
@@ -214,6 +293,38 @@ mod tests {
         assert!(expand("${HOST", &env).is_err());
         assert!(expand("${1X}", &env).is_err());
         assert!(expand("${a-b}", &env).is_err());
+    }
+
+    fn files(path: &str) -> Result<String, FileError> {
+        match path {
+            "secrets/key" => file_value(b"k3y-from-file\n".to_vec()),
+            "/abs/crlf" => file_value(b"two\r\n".to_vec()),
+            "bin" => file_value(vec![0xff, 0xfe]),
+            _ => Err(FileError::Missing("not found".into())),
+        }
+    }
+
+    #[test]
+    fn file_references_take_the_content_without_one_trailing_newline() {
+        let e = expand_with("Bearer ${file:secrets/key}", &env, &files).unwrap();
+        assert_eq!(e.value, "Bearer k3y-from-file");
+        assert!(e.from_env, "file content is secret like an env value");
+        assert_eq!(
+            expand_with("${file:/abs/crlf}", &env, &files).unwrap().value,
+            "two"
+        );
+        // only one newline goes
+        assert_eq!(file_value(b"a\n\n".to_vec()).unwrap(), "a\n");
+        assert_eq!(file_value(b"a".to_vec()).unwrap(), "a");
+        let e = expand_with("${file:nope}", &env, &files).unwrap();
+        assert!(matches!(&e.missing_files[..], [(p, FileError::Missing(_))] if p == "nope"));
+        let e = expand_with("${file:bin}", &env, &files).unwrap();
+        assert!(matches!(&e.missing_files[..], [(_, FileError::Invalid(_))]));
+        assert!(expand_with("${file:}", &env, &files).is_err());
+        // the plain expand reads no files
+        assert!(!ex("${file:secrets/key}").missing_files.is_empty());
+        // an escaped reference stays literal
+        assert_eq!(ex("$${file:x}").value, "${file:x}");
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct Config {
     pub files: Vec<PathBuf>,
     /// Schema files that were read (their directories are watched too).
     pub schema_files: Vec<PathBuf>,
+    /// Files read for `${file:…}` values and downstream `tls`, in path order:
+    /// their content is in `hash` (keyed digests) and their directories are watched.
+    pub referenced_files: Vec<PathBuf>,
 }
 
 impl Config {

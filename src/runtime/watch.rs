@@ -1,5 +1,8 @@
 //! Reload on file changes: watch the routes directory and every directory
-//! holding a referenced schema (recursively, debounced); on any event rescan
+//! holding a referenced schema (recursively, debounced), and the directory of
+//! every file read for a `${file:…}` value or a downstream `tls` file (not
+//! recursively: a secret rotated in place, or a Kubernetes Secret's `..data`
+//! swap, is an event there); on any event rescan
 //! and reload through the one reload path (`Gateway::reload`), which compares
 //! the content hash, so editor temp+rename, truncate-then-write, `git
 //! checkout`, deletions, new folders and a ConfigMap's `..data` symlink swap
@@ -76,26 +79,29 @@ type Debouncer = notify_debouncer_full::Debouncer<
     notify_debouncer_full::RecommendedCache,
 >;
 
-/// Adds a watch on each directory holding a referenced schema (outside the routes dir).
+/// Adds a watch on each directory holding a referenced schema (recursively) or
+/// a referenced file (`${file:…}`, `tls`; that directory only), outside the routes dir.
 fn watch_schema_dirs(gw: &Gateway, debouncer: &Mutex<Debouncer>, watched: &mut BTreeSet<PathBuf>) {
     let rt = gw.runtime.load();
     let routes = gw
         .routes_dir
         .canonicalize()
         .unwrap_or_else(|_| gw.routes_dir.clone());
-    for f in &rt.config.schema_files {
+    let schemas = rt.config.schema_files.iter().map(|f| (f, RecursiveMode::Recursive));
+    let files = rt.config.referenced_files.iter().map(|f| (f, RecursiveMode::NonRecursive));
+    for (f, mode) in schemas.chain(files) {
         let Some(dir) = f.parent() else { continue };
         let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
         if dir.starts_with(&routes) || watched.contains(&dir) {
             continue;
         }
         let mut d = debouncer.lock().unwrap_or_else(|e| e.into_inner());
-        match d.watch(&dir, RecursiveMode::Recursive) {
+        match d.watch(&dir, mode) {
             Ok(()) => {
                 watched.insert(dir);
             }
             Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch schema directory")
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a referenced directory")
             }
         }
     }

@@ -22,6 +22,7 @@ mod hostile;
 mod rate_limit;
 mod reload;
 mod reload_concurrent;
+mod secret_files;
 mod serve_auth;
 mod serve_binary;
 mod serve_breaker;

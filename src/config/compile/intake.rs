@@ -135,8 +135,22 @@ impl Compiler<'_> {
             used.borrow_mut().extend(value.clone());
             value
         };
-        let expansion = env::expand_document(&mut doc, &recording);
+        // `${file:PATH}`: relative to this route file; read on every load.
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let read = RefCell::new(Vec::new());
+        let reading = |p: &str| {
+            let full = dir.join(p);
+            let bytes = std::fs::read(&full).map_err(|e| {
+                env::FileError::Missing(format!("cannot be read ({}: {e})", super::shown(&full)))
+            })?;
+            read.borrow_mut().push((full, secret_digest(&bytes)));
+            let value = env::file_value(bytes)?;
+            used.borrow_mut().push(value.clone());
+            Ok(value)
+        };
+        let expansion = env::expand_document_with(&mut doc, &recording, &reading);
         self.env_values.extend(used.into_inner());
+        self.referenced.extend(read.into_inner());
         let file = self.files.len();
         self.files.push(FileCtx {
             path,
@@ -164,6 +178,17 @@ impl Compiler<'_> {
                         .join(", ");
                     let s = if names.len() == 1 { "" } else { "s" };
                     self.push(&at, false, sev, format!("environment variable{s} {list} not set and no default given (use ${{NAME:-default}} for one)"));
+                }
+                env::EnvProblemKind::File(written, env::FileError::Missing(why)) => {
+                    let sev = if self.opts.require_env {
+                        Severity::Error
+                    } else {
+                        Severity::Warning
+                    };
+                    self.push(&at, false, sev, format!("`${{file:{written}}}`: the file {why}"));
+                }
+                env::EnvProblemKind::File(written, env::FileError::Invalid(why)) => {
+                    self.error(&at, format!("`${{file:{written}}}`: the file {why}"));
                 }
                 env::EnvProblemKind::Syntax(m) => self.error(&at, m.clone()),
             }
@@ -265,8 +290,9 @@ impl Compiler<'_> {
 
     // ---------- whole configuration ----------
 
-    /// The configuration hash: the route files read by this load and the schema
-    /// files compiled (in path order, also returned).
+    /// The configuration hash: the route files read by this load, the schema
+    /// files compiled (in path order, also returned), then the files read for
+    /// `${file:…}` and downstream `tls` (their keyed digests, in path order).
     pub(super) fn config_hash(&self) -> (String, Vec<PathBuf>) {
         let mut schema_files: Vec<PathBuf> = self.schema_cache.keys().cloned().collect();
         schema_files.sort();
@@ -279,8 +305,12 @@ impl Compiler<'_> {
             };
             hash_schema_file(&mut hasher, f, digest);
         }
+        for (f, digest) in &self.referenced {
+            hash_schema_file(&mut hasher, f, *digest);
+        }
         (hex::encode(hasher.finalize()), schema_files)
     }
+
 }
 
 /// Most values removed from one element before giving up on it.
@@ -311,6 +341,18 @@ fn hash_route_file(h: &mut Sha256, path: &Path, content: &[u8]) {
     h.update([0]);
 }
 
+/// A digest of a file that may hold a secret, for the configuration hash
+/// (shown by `/admin/status`): HMAC-SHA256 under a key made at random for this
+/// process, so the hash changes with the secret but cannot be used to guess it.
+pub(super) fn secret_digest(bytes: &[u8]) -> [u8; 32] {
+    use hmac::{KeyInit, Mac};
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(rand::random);
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(bytes);
+    mac.finalize().into_bytes().into()
+}
+
 fn hash_schema_file(h: &mut Sha256, path: &Path, digest: [u8; 32]) {
     h.update(path.to_string_lossy().as_bytes());
     h.update(digest);
@@ -329,6 +371,13 @@ pub fn current_hash(inputs: &[PathBuf], config: &Config) -> String {
             &mut h,
             f,
             crate::payload::sha256(&std::fs::read(f).unwrap_or_default()),
+        );
+    }
+    for f in &config.referenced_files {
+        hash_schema_file(
+            &mut h,
+            f,
+            secret_digest(&std::fs::read(f).unwrap_or_default()),
         );
     }
     hex::encode(h.finalize())

@@ -34,7 +34,7 @@ mod taint;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -93,6 +93,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         schema_cache: HashMap::new(),
         hasher: Sha256::new(),
         env_values: BTreeSet::new(),
+        referenced: BTreeMap::new(),
         templates_used: Vec::new(),
         forbidden_headers: Vec::new(),
     };
@@ -149,6 +150,9 @@ struct Compiler<'a> {
     /// Every value read from the environment: secret until proven otherwise, so
     /// redacted from diagnostics (example diffs show rendered URLs and bodies).
     env_values: BTreeSet<String>,
+    /// Files read for `${file:…}` and downstream `tls`, with their keyed digests
+    /// (for the hash; their directories are watched).
+    referenced: BTreeMap<PathBuf, [u8; 32]>,
     /// Template cache keys used by this load (the rest is evicted).
     templates_used: Vec<TemplateKey>,
     /// While a route is compiled: the inbound headers (lower-case) its templates
@@ -283,6 +287,7 @@ impl Compiler<'_> {
                 hash,
                 files: self.files.iter().map(|f| f.path.clone()).collect(),
                 schema_files,
+                referenced_files: self.referenced.keys().cloned().collect(),
             }
         });
         Loaded {
