@@ -120,6 +120,7 @@ pub fn render(
     match &r.downstream.auth {
         OutboundAuth::None => {}
         OutboundAuth::Bearer(_) => out.push_str("authorization: Bearer ***\n"),
+        OutboundAuth::Basic(..) => out.push_str("authorization: Basic ***\n"),
         OutboundAuth::OAuth2(o) => out.push_str(&format!(
             "authorization: Bearer *** (OAuth2 client credentials from {})\n",
             o.token_url

@@ -40,8 +40,8 @@ fn no_files(_: &str) -> Result<String, FileError> {
 /// The value of a `${file:…}` from the file's bytes: UTF-8 text, one trailing
 /// newline (`\n` or `\r\n`) trimmed.
 pub fn file_value(bytes: Vec<u8>) -> Result<String, FileError> {
-    let mut s = String::from_utf8(bytes)
-        .map_err(|_| FileError::Invalid("is not UTF-8 text".into()))?;
+    let mut s =
+        String::from_utf8(bytes).map_err(|_| FileError::Invalid("is not UTF-8 text".into()))?;
     if s.ends_with('\n') {
         s.pop();
         if s.ends_with('\r') {
@@ -310,7 +310,9 @@ mod tests {
         assert_eq!(e.value, "Bearer k3y-from-file");
         assert!(e.from_env, "file content is secret like an env value");
         assert_eq!(
-            expand_with("${file:/abs/crlf}", &env, &files).unwrap().value,
+            expand_with("${file:/abs/crlf}", &env, &files)
+                .unwrap()
+                .value,
             "two"
         );
         // only one newline goes

@@ -129,6 +129,33 @@ pub struct Downstream {
     pub auth: OutboundAuth,
     pub success: StatusSet,
     pub max_in_flight: u32,
+    /// `tls`: a private CA, a client certificate; `None`: the system's roots.
+    pub tls: Option<Arc<DownstreamTls>>,
+}
+
+/// A downstream's `tls` block, read and checked at load (the certificates parse,
+/// the key belongs to the client certificate).
+#[derive(Clone)]
+pub struct DownstreamTls {
+    /// CA certificates trusted besides the system's.
+    pub ca: Vec<reqwest::Certificate>,
+    /// The client certificate chain and its key (mutual TLS).
+    pub identity: Option<reqwest::Identity>,
+    /// The files, as resolved (for messages; never their content).
+    pub files: Vec<PathBuf>,
+    /// The files and a keyed digest of their content: equal keys, equal
+    /// settings (one HTTP client is built per key).
+    pub key: String,
+}
+
+impl std::fmt::Debug for DownstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DownstreamTls")
+            .field("files", &self.files)
+            .field("ca", &self.ca.len())
+            .field("identity", &self.identity.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -143,7 +170,41 @@ pub struct HeaderSpec {
 pub enum OutboundAuth {
     None,
     Bearer(SecretString),
+    /// HTTP Basic: user name and password.
+    Basic(String, SecretString),
     OAuth2(ClientCredentials),
+}
+
+impl OutboundAuth {
+    /// The mode's name, for the admin API.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OutboundAuth::None => "none",
+            OutboundAuth::Bearer(_) => "bearer",
+            OutboundAuth::Basic(..) => "basic",
+            OutboundAuth::OAuth2(_) => "oauth2",
+        }
+    }
+
+    /// The `Authorization` header of a static mode (bearer, basic), marked sensitive.
+    pub fn static_header(&self) -> Option<http::HeaderValue> {
+        use base64::Engine as _;
+        use secrecy::ExposeSecret;
+        let v = match self {
+            OutboundAuth::Bearer(t) => format!("Bearer {}", t.expose_secret()),
+            OutboundAuth::Basic(user, password) => {
+                let pair = format!("{user}:{}", password.expose_secret());
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                )
+            }
+            OutboundAuth::None | OutboundAuth::OAuth2(_) => return None,
+        };
+        let mut v = http::HeaderValue::from_str(&v).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
 }
 
 #[derive(Debug)]

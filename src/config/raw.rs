@@ -226,6 +226,9 @@ pub struct Downstream {
     /// Bulkhead: most calls in flight at once; over it the call is answered 503 at once (default 64).
     #[schemars(range(min = 1, max = 100000))]
     pub max_in_flight: Option<u32>,
+    /// TLS to this downstream: a private CA, a client certificate (mutual TLS). Used for the
+    /// route's requests, its OAuth2 token requests and its health probes.
+    pub tls: Option<DownstreamTls>,
 }
 
 /// `downstream` settings a `defaults:` block may give (everything but the URL).
@@ -245,6 +248,21 @@ pub struct DownstreamDefaults {
     /// Bulkhead size.
     #[schemars(range(min = 1, max = 100000))]
     pub max_in_flight: Option<u32>,
+    /// TLS settings for routes that set none.
+    pub tls: Option<DownstreamTls>,
+}
+
+/// TLS to a downstream. Files are PEM, paths relative to this file; they are read and
+/// checked at every load (and watched: a renewed certificate is picked up without a restart).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamTls {
+    /// CA certificates trusted for this downstream besides the system's (a private CA).
+    pub ca_file: Option<String>,
+    /// Client certificate chain for mutual TLS (the leaf first); needs `client_key_file`.
+    pub client_cert_file: Option<String>,
+    /// Private key of the client certificate (PKCS#8, PKCS#1 or SEC1); needs `client_cert_file`.
+    pub client_key_file: Option<String>,
 }
 
 /// Downstream authentication: exactly one mode.
@@ -256,8 +274,19 @@ pub struct OutboundAuth {
     pub oauth2: Option<OAuth2>,
     /// A static bearer token.
     pub bearer: Option<BearerOutAuth>,
+    /// HTTP Basic authentication (Zendesk, ServiceNow, …).
+    pub basic: Option<BasicOutAuth>,
     /// No authentication.
     pub none: Option<Empty>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BasicOutAuth {
+    /// User name (no `:`).
+    pub username: String,
+    /// Password (use `${VAR}` or `${file:PATH}`).
+    pub password: String,
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -273,6 +302,9 @@ pub struct OAuth2 {
     pub scopes: Option<Vec<String>>,
     /// How the client authenticates at the token endpoint: `basic` (default) or `body`.
     pub client_auth: Option<ClientAuth>,
+    /// Extra form fields of the token request, e.g. `audience` (Auth0) or `resource`
+    /// (Azure AD v1). Not `grant_type`, `scope`, `client_id` or `client_secret`.
+    pub params: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

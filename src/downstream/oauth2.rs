@@ -72,21 +72,27 @@ pub struct ClientCredentials {
     /// Sent space-joined as `scope`, in this order; omitted when empty.
     pub scopes: Vec<String>,
     pub client_auth: ClientAuth,
+    /// Extra form fields of the token request (`audience`, `resource`), in order.
+    pub params: Vec<(String, String)>,
 }
 
 impl ClientCredentials {
     /// The cache key: token URL, client id and the *sorted, de-duplicated*
     /// scopes, so routes listing the same scopes in another order share a
-    /// token. The secret is not part of the key; a token obtained with
+    /// token. The extra `params` are part of the key (another `audience` is
+    /// another token). The secret is not part of the key; a token obtained with
     /// another secret (rotated on reload) is not reused, see [`Cached`].
     fn cache_key(&self) -> CacheKey {
         let mut scopes: Vec<&str> = self.scopes.iter().map(String::as_str).collect();
         scopes.sort_unstable();
         scopes.dedup();
+        let mut params = self.params.clone();
+        params.sort();
         CacheKey {
             token_url: self.token_url.as_str().to_owned(),
             client_id: self.client_id.clone(),
             scopes: scopes.join(" "),
+            params,
         }
     }
 }
@@ -99,6 +105,7 @@ impl fmt::Debug for ClientCredentials {
             .field("client_secret", &"***")
             .field("scopes", &self.scopes)
             .field("client_auth", &self.client_auth)
+            .field("params", &self.params)
             .finish()
     }
 }
@@ -211,6 +218,8 @@ struct CacheKey {
     client_id: String,
     /// Sorted, de-duplicated, space-joined.
     scopes: String,
+    /// Sorted.
+    params: Vec<(String, String)>,
 }
 
 /// The state of one key.
@@ -301,7 +310,17 @@ impl TokenCache {
     /// one grant per key is in flight and all of them get its result (a
     /// failed grant's error too: the waiters do not queue up one grant each).
     pub async fn token(&self, creds: &ClientCredentials) -> Result<AccessToken, TokenError> {
-        self.obtain(creds, None).await
+        self.obtain(creds, None, &self.client).await
+    }
+
+    /// [`TokenCache::token`], the grant sent with `client` (a downstream's own
+    /// client: its `tls` settings). The cache is the same.
+    pub async fn token_via(
+        &self,
+        creds: &ClientCredentials,
+        client: &reqwest::Client,
+    ) -> Result<AccessToken, TokenError> {
+        self.obtain(creds, None, client).await
     }
 
     /// After the downstream answered 401 to a request carrying `rejected`:
@@ -318,7 +337,17 @@ impl TokenCache {
         creds: &ClientCredentials,
         rejected: &AccessToken,
     ) -> Result<AccessToken, TokenError> {
-        self.obtain(creds, Some(rejected)).await
+        self.obtain(creds, Some(rejected), &self.client).await
+    }
+
+    /// [`TokenCache::refresh_after_unauthorized`], the grant sent with `client`.
+    pub async fn refresh_after_unauthorized_via(
+        &self,
+        creds: &ClientCredentials,
+        rejected: &AccessToken,
+        client: &reqwest::Client,
+    ) -> Result<AccessToken, TokenError> {
+        self.obtain(creds, Some(rejected), client).await
     }
 
     /// Counters for metrics.
@@ -352,6 +381,7 @@ impl TokenCache {
         &self,
         creds: &ClientCredentials,
         rejected: Option<&AccessToken>,
+        client: &reqwest::Client,
     ) -> Result<AccessToken, TokenError> {
         let slot = self.slot(creds);
         let seen_generation = {
@@ -385,7 +415,7 @@ impl TokenCache {
 
         let obtained_at = Instant::now();
         self.grants.fetch_add(1, Ordering::Relaxed);
-        let result = self.grant(creds).await;
+        let result = self.grant(creds, client).await;
         record_grant(creds, &result, obtained_at.elapsed());
 
         let result = result.map(|(token, lifetime)| {
@@ -417,14 +447,17 @@ impl TokenCache {
     fn grant_request(
         &self,
         creds: &ClientCredentials,
+        client: &reqwest::Client,
     ) -> Result<reqwest::RequestBuilder, TokenError> {
         let mut form = url::form_urlencoded::Serializer::new(String::new());
         form.append_pair("grant_type", "client_credentials");
         if !creds.scopes.is_empty() {
             form.append_pair("scope", &creds.scopes.join(" "));
         }
-        let mut request = self
-            .client
+        for (k, v) in &creds.params {
+            form.append_pair(k, v);
+        }
+        let mut request = client
             .post(creds.token_url.clone())
             .timeout(self.grant_timeout)
             .header(ACCEPT, "application/json")
@@ -445,8 +478,9 @@ impl TokenCache {
     async fn grant(
         &self,
         creds: &ClientCredentials,
+        client: &reqwest::Client,
     ) -> Result<(AccessToken, Duration), TokenError> {
-        let request = self.grant_request(creds)?;
+        let request = self.grant_request(creds, client)?;
         let mut response = request
             .send()
             .await

@@ -18,7 +18,6 @@ use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
 use super::error::ApiError;
-use crate::config::model::OutboundAuth;
 use crate::runtime::Gateway;
 
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -223,11 +222,7 @@ async fn routes(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     for (name, state) in &rt.routes {
         let r = &state.route;
         let view = state.breaker.state(now);
-        let auth = match &r.downstream.auth {
-            OutboundAuth::None => "none",
-            OutboundAuth::Bearer(_) => "bearer",
-            OutboundAuth::OAuth2(_) => "oauth2",
-        };
+        let auth = r.downstream.auth.kind();
         out.push(json!({
             "name": name,
             "bots": r.bots,

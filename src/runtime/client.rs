@@ -13,7 +13,7 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, header};
 use tokio::time::Instant;
 
 use crate::breaker::Rejected;
@@ -127,10 +127,15 @@ pub async fn attempt(
             return Attempt::Blocked { retry_after, why };
         }
     };
+    let Some(client) = shared.client_for(route.downstream.tls.as_deref()) else {
+        // its TLS settings could not be built: never sent without them
+        permit.cancel();
+        return Attempt::Token(TokenError::Transport("tls"));
+    };
     let started = Instant::now();
     let mut token = match &route.downstream.auth {
         OutboundAuth::OAuth2(creds) => {
-            match tokio::time::timeout(timeout, shared.tokens.token(creds)).await {
+            match tokio::time::timeout(timeout, shared.tokens.token_via(creds, &client)).await {
                 Ok(Ok(t)) => Some(t),
                 Ok(Err(e)) => {
                     permit.cancel();
@@ -146,6 +151,7 @@ pub async fn attempt(
     };
     let mut result = send(
         shared,
+        &client,
         timeout.saturating_sub(started.elapsed()),
         req,
         body.clone(),
@@ -158,12 +164,17 @@ pub async fn attempt(
         (&result, &token, &route.downstream.auth)
         && a.status == 401
     {
-        match shared.tokens.refresh_after_unauthorized(creds, t).await {
+        match shared
+            .tokens
+            .refresh_after_unauthorized_via(creds, t, &client)
+            .await
+        {
             Ok(fresh) => {
                 token = Some(fresh);
                 let left = timeout.saturating_sub(started.elapsed());
                 result = send(
                     shared,
+                    &client,
                     left,
                     req,
                     body,
@@ -307,8 +318,10 @@ pub async fn call(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn send(
     shared: &Shared,
+    client: &reqwest::Client,
     timeout: Duration,
     req: &OutboundRequest,
     body: Option<Bytes>,
@@ -319,22 +332,16 @@ async fn send(
     for (name, value, _) in &req.headers {
         headers.insert(name.clone(), value.clone());
     }
-    match (auth, token) {
+    match (auth.static_header(), token) {
         (_, Some(t)) => {
             headers.insert(header::AUTHORIZATION, t.bearer_header());
         }
-        (OutboundAuth::Bearer(secret), None) => {
-            use secrecy::ExposeSecret;
-            if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", secret.expose_secret()))
-            {
-                v.set_sensitive(true);
-                headers.insert(header::AUTHORIZATION, v);
-            }
+        (Some(v), None) => {
+            headers.insert(header::AUTHORIZATION, v);
         }
-        _ => {}
+        (None, None) => {}
     }
-    let mut builder = shared
-        .client
+    let mut builder = client
         .request(req.method.clone(), req.target.clone())
         .headers(headers);
     if let Some(b) = body {

@@ -56,24 +56,25 @@ async fn probe_loop(
         }
         let route = &state.route;
         let Some(h) = &route.health else { return };
-        let mut req = gw
-            .shared
-            .client
-            .get(&h.url)
-            .timeout(route.downstream.timeout);
+        // the route's own client: its `tls` settings, the egress proxy
+        let Some(client) = gw.shared.client_for(route.downstream.tls.as_deref()) else {
+            events::health_probe(&gw.shared.metrics, &name, false);
+            continue;
+        };
+        let mut req = client.get(&h.url).timeout(route.downstream.timeout);
         match &route.downstream.auth {
-            OutboundAuth::Bearer(t) => {
-                use secrecy::ExposeSecret;
-                req = req.bearer_auth(t.expose_secret());
-            }
-            OutboundAuth::OAuth2(creds) => match gw.shared.tokens.token(creds).await {
+            OutboundAuth::OAuth2(creds) => match gw.shared.tokens.token_via(creds, &client).await {
                 Ok(t) => req = req.header(http::header::AUTHORIZATION, t.bearer_header()),
                 Err(_) => {
                     events::health_probe(&gw.shared.metrics, &name, false);
                     continue;
                 }
             },
-            OutboundAuth::None => {}
+            other => {
+                if let Some(v) = other.static_header() {
+                    req = req.header(http::header::AUTHORIZATION, v);
+                }
+            }
         }
         let ok = matches!(req.send().await, Ok(r) if r.status().is_success());
         events::health_probe(&gw.shared.metrics, &name, ok);

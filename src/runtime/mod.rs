@@ -23,7 +23,7 @@ pub use gateway::{EnvLookup, Gateway, ReloadReport};
 pub use reload::ReloadOutcome;
 
 use crate::breaker::Breaker;
-use crate::config::model::{Config, OutboundAuth, Route};
+use crate::config::model::{Config, DownstreamTls, OutboundAuth, Route};
 use crate::downstream::oauth2::TokenCache;
 use crate::ratelimit::TokenBucket;
 use crate::telemetry::latency::RouteLatency;
@@ -31,10 +31,14 @@ use crate::telemetry::metrics::Metrics;
 
 /// Things shared by every runtime generation: the HTTP client and token cache.
 pub struct Shared {
+    /// The client of every downstream without `tls` settings.
     pub client: reqwest::Client,
     pub tokens: TokenCache,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// One client per downstream `tls` settings (by [`DownstreamTls::key`]),
+    /// built when a configuration is applied; keys no route uses are dropped.
+    tls_clients: Mutex<HashMap<String, reqwest::Client>>,
 }
 
 /// Settings from flags/environment (never from route files).
@@ -79,15 +83,7 @@ impl Default for Limits {
 impl Shared {
     pub fn new(limits: Limits) -> Self {
         let telemetry = limits.telemetry;
-        let client = reqwest::Client::builder()
-            // Redirects are not followed: a CRM answering 3xx is a misconfiguration,
-            // and following could carry credentials to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            // Predictable on servers: proxies from the environment are not used.
-            .no_proxy()
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
+        let client = client_builder(&limits)
             .build()
             .expect("the HTTP client builds (is a rustls crypto provider installed?)");
         let tokens = TokenCache::new(client.clone());
@@ -99,8 +95,79 @@ impl Shared {
                 enabled: telemetry,
                 ..Metrics::new()
             },
+            tls_clients: Mutex::new(HashMap::new()),
         }
     }
+
+    /// The client for a downstream with these `tls` settings: the shared one
+    /// without; `None` when its client could not be built (never sent without
+    /// its TLS settings).
+    pub fn client_for(&self, tls: Option<&DownstreamTls>) -> Option<reqwest::Client> {
+        let Some(tls) = tls else {
+            return Some(self.client.clone());
+        };
+        let mut clients = self.tls_clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&tls.key) {
+            return Some(c.clone());
+        }
+        let c = build_tls_client(&self.limits, tls).ok()?;
+        clients.insert(tls.key.clone(), c.clone());
+        Some(c)
+    }
+
+    /// Builds the client of every `tls` setting of `config` not built yet, and
+    /// drops those no route uses. `Err` names the files of one that cannot be built.
+    pub fn prepare_clients(&self, config: &Config) -> Result<(), String> {
+        let used: HashMap<&str, &DownstreamTls> = config
+            .routes
+            .values()
+            .filter_map(|r| r.downstream.tls.as_deref())
+            .map(|t| (t.key.as_str(), t))
+            .collect();
+        let mut clients = self.tls_clients.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, tls) in &used {
+            if !clients.contains_key(*key) {
+                let c = build_tls_client(&self.limits, tls).map_err(|e| {
+                    let files: Vec<String> =
+                        tls.files.iter().map(|f| f.display().to_string()).collect();
+                    format!(
+                        "the TLS settings of {} cannot be used: {e}",
+                        files.join(", ")
+                    )
+                })?;
+                clients.insert((*key).to_owned(), c);
+            }
+        }
+        clients.retain(|k, _| used.contains_key(k.as_str()));
+        Ok(())
+    }
+}
+
+/// Every outbound client's settings: no redirects, no proxy from the
+/// environment, pooled keep-alive connections.
+fn client_builder(_limits: &Limits) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        // Redirects are not followed: a CRM answering 3xx is a misconfiguration,
+        // and following could carry credentials to another host.
+        .redirect(reqwest::redirect::Policy::none())
+        // Predictable on servers: proxies from the environment are not used.
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+}
+
+/// A client trusting `tls.ca` besides the system's roots and presenting
+/// `tls.identity` when the server asks for a client certificate.
+fn build_tls_client(limits: &Limits, tls: &DownstreamTls) -> reqwest::Result<reqwest::Client> {
+    let mut b = client_builder(limits);
+    for ca in &tls.ca {
+        b = b.add_root_certificate(ca.clone());
+    }
+    if let Some(id) = &tls.identity {
+        b = b.identity(id.clone());
+    }
+    b.build()
 }
 
 /// One configuration generation with its per-route state.
@@ -178,9 +245,9 @@ impl RouteState {
     pub fn key(route: &Route) -> String {
         let ds = &route.downstream;
         let auth = match &ds.auth {
-            OutboundAuth::None => "none".to_string(),
-            OutboundAuth::Bearer(_) => "bearer".to_string(),
             OutboundAuth::OAuth2(c) => format!("oauth2 {} {}", c.token_url, c.client_id),
+            OutboundAuth::Basic(user, _) => format!("basic {user}"),
+            other => other.kind().to_string(),
         };
         format!(
             "{} {} {} {} {:?} {:?}",

@@ -121,6 +121,16 @@ fn swap(gw: &Gateway, loaded: Loaded) -> ReloadOutcome {
             texts,
         ));
     }
+    // Each downstream `tls` setting gets its client now, not on the first call.
+    if let Err(e) = gw.shared.prepare_clients(&config) {
+        tracing::error!(error = %e, "reload rejected: the running configuration keeps serving");
+        let mut texts = texts;
+        texts.push(format!("error: {e}"));
+        return ReloadOutcome::Rejected {
+            report: report("rejected", prev.generation, &prev.config.hash, texts),
+            diagnostics: vec![Diagnostic::error(&gw.routes_dir, e)],
+        };
+    }
     for d in &texts {
         tracing::warn!(diagnostic = %d, "configuration warning");
     }

@@ -87,8 +87,16 @@ fn watch_schema_dirs(gw: &Gateway, debouncer: &Mutex<Debouncer>, watched: &mut B
         .routes_dir
         .canonicalize()
         .unwrap_or_else(|_| gw.routes_dir.clone());
-    let schemas = rt.config.schema_files.iter().map(|f| (f, RecursiveMode::Recursive));
-    let files = rt.config.referenced_files.iter().map(|f| (f, RecursiveMode::NonRecursive));
+    let schemas = rt
+        .config
+        .schema_files
+        .iter()
+        .map(|f| (f, RecursiveMode::Recursive));
+    let files = rt
+        .config
+        .referenced_files
+        .iter()
+        .map(|f| (f, RecursiveMode::NonRecursive));
     for (f, mode) in schemas.chain(files) {
         let Some(dir) = f.parent() else { continue };
         let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());

@@ -17,6 +17,7 @@ mod cli_deliveries;
 mod delivery;
 mod delivery_crash;
 mod delivery_instances;
+mod downstream_tls;
 mod fuzz;
 mod hostile;
 mod rate_limit;

@@ -57,7 +57,11 @@ async fn crm(tokens: &[&str]) -> Crm {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Crm { url, accepted, seen }
+    Crm {
+        url,
+        accepted,
+        seen,
+    }
 }
 
 const ROUTES: &str = r#"bots:
@@ -210,9 +214,11 @@ async fn rotating_a_bot_key_file_and_a_crm_token_file_under_load_fails_no_reques
 
     let load = Load::start(&gw.listen, 4, "old-key");
     let before = load.total();
-    wait_until(Duration::from_secs(20), async || load.total() >= before + 300)
-        .await
-        .expect("load runs");
+    wait_until(Duration::from_secs(20), async || {
+        load.total() >= before + 300
+    })
+    .await
+    .expect("load runs");
 
     // 1. The new bot key goes into the second slot: both keys work.
     write_atomic(&secrets.join("bot-key-next"), "new-key\n");
@@ -308,7 +314,9 @@ fn a_missing_secret_file_stops_serve_and_names_the_file() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("error: bots[0].auth.bearer.tokens[0]: `${file:secrets/none}`: the file cannot be read"),
+        err.contains(
+            "error: bots[0].auth.bearer.tokens[0]: `${file:secrets/none}`: the file cannot be read"
+        ),
         "{err}"
     );
 }

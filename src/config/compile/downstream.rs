@@ -7,6 +7,7 @@
 //! checked, never fetched).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{At, Compiler, Severity, Taint};
@@ -121,6 +122,20 @@ impl Compiler<'_> {
             .max_in_flight
             .or(d.and_then(|d| d.max_in_flight))
             .unwrap_or(64);
+        let tls = match (&ds.tls, d.and_then(|d| d.tls.as_ref())) {
+            (Some(t), _) => self.compile_tls(&at.child("tls"), t),
+            (None, Some(_)) => self.defaults_tls(),
+            (None, None) => Ok(None),
+        };
+        if let (Ok(Some(_)), Some(o)) = (&tls, &origin)
+            && o.starts_with("http://")
+        {
+            self.warn(
+                &at.child("url"),
+                "`tls` is set but the URL is http://: it is not used",
+            );
+        }
+        let tls = tls.ok()?;
         let origin = origin?;
         let base = url::Url::parse(&format!("{origin}/")).ok();
         Some(Downstream {
@@ -133,7 +148,199 @@ impl Compiler<'_> {
             auth,
             success,
             max_in_flight,
+            tls,
         })
+    }
+
+    /// The `defaults:` block's `downstream.tls`, compiled once (its diagnostics
+    /// once, however many routes use it; paths relative to the defaults' file).
+    fn defaults_tls(&mut self) -> Result<Option<Arc<DownstreamTls>>, ()> {
+        if let Some(done) = &self.defaults_tls {
+            return done.clone();
+        }
+        let compiled = match (self.defaults_at.clone(), self.defaults_tls_raw.clone()) {
+            (Some(at), Some(t)) => self.compile_tls(&at.child("downstream").child("tls"), &t),
+            _ => Ok(None),
+        };
+        self.defaults_tls = Some(compiled.clone());
+        compiled
+    }
+
+    /// A `tls` block: each file read and checked (certificates parse, the key
+    /// belongs to the client certificate). `Err` when an error was reported.
+    fn compile_tls(
+        &mut self,
+        at: &At,
+        t: &raw::DownstreamTls,
+    ) -> Result<Option<Arc<DownstreamTls>>, ()> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let ca = self.tls_file(at, "ca_file", &t.ca_file);
+        let cert = self.tls_file(at, "client_cert_file", &t.client_cert_file);
+        let key = self.tls_file(at, "client_key_file", &t.client_key_file);
+        let (Ok(ca), Ok(cert), Ok(key)) = (ca, cert, key) else {
+            return Err(());
+        };
+        let mut out = DownstreamTls {
+            ca: Vec::new(),
+            identity: None,
+            files: Vec::new(),
+            key: String::new(),
+        };
+        let mut ok = true;
+        let certs_in = |bytes: &[u8]| -> Result<Vec<CertificateDer<'static>>, String> {
+            let certs = CertificateDer::pem_slice_iter(bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("is not a PEM file of certificates ({e})"))?;
+            if certs.is_empty() {
+                return Err("holds no certificate (PEM `BEGIN CERTIFICATE`)".into());
+            }
+            Ok(certs)
+        };
+        if let TlsFile::Read(path, bytes) = &ca {
+            let f_at = at.child("ca_file");
+            match certs_in(bytes) {
+                Ok(certs) => {
+                    for (i, der) in certs.into_iter().enumerate() {
+                        let mut roots = rustls::RootCertStore::empty();
+                        match roots.add(der.clone()) {
+                            Ok(()) => out.ca.push(
+                                reqwest::Certificate::from_der(&der)
+                                    .expect("a DER certificate is taken as it is"),
+                            ),
+                            Err(e) => {
+                                let m = format!(
+                                    "certificate {} of `{}` cannot be a CA: {e}",
+                                    i + 1,
+                                    super::shown(path)
+                                );
+                                self.error(&f_at, m);
+                                ok = false;
+                            }
+                        }
+                    }
+                }
+                Err(m) => {
+                    self.error(&f_at, format!("`{}` {m}", super::shown(path)));
+                    ok = false;
+                }
+            }
+        }
+        match (&cert, &key) {
+            (TlsFile::Read(cpath, cbytes), TlsFile::Read(kpath, kbytes)) => {
+                let chain = match certs_in(cbytes) {
+                    Ok(c) => Some(c),
+                    Err(m) => {
+                        self.error(
+                            &at.child("client_cert_file"),
+                            format!("`{}` {m}", super::shown(cpath)),
+                        );
+                        None
+                    }
+                };
+                let private = match PrivateKeyDer::from_pem_slice(kbytes) {
+                    Ok(k) => Some(k),
+                    Err(_) => {
+                        let m = format!(
+                            "`{}` holds no private key (PEM `BEGIN PRIVATE KEY`, `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY`)",
+                            super::shown(kpath)
+                        );
+                        self.error(&at.child("client_key_file"), m);
+                        None
+                    }
+                };
+                if let (Some(chain), Some(private)) = (chain, private) {
+                    let provider = rustls::crypto::ring::default_provider();
+                    match rustls::sign::CertifiedKey::from_der(
+                        chain.clone(),
+                        private.clone_key(),
+                        &provider,
+                    ) {
+                        Ok(_) => {
+                            let pem = identity_pem(&chain, &private);
+                            match reqwest::Identity::from_pem(pem.as_bytes()) {
+                                Ok(id) => out.identity = Some(id),
+                                Err(e) => {
+                                    self.error(
+                                        &at.child("client_key_file"),
+                                        format!("the client certificate cannot be used: {e}"),
+                                    );
+                                    ok = false;
+                                }
+                            }
+                        }
+                        Err(rustls::Error::InconsistentKeys(_)) => {
+                            let m = format!(
+                                "the key in `{}` does not belong to the certificate in `{}`",
+                                super::shown(kpath),
+                                super::shown(cpath)
+                            );
+                            self.error(&at.child("client_key_file"), m);
+                            ok = false;
+                        }
+                        Err(e) => {
+                            let m = format!("`{}` cannot be used: {e}", super::shown(kpath));
+                            self.error(&at.child("client_key_file"), m);
+                            ok = false;
+                        }
+                    }
+                } else {
+                    ok = false;
+                }
+            }
+            (TlsFile::Read(..), TlsFile::Absent) => {
+                self.error(
+                    at,
+                    "`client_cert_file` needs `client_key_file` (the certificate's private key)",
+                );
+                ok = false;
+            }
+            (TlsFile::Absent, TlsFile::Read(..)) => {
+                self.error(
+                    at,
+                    "`client_key_file` needs `client_cert_file` (the client certificate)",
+                );
+                ok = false;
+            }
+            _ => {}
+        }
+        if !ok {
+            return Err(());
+        }
+        for f in [ca, cert, key] {
+            if let TlsFile::Read(path, bytes) = f {
+                out.key.push_str(&format!(
+                    "{}={};",
+                    path.display(),
+                    hex::encode(super::intake::secret_digest(&bytes))
+                ));
+                out.files.push(path);
+            }
+        }
+        if out.files.is_empty() {
+            return Ok(None); // every file is behind a missing variable (validate)
+        }
+        Ok(Some(Arc::new(out)))
+    }
+
+    /// One file of a `tls` block, read (relative to the route file). `Err` when
+    /// it cannot be read (reported).
+    fn tls_file(&mut self, at: &At, field: &str, written: &Option<String>) -> Result<TlsFile, ()> {
+        let Some(written) = written else {
+            return Ok(TlsFile::Absent);
+        };
+        let f_at = at.child(field);
+        if self.unresolved(&f_at) {
+            return Ok(TlsFile::Unresolved);
+        }
+        let full = self.file_dir(&f_at).join(written);
+        match self.read_referenced(&f_at, written) {
+            Ok(bytes) => Ok(TlsFile::Read(full, bytes)),
+            Err(e) => {
+                self.error(&f_at, format!("cannot read `{}`: {e}", super::shown(&full)));
+                Err(())
+            }
+        }
     }
 
     /// Checks a URL template: http(s), templates only in path and query. Returns the origin.
@@ -223,6 +430,20 @@ impl Compiler<'_> {
                 }
             };
             let secret = self.secret(&at.child("client_secret"), o.client_secret)?;
+            let mut params = Vec::new();
+            for (k, v) in o.params.unwrap_or_default() {
+                if matches!(
+                    k.as_str(),
+                    "grant_type" | "scope" | "client_id" | "client_secret"
+                ) {
+                    let m = format!(
+                        "`{k}` is set by the gateway (use `scopes` and `client_auth`); `params` are extra fields such as `audience` or `resource`"
+                    );
+                    self.push(&at.child("params").child(&k), true, Severity::Error, m);
+                    return None;
+                }
+                params.push((k, v));
+            }
             return Some(OutboundAuth::OAuth2(ClientCredentials {
                 token_url,
                 client_id: o.client_id,
@@ -232,11 +453,21 @@ impl Compiler<'_> {
                     Some(raw::ClientAuth::Body) => ClientAuth::Body,
                     _ => ClientAuth::Basic,
                 },
+                params,
             }));
         }
         if let Some(b) = a.bearer {
             let token = self.secret(&at.child("bearer").child("token"), b.token)?;
             return Some(OutboundAuth::Bearer(token));
+        }
+        if let Some(b) = a.basic {
+            let b_at = at.child("basic");
+            if b.username.contains(':') {
+                self.error(&b_at.child("username"), "must not contain `:` (RFC 7617)");
+                return None;
+            }
+            let password = self.secret(&b_at.child("password"), b.password)?;
+            return Some(OutboundAuth::Basic(b.username, password));
         }
         Some(OutboundAuth::None)
     }
@@ -375,6 +606,48 @@ impl Compiler<'_> {
             }
         }
     }
+}
+
+/// One file of a `tls` block.
+enum TlsFile {
+    /// Not set.
+    Absent,
+    /// Behind a missing `${VAR}` (validate without the environment): not checked.
+    Unresolved,
+    /// Read: the resolved path and the bytes.
+    Read(std::path::PathBuf, Vec<u8>),
+}
+
+/// A certificate chain and its key as one PEM (what reqwest's `Identity` takes),
+/// from the DER that was checked: sections other than these (`EC PARAMETERS`)
+/// are left out.
+fn identity_pem(
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    key: &rustls::pki_types::PrivateKeyDer<'static>,
+) -> String {
+    use base64::Engine as _;
+    use rustls::pki_types::PrivateKeyDer;
+    fn section(out: &mut String, label: &str, der: &[u8]) {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        out.push_str(&format!("-----BEGIN {label}-----\n"));
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {label}-----\n"));
+    }
+    let mut out = String::new();
+    for c in chain {
+        section(&mut out, "CERTIFICATE", c);
+    }
+    let (label, der) = match key {
+        PrivateKeyDer::Pkcs1(k) => ("RSA PRIVATE KEY", k.secret_pkcs1_der()),
+        PrivateKeyDer::Sec1(k) => ("EC PRIVATE KEY", k.secret_sec1_der()),
+        PrivateKeyDer::Pkcs8(k) => ("PRIVATE KEY", k.secret_pkcs8_der()),
+        _ => ("PRIVATE KEY", key.secret_der()),
+    };
+    section(&mut out, label, der);
+    out
 }
 
 /// `https://h/{{a}}/x?q={{b}}` → `https://h/x/x?q=x`, to check the URL's static shape.

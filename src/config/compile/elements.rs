@@ -71,6 +71,8 @@ impl Compiler<'_> {
                     );
                     self.push(&at, true, Severity::Error, msg);
                 }
+                self.defaults_tls_raw = first.downstream.as_ref().and_then(|d| d.tls.clone());
+                self.defaults_at = Some(first_at);
                 (first, taint)
             }
         }

@@ -185,7 +185,12 @@ impl Compiler<'_> {
                     } else {
                         Severity::Warning
                     };
-                    self.push(&at, false, sev, format!("`${{file:{written}}}`: the file {why}"));
+                    self.push(
+                        &at,
+                        false,
+                        sev,
+                        format!("`${{file:{written}}}`: the file {why}"),
+                    );
                 }
                 env::EnvProblemKind::File(written, env::FileError::Invalid(why)) => {
                     self.error(&at, format!("`${{file:{written}}}`: the file {why}"));
@@ -311,6 +316,14 @@ impl Compiler<'_> {
         (hex::encode(hasher.finalize()), schema_files)
     }
 
+    /// Reads a file a route references (a `tls` file), relative to the route
+    /// file: its bytes, recorded for the hash and the watcher.
+    pub(super) fn read_referenced(&mut self, at: &At, written: &str) -> std::io::Result<Vec<u8>> {
+        let full = self.file_dir(at).join(written);
+        let bytes = std::fs::read(&full)?;
+        self.referenced.insert(full, secret_digest(&bytes));
+        Ok(bytes)
+    }
 }
 
 /// Most values removed from one element before giving up on it.

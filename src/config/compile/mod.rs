@@ -94,6 +94,9 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         hasher: Sha256::new(),
         env_values: BTreeSet::new(),
         referenced: BTreeMap::new(),
+        defaults_at: None,
+        defaults_tls_raw: None,
+        defaults_tls: None,
         templates_used: Vec::new(),
         forbidden_headers: Vec::new(),
     };
@@ -153,6 +156,11 @@ struct Compiler<'a> {
     /// Files read for `${file:…}` and downstream `tls`, with their keyed digests
     /// (for the hash; their directories are watched).
     referenced: BTreeMap<PathBuf, [u8; 32]>,
+    /// Where the `defaults:` block in force is, and its `downstream.tls`
+    /// (compiled once, on first use: `defaults_tls`).
+    defaults_at: Option<At>,
+    defaults_tls_raw: Option<raw::DownstreamTls>,
+    defaults_tls: Option<Result<Option<Arc<DownstreamTls>>, ()>>,
     /// Template cache keys used by this load (the rest is evicted).
     templates_used: Vec<TemplateKey>,
     /// While a route is compiled: the inbound headers (lower-case) its templates

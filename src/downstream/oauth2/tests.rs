@@ -94,6 +94,7 @@ impl TestEndpoint {
             client_secret: SecretString::from(SECRET),
             scopes: vec!["crm:write".to_owned(), "crm:read".to_owned()],
             client_auth,
+            params: Vec::new(),
         }
     }
 
@@ -539,6 +540,46 @@ async fn body_client_auth_sends_form_fields() {
     );
 }
 
+#[tokio::test]
+async fn params_are_extra_form_fields_and_part_of_the_cache_key() {
+    let endpoint = TestEndpoint::start(token_reply(3600)).await;
+    let cache = cache();
+    let creds = ClientCredentials {
+        scopes: vec![],
+        params: vec![
+            ("audience".into(), "https://crm.example.com/api".into()),
+            ("resource".into(), "api://crm & more".into()),
+        ],
+        ..endpoint.creds(ClientAuth::Basic)
+    };
+    let first = cache.token(&creds).await.unwrap();
+    assert_eq!(
+        endpoint.last_received().form,
+        [
+            ("grant_type".to_owned(), "client_credentials".to_owned()),
+            (
+                "audience".to_owned(),
+                "https://crm.example.com/api".to_owned()
+            ),
+            ("resource".to_owned(), "api://crm & more".to_owned()),
+        ]
+    );
+    // the same params in another order: the same token
+    let reordered = ClientCredentials {
+        params: creds.params.iter().rev().cloned().collect(),
+        ..creds.clone()
+    };
+    assert_eq!(cache.token(&reordered).await.unwrap(), first);
+    assert_eq!(endpoint.grants(), 1);
+    // another audience: another token
+    let other = ClientCredentials {
+        params: vec![("audience".into(), "https://other.example.com".into())],
+        ..creds
+    };
+    assert_ne!(cache.token(&other).await.unwrap(), first);
+    assert_eq!(endpoint.grants(), 2);
+}
+
 #[test]
 fn bearer_header_is_sensitive() {
     let token = AccessToken::new("abc.DEF-123_~+/=").unwrap();
@@ -636,6 +677,7 @@ async fn unreachable_endpoint_is_a_transport_error() {
         client_secret: SecretString::from(SECRET),
         scopes: vec![],
         client_auth: ClientAuth::Basic,
+        params: vec![],
     };
     let e = cache().token(&creds).await.unwrap_err();
     assert_eq!(e, TokenError::Transport("connect"));
