@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use crate::config::diagnostic::{Diagnostic, Format};
 use crate::delivery::worker::{self, WorkerOptions};
 use crate::http::listener::ConnLimits;
+use crate::http::tls::{ServerTls, TlsFiles};
 use crate::runtime::{EnvLookup, Gateway, Limits, ReloadOutcome, Shared};
 
 /// Everything `serve` needs; settings that need a restart (never route files).
@@ -48,6 +49,9 @@ pub struct Settings {
     pub worker: WorkerOptions,
     /// Header and idle timeouts, connection cap of both listeners.
     pub connections: ConnLimits,
+    /// `--tls-cert`/`--tls-key`: the public listener speaks TLS (the files are
+    /// watched and read again when they change); `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Settings {
@@ -65,6 +69,7 @@ impl Settings {
             sighup: true,
             worker: WorkerOptions::default(),
             connections: ConnLimits::default(),
+            tls: None,
         }
     }
 }
@@ -85,6 +90,9 @@ pub enum ServeError {
     /// Another `serve` holds the SQLite store (SPEC §7.3): exit status 1.
     #[error("{0}")]
     StoreInUse(crate::store::StoreError),
+    /// `--tls-cert`/`--tls-key` cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -105,6 +113,8 @@ impl ServeError {
 pub struct Server {
     gw: Arc<Gateway>,
     settings: Settings,
+    /// The public listener's TLS, when set.
+    tls: Option<Arc<ServerTls>>,
     /// A SQLite store's exclusive lock, held until the server is gone.
     lock: Option<crate::store::StoreLock>,
 }
@@ -117,6 +127,10 @@ impl Server {
             path: settings.routes.clone(),
             source,
         })?;
+        let tls = match settings.tls.clone() {
+            Some(files) => Some(ServerTls::load(files).map_err(ServeError::Tls)?),
+            None => None,
+        };
         // One SQLite file belongs to one serve process: lock it before opening
         // (the worker takes back the leases of the fixed owner at start).
         let lock = crate::store::lock_sqlite(&settings.store).map_err(|e| match e {
@@ -146,7 +160,12 @@ impl Server {
             return Err(ServeError::InvalidConfig(diagnostics));
         }
         worker::warn_about_short_lease(&gw.runtime.load().config, settings.worker.lease);
-        Ok(Server { gw, settings, lock })
+        Ok(Server {
+            gw,
+            settings,
+            tls,
+            lock,
+        })
     }
 
     /// The running gateway (its runtime, store and metrics).
@@ -163,8 +182,26 @@ impl Server {
         admin: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Server { gw, settings, lock } = self;
-        let sighup = settings.sighup.then(|| spawn_sighup(gw.clone()));
+        let Server {
+            gw,
+            settings,
+            tls,
+            lock,
+        } = self;
+        let sighup = settings
+            .sighup
+            .then(|| spawn_sighup(gw.clone(), tls.clone()));
+        // The certificate and key are read again when their files change.
+        let _tls_watch = match (&tls, settings.watch) {
+            (Some(t), Some(debounce)) => match t.watch(debounce) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the TLS files; reload them with SIGHUP");
+                    None
+                }
+            },
+            _ => None,
+        };
         let _watch = settings.watch.and_then(|debounce| {
             match crate::runtime::watch::spawn(gw.clone(), debounce, settings.poll) {
                 Ok(w) => Some(w),
@@ -186,6 +223,7 @@ impl Server {
                 routes = cfg.config.routes.len(),
                 generation = cfg.generation,
                 hash = %cfg.config.hash,
+                tls = tls.is_some(),
                 "gateway serving"
             );
         }
@@ -222,6 +260,7 @@ impl Server {
                 settings.connections,
                 shutdown,
                 public_grace,
+                tls,
             ),
             worker_stopped
         );
@@ -265,10 +304,10 @@ pub async fn serve(
         .await
 }
 
-/// Reloads on each SIGHUP, through the one reload path.
+/// Reloads on each SIGHUP, through the one reload path (and the TLS files).
 /// The handler is installed before this returns (a SIGHUP right after start-up
 /// reloads instead of ending the process).
-fn spawn_sighup(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
+fn spawn_sighup(gw: Arc<Gateway>, tls: Option<Arc<ServerTls>>) -> tokio::task::JoinHandle<()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -280,10 +319,17 @@ fn spawn_sighup(gw: Arc<Gateway>) -> tokio::task::JoinHandle<()> {
             };
             while hup.recv().await.is_some() {
                 let gw = gw.clone();
-                let _ = tokio::task::spawn_blocking(move || gw.reload()).await;
+                let tls = tls.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    gw.reload();
+                    if let Some(t) = tls {
+                        t.reload_logged();
+                    }
+                })
+                .await;
             }
         })
     }
     #[cfg(not(unix))]
-    tokio::spawn(async move { drop(gw) })
+    tokio::spawn(async move { drop((gw, tls)) })
 }

@@ -10,6 +10,7 @@ use clap::Args;
 use secrecy::SecretString;
 
 use crate::http::listener::ConnLimits;
+use crate::http::tls::TlsFiles;
 use crate::runtime::Limits;
 use crate::server::{ServeError, Server, Settings};
 
@@ -86,6 +87,13 @@ pub struct ServeArgs {
     /// Open connections per listener at most; more wait until one closes.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Serve the public listener over TLS (1.2+) with this PEM certificate chain; needs
+    /// `--tls-key`. Read again when the file changes.
+    #[arg(long, env = "GATEWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "GATEWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -133,6 +141,10 @@ pub fn run(args: ServeArgs) -> u8 {
     settings.watch = Some(Duration::from_millis(args.reload_debounce_ms));
     settings.poll = (args.reload_poll_secs > 0).then(|| Duration::from_secs(args.reload_poll_secs));
     settings.worker.lease = args.lease;
+    settings.tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        _ => None,
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -15,6 +15,12 @@
 //! hyper's own header-read timer is not used: it also runs while a keep-alive
 //! connection is idle, so it cannot tell a slow header from an idle client.
 //!
+//! With TLS (the public listener with `--tls-cert`, SPEC §8) the handshake is
+//! part of the first head: it must end, and the headers arrive, within
+//! `header_timeout` of the accept. Each connection takes the certificate in
+//! force when it was accepted ([`super::tls::ServerTls`] swaps it when the
+//! files change), so a renewal never touches open connections.
+//!
 //! Never reads request bodies or decides answers: that is the router's.
 
 use std::convert::Infallible;
@@ -63,6 +69,7 @@ pub async fn serve(
     router: Router,
     limits: ConnLimits,
     mut shutdown: watch::Receiver<bool>,
+    tls: Option<Arc<super::tls::ServerTls>>,
 ) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut conns = tokio::task::JoinSet::new();
@@ -93,6 +100,7 @@ pub async fn serve(
             limits,
             shutdown.clone(),
             permit,
+            tls.as_ref().map(|t| t.acceptor()),
         ));
     }
     drop(listener);
@@ -106,9 +114,37 @@ async fn connection(
     limits: ConnLimits,
     mut shutdown: watch::Receiver<bool>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let _ = stream.set_nodelay(true);
     let clock = Arc::new(ConnClock::new(Instant::now()));
+    let Some(acceptor) = tls else {
+        return http1(stream, router, limits, shutdown, clock).await;
+    };
+    // The handshake runs on the first head's clock (header_timeout from accept).
+    let deadline = clock.deadline(&limits).unwrap_or_else(Instant::now);
+    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(s)) => s,
+            // too slow, not TLS, no common version or cipher: just close
+            Ok(Err(_)) | Err(_) => return,
+        },
+        _ = stopped(&mut shutdown) => return,
+    };
+    http1(stream, router, limits, shutdown, clock).await
+}
+
+/// Serves HTTP/1 on one connection (plain or TLS) under its [`ConnClock`].
+async fn http1<S>(
+    stream: S,
+    router: Router,
+    limits: ConnLimits,
+    mut shutdown: watch::Receiver<bool>,
+    clock: Arc<ConnClock>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(Tracked {
         inner: stream,
         clock: clock.clone(),
@@ -221,13 +257,13 @@ impl ConnClock {
     }
 }
 
-/// A TCP stream that tells its [`ConnClock`] when bytes arrive.
-struct Tracked {
-    inner: TcpStream,
+/// A stream that tells its [`ConnClock`] when bytes arrive.
+struct Tracked<S> {
+    inner: S,
     clock: Arc<ConnClock>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -242,7 +278,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

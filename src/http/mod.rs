@@ -10,6 +10,7 @@ pub mod listener;
 pub mod ops;
 pub mod outcome;
 pub mod status_page;
+pub mod tls;
 pub mod webhook;
 
 use std::future::Future;
@@ -70,7 +71,8 @@ pub(crate) async fn request_id(mut req: Request, next: Next) -> Response {
 }
 
 /// Serves both listeners until `shutdown` completes, then stops accepting and
-/// lets in-flight requests finish for at most `grace`.
+/// lets in-flight requests finish for at most `grace`. The public listener
+/// speaks TLS when `tls` is given.
 pub async fn run(
     public: TcpListener,
     admin: TcpListener,
@@ -78,6 +80,7 @@ pub async fn run(
     limits: listener::ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
+    tls: Option<Arc<tls::ServerTls>>,
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let public_task = tokio::spawn(listener::serve(
@@ -85,12 +88,14 @@ pub async fn run(
         public_router(gw.clone()),
         limits,
         rx.clone(),
+        tls,
     ));
     let admin_task = tokio::spawn(listener::serve(
         admin,
         admin::router(gw.clone()),
         limits,
         rx,
+        None,
     ));
     shutdown.await;
     tracing::info!("shutdown requested: no new connections; finishing in-flight requests");

@@ -20,6 +20,7 @@ mod delivery_instances;
 mod downstream_tls;
 mod fuzz;
 mod hostile;
+mod listener_tls;
 mod rate_limit;
 mod reload;
 mod reload_concurrent;
