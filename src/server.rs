@@ -224,6 +224,12 @@ impl Server {
                 generation = cfg.generation,
                 hash = %cfg.config.hash,
                 tls = tls.is_some(),
+                egress_proxy = %gw
+                    .shared
+                    .limits
+                    .egress_proxy
+                    .as_ref()
+                    .map_or_else(|| "off".to_owned(), |p| p.shown()),
                 "gateway serving"
             );
         }

@@ -11,7 +11,7 @@ use secrecy::SecretString;
 
 use crate::http::listener::ConnLimits;
 use crate::http::tls::TlsFiles;
-use crate::runtime::Limits;
+use crate::runtime::{EgressProxy, Limits};
 use crate::server::{ServeError, Server, Settings};
 
 #[derive(Args, Debug, Clone)]
@@ -94,6 +94,11 @@ pub struct ServeArgs {
     /// The PEM private key of `--tls-cert`.
     #[arg(long, env = "GATEWAY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Send every downstream, token and health-probe call through this HTTP proxy
+    /// (`http://[user:password@]host:port`; CONNECT for https). Proxy variables of the
+    /// environment are never used.
+    #[arg(long, env = "GATEWAY_EGRESS_PROXY", value_parser = parse_proxy)]
+    pub egress_proxy: Option<EgressProxy>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -129,6 +134,7 @@ pub fn run(args: ServeArgs) -> u8 {
         dedupe_window: args.dedupe_window,
         dead_retention: args.dead_retention,
         max_pending: args.max_pending,
+        egress_proxy: args.egress_proxy.clone(),
         ..Limits::default()
     };
     settings.connections = ConnLimits {
@@ -227,6 +233,10 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+fn parse_proxy(s: &str) -> Result<EgressProxy, String> {
+    EgressProxy::parse(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -62,6 +62,42 @@ pub struct Limits {
     pub dead_retention: Duration,
     /// `--max-pending`: accepts are refused while this many deliveries are pending (SPEC §7.3).
     pub max_pending: u64,
+    /// `--egress-proxy`: every downstream, token and probe call goes through it (SPEC §8).
+    pub egress_proxy: Option<EgressProxy>,
+}
+
+/// The HTTP proxy of `--egress-proxy` (`http://[user:password@]host:port`).
+/// `Debug` shows no credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EgressProxy(pub url::Url);
+
+impl EgressProxy {
+    /// An `http://` or `https://` URL with a host and nothing after the authority.
+    pub fn parse(s: &str) -> Result<EgressProxy, String> {
+        let url = url::Url::parse(s).map_err(|e| format!("not a URL ({e})"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err("expected http://host:port (an HTTP proxy)".into());
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() {
+            return Err("expected http://host:port, without a path".into());
+        }
+        Ok(EgressProxy(url))
+    }
+
+    /// `scheme://host:port`, without credentials: for logs.
+    pub fn shown(&self) -> String {
+        let u = &self.0;
+        match u.port_or_known_default() {
+            Some(p) => format!("{}://{}:{p}", u.scheme(), u.host_str().unwrap_or_default()),
+            None => format!("{}://{}", u.scheme(), u.host_str().unwrap_or_default()),
+        }
+    }
+}
+
+impl std::fmt::Debug for EgressProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EgressProxy({})", self.shown())
+    }
 }
 
 impl Default for Limits {
@@ -76,6 +112,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             dead_retention: crate::store::DEFAULT_DEAD_RETENTION,
             max_pending: crate::store::DEFAULT_MAX_PENDING,
+            egress_proxy: None,
         }
     }
 }
@@ -144,17 +181,29 @@ impl Shared {
 }
 
 /// Every outbound client's settings: no redirects, no proxy from the
-/// environment, pooled keep-alive connections.
-fn client_builder(_limits: &Limits) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
+/// environment (only `--egress-proxy`, for every destination), pooled
+/// keep-alive connections.
+fn client_builder(limits: &Limits) -> reqwest::ClientBuilder {
+    let b = reqwest::Client::builder()
         // Redirects are not followed: a CRM answering 3xx is a misconfiguration,
         // and following could carry credentials to another host.
         .redirect(reqwest::redirect::Policy::none())
-        // Predictable on servers: proxies from the environment are not used.
+        // Predictable on servers: proxies from the environment are not used
+        // (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY are all ignored).
         .no_proxy()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
+        .pool_max_idle_per_host(256);
+    match &limits.egress_proxy {
+        // Plain HTTP is forwarded by the proxy, HTTPS tunnelled with CONNECT;
+        // credentials in the proxy URL go as Proxy-Authorization.
+        Some(p) => match reqwest::Proxy::all(p.0.clone()) {
+            Ok(proxy) => b.proxy(proxy),
+            // `EgressProxy::parse` accepted it: reqwest takes every such URL
+            Err(_) => b,
+        },
+        None => b,
+    }
 }
 
 /// A client trusting `tls.ca` besides the system's roots and presenting

@@ -18,6 +18,7 @@ mod delivery;
 mod delivery_crash;
 mod delivery_instances;
 mod downstream_tls;
+mod egress_proxy;
 mod fuzz;
 mod hostile;
 mod listener_tls;

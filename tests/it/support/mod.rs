@@ -5,6 +5,7 @@
 
 pub mod pg;
 pub mod process;
+pub mod proxy;
 pub mod tls;
 pub mod wait;
 
