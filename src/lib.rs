@@ -12,3 +12,4 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod template;
+pub mod trace;

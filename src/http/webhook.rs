@@ -27,6 +27,7 @@ use crate::store::{
 };
 use crate::telemetry::log_field::Bounded;
 use crate::template::RenderMeta;
+use crate::trace::{self, TraceContext};
 
 pub async fn handle(
     State(gw): State<Arc<Gateway>>,
@@ -41,6 +42,7 @@ pub async fn handle(
     let rt = gw.runtime.load_full();
     let mut log = Log {
         request_id,
+        trace: TraceContext::from_headers(&headers),
         known_bot: false,
         bot: bot_id,
         route: None,
@@ -89,6 +91,7 @@ pub async fn handle(
     }
     tracing::info!(
         request_id = %log.request_id,
+        trace_id = %log.trace.trace_id_hex(),
         bot = %Bounded(&log.bot),
         route = log.route.as_deref().unwrap_or("-"),
         intent = %Bounded(log.intent.as_deref().unwrap_or("-")),
@@ -105,6 +108,9 @@ pub async fn handle(
 /// What the one log line per webhook says.
 struct Log {
     request_id: String,
+    /// The inbound trace (`traceparent`), or one started here: every downstream
+    /// try is a span of it (SPEC §8).
+    trace: TraceContext,
     /// The bot is configured (else it is counted as `_unknown`).
     known_bot: bool,
     /// As requested (raw: bounded and escaped when logged).
@@ -167,19 +173,37 @@ async fn pipeline(
 }
 
 /// The route's downstream request for this payload; a failure names the route and sends nothing.
+/// It carries the request id and the trace (`traceparent`, `tracestate`) unless
+/// the route sets those headers itself; each try sends a new span of the trace
+/// (`client::attempt`), and an async delivery stores them with its request.
 fn render(
     route: &Route,
     ctx: &Context,
     meta: &RenderMeta,
     log: &mut Log,
 ) -> Result<crate::config::render::OutboundRequest, ApiError> {
-    crate::config::render::build(route, ctx, meta).map_err(|e| {
+    let mut req = crate::config::render::build(route, ctx, meta).map_err(|e| {
         log.outcome = Outcome::RenderError;
         ApiError::Render {
             route: route.name.clone(),
             message: e.to_string(),
         }
-    })
+    })?;
+    let mut add = |name: http::HeaderName, value: Option<http::HeaderValue>| {
+        if let Some(v) = value
+            && !req.headers.iter().any(|(n, _, _)| *n == name)
+        {
+            req.headers.push((name, v, false));
+        }
+    };
+    // the request id was checked to be visible ASCII (`http::request_id`)
+    add(
+        trace::X_REQUEST_ID,
+        http::HeaderValue::from_str(&log.request_id).ok(),
+    );
+    add(trace::TRACEPARENT, Some(log.trace.traceparent()));
+    add(trace::TRACESTATE, log.trace.state.clone());
+    Ok(req)
 }
 
 /// Steps 9–10 for a sync route (and `on_failure: queue`). `req` is the request

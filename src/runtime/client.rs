@@ -328,9 +328,18 @@ async fn send(
     token: Option<&AccessToken>,
     auth: &OutboundAuth,
 ) -> Try {
-    let mut headers = HeaderMap::with_capacity(req.headers.len() + 2);
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 4);
     for (name, value, _) in &req.headers {
         headers.insert(name.clone(), value.clone());
+    }
+    // Every try is a new span of the request's trace (SPEC §8): same trace id,
+    // new parent id; a request without one (a replay) starts a trace and an id.
+    let span = crate::trace::next_span(headers.get(crate::trace::TRACEPARENT));
+    headers.insert(crate::trace::TRACEPARENT, span);
+    if !headers.contains_key(crate::trace::X_REQUEST_ID)
+        && let Ok(v) = http::HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
+    {
+        headers.insert(crate::trace::X_REQUEST_ID, v);
     }
     match (auth.static_header(), token) {
         (_, Some(t)) => {

@@ -37,4 +37,5 @@ mod serve_properties;
 mod status_page_browser;
 mod store;
 mod store_hardening;
+mod trace_headers;
 mod validate_fixtures;
