@@ -8,6 +8,8 @@
 #   cluster for its whole run (tests/it/support/pg.rs: initdb in a temp dir as the `postgres`
 #   user, a free loopback port, stopped when the binary exits), the store bench its own. To reuse a running server instead, export
 #   GATEWAY_TEST_PG_URL=postgres://user@host:port/db (each test makes its own schema in it).
+#   podman, runc and debootstrap: tests/it/container.rs builds the Dockerfile and runs the image
+#   (its Debian base made with debootstrap from the package archive; no container registry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +32,9 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v node >/dev/null 2>&1 || need+=(nodejs npm)
 if [ -z "${GATEWAY_TEST_PG_URL:-}" ] && ! have_pg_server; then need+=(postgresql); fi
+command -v podman >/dev/null 2>&1 || need+=(podman)
+command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || need+=(runc)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 if ((${#need[@]})); then apt_install "${need[@]}"; fi
 
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
