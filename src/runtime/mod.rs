@@ -389,3 +389,28 @@ impl Runtime {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::EgressProxy;
+
+    #[test]
+    fn an_egress_proxy_is_an_http_url_shown_without_credentials() {
+        let p = EgressProxy::parse("http://user:s3cret@proxy.corp:3128").unwrap();
+        assert_eq!(p.shown(), "http://proxy.corp:3128");
+        assert_eq!(format!("{p:?}"), "EgressProxy(http://proxy.corp:3128)");
+        assert_eq!(
+            EgressProxy::parse("https://proxy.corp/").unwrap().shown(),
+            "https://proxy.corp:443"
+        );
+        for bad in [
+            "proxy.corp:3128",
+            "socks5://proxy.corp:1080",
+            "http://proxy.corp:3128/path",
+            "http://proxy.corp:3128/?q=1",
+            "http://",
+        ] {
+            assert!(EgressProxy::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
