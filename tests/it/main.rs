@@ -12,6 +12,7 @@
 
 mod support;
 
+mod architecture;
 mod cli;
 mod cli_deliveries;
 mod delivery;
