@@ -126,6 +126,8 @@ pub struct Downstream {
     pub auth: OutboundAuth,
     pub success: StatusSet,
     pub max_in_flight: u32,
+    /// Outbound token bucket settings (`rate_limit`), when limited.
+    pub rate_limit: Option<crate::ratelimit::RateLimit>,
 }
 
 #[derive(Debug)]

@@ -223,6 +223,10 @@ pub struct Downstream {
     pub auth: Option<OutboundAuth>,
     /// Statuses that count as delivered, e.g. `[2xx, 409]` (default `[2xx]`).
     pub success: Option<Vec<StatusPattern>>,
+    /// Outbound rate limit of this downstream (per instance): a token bucket. A sync call waits
+    /// for a token while its deadline allows, else answers as an open route (`rate_limited`);
+    /// an async delivery is postponed without using a try.
+    pub rate_limit: Option<RateLimit>,
     /// Bulkhead: most calls in flight at once; over it the call is answered 503 at once (default 64).
     #[schemars(range(min = 1, max = 100000))]
     pub max_in_flight: Option<u32>,
@@ -242,6 +246,8 @@ pub struct DownstreamDefaults {
     pub auth: Option<OutboundAuth>,
     /// Statuses that count as delivered.
     pub success: Option<Vec<StatusPattern>>,
+    /// Outbound rate limit for routes that set none.
+    pub rate_limit: Option<RateLimit>,
     /// Bulkhead size.
     #[schemars(range(min = 1, max = 100000))]
     pub max_in_flight: Option<u32>,

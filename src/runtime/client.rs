@@ -111,6 +111,17 @@ pub async fn attempt(
             why: "paused",
         };
     }
+    // The downstream's outbound rate limit (SPEC §9): no token, no try. The
+    // caller decides: a sync call waits while its deadline allows, the worker
+    // postpones the delivery without using a try.
+    if let Some(bucket) = &state.outbound
+        && let Err(wait) = bucket.try_take(now)
+    {
+        return Attempt::Blocked {
+            retry_after: wait,
+            why: "rate_limited",
+        };
+    }
     let permit = match state.breaker.try_acquire(now) {
         Ok(p) => {
             if let Some(t) = p.transition() {
@@ -247,6 +258,29 @@ pub async fn call(
         let cut_by_deadline = remaining < route.downstream.timeout;
         let timeout = remaining.min(route.downstream.timeout);
         let tried = match attempt(shared, state, req, body.clone(), timeout).await {
+            Attempt::Blocked {
+                retry_after,
+                why: "rate_limited",
+            } => {
+                // Wait for a token while the deadline allows (no try is used).
+                if retry_after < deadline_at.saturating_duration_since(Instant::now()) {
+                    events::rate_limit_wait(&shared.metrics, &route.name);
+                    tokio::time::sleep(retry_after).await;
+                    continue;
+                }
+                events::rejected(&shared.metrics, &route.name, "rate_limited");
+                return match last {
+                    None => CallResult::Unavailable {
+                        retry_after,
+                        why: "rate_limited",
+                    },
+                    Some((status, reason)) => CallResult::Failed {
+                        status,
+                        reason,
+                        tries,
+                    },
+                };
+            }
             Attempt::Blocked { retry_after, why } => {
                 return match last {
                     None => CallResult::Unavailable { retry_after, why },

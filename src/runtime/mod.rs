@@ -130,6 +130,9 @@ pub struct RouteState {
     pub stats: Arc<RouteStats>,
     /// Pre-resolved metric handles (made on first use).
     metric_handles: Arc<std::sync::OnceLock<crate::telemetry::metrics::RouteMetrics>>,
+    /// The downstream's outbound token bucket (`rate_limit`), kept across
+    /// reloads while its limit is unchanged.
+    pub outbound: Option<Arc<TokenBucket>>,
 }
 
 /// How long the latency windows of `/metrics/latency` and the status page reach back.
@@ -169,6 +172,10 @@ impl RouteState {
             latency: Arc::new(RouteLatency::new(LATENCY_WINDOW, now)),
             stats: Arc::new(RouteStats::default()),
             metric_handles: Default::default(),
+            outbound: route
+                .downstream
+                .rate_limit
+                .map(|l| Arc::new(TokenBucket::new(l, now))),
             route,
         }
     }
@@ -249,6 +256,10 @@ impl Runtime {
                     stats: old.stats.clone(),
                     // the bots served may have changed: resolve the handles again
                     metric_handles: Default::default(),
+                    outbound: match (&old.outbound, route.downstream.rate_limit) {
+                        (Some(b), Some(l)) if b.limit() == l => Some(b.clone()),
+                        (_, l) => l.map(|l| Arc::new(TokenBucket::new(l, now))),
+                    },
                 }),
                 _ => Arc::new(RouteState::new(route.clone(), now)),
             };

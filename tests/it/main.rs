@@ -20,6 +20,7 @@ mod delivery_crash;
 mod delivery_instances;
 mod fuzz;
 mod hostile;
+mod outbound_rate_limit;
 mod rate_limit;
 mod reload;
 mod reload_concurrent;

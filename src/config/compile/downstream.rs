@@ -121,6 +121,10 @@ impl Compiler<'_> {
             .max_in_flight
             .or(d.and_then(|d| d.max_in_flight))
             .unwrap_or(64);
+        let rate_limit = self.rate_limit(
+            &at.child("rate_limit"),
+            ds.rate_limit.or(d.and_then(|d| d.rate_limit)),
+        )?;
         let origin = origin?;
         let base = url::Url::parse(&format!("{origin}/")).ok();
         Some(Downstream {
@@ -133,7 +137,28 @@ impl Compiler<'_> {
             auth,
             success,
             max_in_flight,
+            rate_limit,
         })
+    }
+
+    /// A `rate_limit` block: `None` inside when there is none; `None` outside after an error.
+    /// `burst` defaults to `per_second` (at least 1).
+    pub(super) fn rate_limit(
+        &mut self,
+        at: &At,
+        written: Option<raw::RateLimit>,
+    ) -> Option<Option<crate::ratelimit::RateLimit>> {
+        let Some(r) = written else {
+            return Some(None);
+        };
+        let burst = r.burst.unwrap_or((r.per_second.ceil() as u32).max(1));
+        match crate::ratelimit::RateLimit::try_new(r.per_second, burst) {
+            Ok(l) => Some(Some(l)),
+            Err(m) => {
+                self.error(at, m.to_owned());
+                None
+            }
+        }
     }
 
     /// Checks a URL template: http(s), templates only in path and query. Returns the origin.

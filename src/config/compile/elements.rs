@@ -264,19 +264,7 @@ impl Compiler<'_> {
                 return None;
             }
         }
-        let rate_limit = match b.rate_limit {
-            Some(r) => {
-                let burst = r.burst.unwrap_or((r.per_second.ceil() as u32).max(1));
-                match crate::ratelimit::RateLimit::try_new(r.per_second, burst) {
-                    Ok(l) => Some(l),
-                    Err(m) => {
-                        self.error(&at.child("rate_limit"), m.to_owned());
-                        return None;
-                    }
-                }
-            }
-            None => None,
-        };
+        let rate_limit = self.rate_limit(&at.child("rate_limit"), b.rate_limit)?;
         let (file, pos) = self.pos_of(at);
         Some(BotParts {
             id: b.id,
