@@ -192,9 +192,11 @@ fn add_headers(h: &mut HeaderMap) {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // not `no-referrer`: with it Chromium sends `Origin: null` on the page's own
+    // form posts, which the cross-site check must refuse
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::CONTENT_SECURITY_POLICY, CSP.clone());
 }
