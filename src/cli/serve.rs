@@ -202,7 +202,8 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal()) // no colour codes in files and pipes
-        .with_writer(std::io::stderr);
+        // every line masked of `${VAR}` values (SPEC §7.4), whoever logs it
+        .with_writer(crate::telemetry::log_redact::RedactingStderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

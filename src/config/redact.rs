@@ -1,5 +1,6 @@
-//! Masks `${VAR}` values in text shown to people (SPEC §7.4): diagnostics and
-//! `gateway render` output. Every value a load read from the environment is a
+//! Masks `${VAR}` values in text shown to people (SPEC §7.4): diagnostics,
+//! `gateway render` output, and (as a last line of defence) every log line
+//! `serve` writes (`telemetry::log_redact`). Every value a load read from the environment is a
 //! secret until proven otherwise, wherever it landed (URL, header, body, auth).
 //!
 //! Masking is by value, as written and in the forms rendering can give it
@@ -49,6 +50,30 @@ impl Redactor {
         Redactor { needles }
     }
 
+    /// True when there is nothing to mask.
+    pub fn is_empty(&self) -> bool {
+        self.needles.is_empty()
+    }
+
+    /// A redactor of both `self`'s values and `other`'s.
+    pub fn merged(&self, other: &Redactor) -> Redactor {
+        let mut needles: Vec<String> = self
+            .needles
+            .iter()
+            .chain(&other.needles)
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        Redactor { needles }
+    }
+
+    /// True when `text` holds a value.
+    pub fn finds_in(&self, text: &str) -> bool {
+        self.needles.iter().any(|n| text.contains(n.as_str()))
+    }
+
     /// `text` with every value masked as `***`.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_owned();
@@ -80,5 +105,9 @@ mod tests {
         // too short to be a secret
         assert_eq!(r.redact("abc"), "abc");
         assert!(!format!("{r:?}").contains("s3cr3t"));
+        let more = r.merged(&Redactor::new(&["an0ther".to_string()]));
+        assert_eq!(more.redact("s3cr3t an0ther"), "*** ***");
+        assert!(more.finds_in("x an0ther") && !r.finds_in("x an0ther"));
+        assert!(Redactor::default().is_empty() && !r.is_empty());
     }
 }

@@ -131,9 +131,7 @@ pub fn check(
             return Some(Refusal::CrossSite);
         }
     }
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return None;
-    };
+    let origin = headers.get(header::ORIGIN)?;
     match (origin.to_str().ok(), host) {
         (Some(o), Some(h)) if same_origin(o, h) => None,
         _ => Some(Refusal::CrossSite),
@@ -297,7 +295,8 @@ mod tests {
     fn cross_site_posts_are_refused_same_origin_ones_served() {
         let a = AllowedHosts::default();
         let host = ("host", "127.0.0.1:9090");
-        let cases: &[(&[(&str, &str)], Option<Refusal>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<Refusal>);
+        let cases: &[Case] = &[
             (&[host], None),
             (&[host, ("origin", "http://127.0.0.1:9090")], None),
             (&[host, ("origin", "https://127.0.0.1:9090")], None),
