@@ -650,3 +650,41 @@ async fn the_sign_in_cookie_is_not_the_token() {
     );
     gw.stop().await;
 }
+
+/// The login form in a real headless Chromium: under the CSP it renders,
+/// posts (same origin), and leaves a session cookie that is not the token
+/// (`tests/browser/sign_in.mjs`; needs what `status_page_browser` needs).
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_in_in_a_real_browser() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let browser_dir = root.join("tests/browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").exists()
+            && std::path::Path::new("/usr/bin/chromium").exists(),
+        "the browser test needs Chromium and tests/browser/node_modules: run scripts/test.sh (it installs both)"
+    );
+    let ds = TestDownstream::start().await;
+    let gw = TestGateway::builder()
+        .file("r.yaml", &one_route(&ds))
+        .admin_token("br0wser-admin-token")
+        .start()
+        .await;
+    let admin = format!("http://{}", gw.admin);
+    let script = browser_dir.join("sign_in.mjs");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .args([&admin, "br0wser-admin-token"])
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    assert!(
+        output.status.success(),
+        "browser sign-in failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    gw.stop().await;
+}
