@@ -61,7 +61,8 @@ pub struct AllowedHosts {
 }
 
 impl AllowedHosts {
-    /// From `--admin-hostnames` (case-insensitive; a port, if given, is ignored).
+    /// From `--admin-hostnames`: bare names (the CLI refuses schemes and
+    /// ports), compared case-insensitively with the `Host` less its port.
     pub fn new<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Self {
         AllowedHosts {
             names: names
