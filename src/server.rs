@@ -32,6 +32,9 @@ pub struct Settings {
     pub limits: Limits,
     /// `GATEWAY_ADMIN_TOKEN`.
     pub admin_token: Option<SecretString>,
+    /// `--admin-hostnames`: names (besides IP literals and `localhost`) the
+    /// admin listener answers to; any other `Host` gets 403 (DNS rebinding).
+    pub admin_hostnames: Vec<String>,
     /// Where `${VAR}` values come from (the process environment in the binary).
     pub env: EnvLookup,
     /// How long the whole shutdown may take once it begins: in-flight requests
@@ -58,6 +61,7 @@ impl Settings {
             store,
             limits: Limits::default(),
             admin_token: None,
+            admin_hostnames: Vec::new(),
             env,
             shutdown_grace: Duration::from_secs(10),
             watch: Some(Duration::from_millis(250)),
@@ -219,6 +223,9 @@ impl Server {
                 public,
                 admin,
                 gw.clone(),
+                crate::http::admin::AdminOptions {
+                    hostnames: settings.admin_hostnames.clone(),
+                },
                 settings.connections,
                 shutdown,
                 public_grace,

@@ -24,6 +24,11 @@ pub struct ServeArgs {
     /// Admin listener (status, routes, reload, breaker reset).
     #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
+    /// Host names the admin listener answers to, besides IP addresses and `localhost`
+    /// (comma-separated): a request with any other `Host` is refused (DNS rebinding).
+    #[arg(long, env = "GATEWAY_ADMIN_HOSTNAMES", value_delimiter = ',', value_name = "NAMES",
+          value_parser = parse_hostname)]
+    pub admin_hostnames: Vec<String>,
     /// Delivery store: `sqlite://relative/path.db`, `sqlite:///absolute/path.db` or `postgres://…`.
     #[arg(
         long,
@@ -130,6 +135,7 @@ pub fn run(args: ServeArgs) -> u8 {
         max_connections: args.max_connections,
     };
     settings.admin_token = admin_token;
+    settings.admin_hostnames = args.admin_hostnames.clone();
     settings.shutdown_grace = args.shutdown_grace;
     settings.watch = Some(Duration::from_millis(args.reload_debounce_ms));
     settings.poll = (args.reload_poll_secs > 0).then(|| Duration::from_secs(args.reload_poll_secs));
@@ -201,10 +207,11 @@ fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("gateway-log")
-        .finish(std::io::stderr());
+        .finish(crate::telemetry::log_redact::Masking(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal()) // no colour codes in files and pipes
+        // every line masked of `${VAR}` values (SPEC §7.4), on the writer thread
         .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -262,6 +269,27 @@ fn parse_dedupe_window(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// One `--admin-hostnames` entry: a DNS name as the `Host` header carries it,
+/// without scheme or port (IP addresses and `localhost` need no entry).
+fn parse_hostname(s: &str) -> Result<String, String> {
+    let name = s.trim().to_ascii_lowercase();
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(name)
+    } else {
+        Err(format!(
+            "expected a host name like gateway.internal (no scheme, port or path), got `{s}`"
+        ))
+    }
+}
+
 /// The shortest `--lease`: below it a try's budget (the lease less a tenth) is
 /// too small for any real downstream, and leases would expire while claims run.
 const MIN_LEASE: Duration = Duration::from_secs(1);
@@ -285,6 +313,25 @@ mod tests {
         assert_eq!(parse_grace("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_grace("0"), Ok(Duration::ZERO));
         assert!(parse_grace("soon").is_err());
+    }
+
+    #[test]
+    fn admin_hostnames_are_bare_names() {
+        assert_eq!(
+            parse_hostname(" Gateway.Internal "),
+            Ok("gateway.internal".into())
+        );
+        assert_eq!(parse_hostname("ops-1"), Ok("ops-1".into()));
+        for bad in [
+            "",
+            "gw.example:9090",
+            "http://gw",
+            "gw..example",
+            "gw/x",
+            "a b",
+        ] {
+            assert!(parse_hostname(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

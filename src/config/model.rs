@@ -27,6 +27,9 @@ pub struct Config {
     pub routes: BTreeMap<String, Arc<Route>>,
     /// SHA-256 (hex) over every route file and referenced schema file, path and content.
     pub hash: String,
+    /// Masks the `${VAR}` values this configuration read, in text shown to
+    /// people (`gateway render`).
+    pub redactor: crate::config::redact::Redactor,
     /// Route files that were read.
     pub files: Vec<PathBuf>,
     /// Schema files that were read (their directories are watched too).
@@ -115,6 +118,9 @@ pub struct Route {
 pub struct Downstream {
     pub method: http::Method,
     pub url: Template,
+    /// The URL template as written, before `${VAR}` expansion: what admin
+    /// answers show, so no environment value is ever shown (SPEC §7.4).
+    pub url_shown: String,
     /// `scheme://host[:port]` fixed by the file; a rendered URL always starts with it.
     pub origin: String,
     /// `origin` + `/`, parsed once: rendered URLs are parsed relative to it, so
@@ -161,6 +167,9 @@ pub struct FallbackSpec {
 pub struct HealthSettings {
     pub url: String,
     pub interval: Duration,
+    /// The URL is on the downstream's own origin (scheme, host, port): only
+    /// then does the probe carry the route's credentials (SPEC §7.4).
+    pub credentials: bool,
 }
 
 /// A route example, checked by `validate`.

@@ -375,7 +375,9 @@ pub struct SlowCall {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
-    /// URL to GET (no templates).
+    /// URL to GET (no templates). The route's credentials (bearer or OAuth2 token) are sent only
+    /// when it is on the downstream URL's origin (scheme, host, port); another origin is probed
+    /// without them.
     pub url: String,
     /// Time between probes (default 10s).
     pub interval: Option<Dur>,

@@ -76,6 +76,10 @@ pub enum ApiError {
     DownstreamAuth { route: String, message: String },
     /// Admin: no or a wrong admin token.
     AdminUnauthorized,
+    /// Admin: refused before any other check: a cross-site request to change
+    /// state (CSRF), or a `Host` the listener does not answer to (DNS
+    /// rebinding). The message says which, never the header's value.
+    Forbidden { message: &'static str },
     /// Admin: a bad `state` filter.
     BadState,
     /// Admin: no such delivery.
@@ -97,6 +101,7 @@ impl ApiError {
             BodyRead | InvalidJson { .. } | BadState => StatusCode::BAD_REQUEST,
             BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Unauthorized | AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            Forbidden { .. } => StatusCode::FORBIDDEN,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Schema { .. } | NoRoute { .. } | Render { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AnswerTemplate { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -120,6 +125,7 @@ impl ApiError {
             BodyRead => "body_read",
             BodyTimeout { .. } => "body_timeout",
             Unauthorized | AdminUnauthorized => "unauthorized",
+            Forbidden { .. } => "forbidden",
             RateLimited { .. } => "rate_limited",
             InvalidJson { .. } => "invalid_json",
             Schema { .. } => "schema",
@@ -248,6 +254,7 @@ impl ApiError {
             AdminUnauthorized => {
                 "admin token required: Authorization: Bearer <GATEWAY_ADMIN_TOKEN>".to_owned()
             }
+            Forbidden { message } => message.to_owned(),
             BadState => "state must be pending, leased, delivered or dead".to_owned(),
             UnknownDelivery { id } => format!("no delivery `{id}`"),
             UnknownRoute { route } => format!("no route `{route}`"),
@@ -393,6 +400,7 @@ mod tests {
                 "downstream_auth",
             ),
             (ApiError::AdminUnauthorized, 401, "unauthorized"),
+            (ApiError::Forbidden { message: "m" }, 403, "forbidden"),
             (ApiError::BadState, 400, "bad_state"),
             (
                 ApiError::UnknownDelivery { id: "i".into() },

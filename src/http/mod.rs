@@ -5,6 +5,8 @@
 //! style), so tests bind `127.0.0.1:0` and stop the server cleanly.
 
 pub mod admin;
+pub mod admin_guard;
+pub mod admin_session;
 pub mod error;
 pub mod listener;
 pub mod ops;
@@ -75,6 +77,7 @@ pub async fn run(
     public: TcpListener,
     admin: TcpListener,
     gw: Arc<Gateway>,
+    admin_opts: admin::AdminOptions,
     limits: listener::ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
@@ -88,7 +91,7 @@ pub async fn run(
     ));
     let admin_task = tokio::spawn(listener::serve(
         admin,
-        admin::router(gw.clone()),
+        admin::router(gw.clone(), admin_opts),
         limits,
         rx,
     ));

@@ -107,7 +107,7 @@ impl Outcome {
             E::BodyTooLarge { .. } => Outcome::BodyTooLarge,
             E::BodyRead => Outcome::BodyRead,
             E::BodyTimeout { .. } => Outcome::BodyTimeout,
-            E::Unauthorized | E::AdminUnauthorized => Outcome::Unauthorized,
+            E::Unauthorized | E::AdminUnauthorized | E::Forbidden { .. } => Outcome::Unauthorized,
             E::RateLimited { .. } => Outcome::RateLimited,
             E::InvalidJson { .. } => Outcome::InvalidJson,
             E::Schema { .. } => Outcome::Schema,

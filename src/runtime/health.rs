@@ -1,6 +1,8 @@
 //! Health probes: for a route with `breaker.health`, a task that GETs the
 //! health URL every `interval` while (and only while) the breaker is open; a
-//! success moves the breaker to half-open early.
+//! success moves the breaker to half-open early. The route's credentials
+//! (bearer or OAuth2 token) are sent only when the health URL is on the
+//! downstream's own origin (`HealthSettings::credentials`, SPEC §7.4).
 //!
 //! One task per route state identity: it follows the route across reloads
 //! that keep its state, and ends when the route is changed or removed.
@@ -61,7 +63,13 @@ async fn probe_loop(
             .client
             .get(&h.url)
             .timeout(route.downstream.timeout);
-        match &route.downstream.auth {
+        // the route's credentials go only to its own origin (decided at load)
+        let auth = if h.credentials {
+            &route.downstream.auth
+        } else {
+            &OutboundAuth::None
+        };
+        match auth {
             OutboundAuth::Bearer(t) => {
                 use secrecy::ExposeSecret;
                 req = req.bearer_auth(t.expose_secret());

@@ -12,6 +12,7 @@
 
 mod support;
 
+mod admin_security;
 mod architecture;
 mod cli;
 mod cli_deliveries;

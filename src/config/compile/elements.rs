@@ -60,6 +60,7 @@ impl Compiler<'_> {
             _ => {
                 let mut all = std::mem::take(&mut self.defaults);
                 let (first_at, first, taint) = all.remove(0);
+                self.defaults_at = Some(first_at.clone());
                 // the line of the `defaults:` key, not of its first child
                 let ffile = self.files[first_at.file].path.clone();
                 let fpos = self.files[first_at.file].index.key(&first_at.pointer);
@@ -518,6 +519,13 @@ impl Compiler<'_> {
             d.breaker.as_ref(),
             taint,
         );
+        let breaker = match (breaker, &downstream) {
+            (Some((cfg, Some(mut health))), Some(ds)) => {
+                health.credentials = self.health_credentials(at, &health, ds);
+                Some((cfg, Some(health)))
+            }
+            (b, _) => b,
+        };
         let on_failure = r.on_failure.unwrap_or(OnFailure::Respond);
         if mode == Mode::Async {
             for (key, set) in [

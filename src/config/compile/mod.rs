@@ -42,10 +42,10 @@ use sha2::{Digest, Sha256};
 
 use super::diagnostic::{self, Diagnostic, Severity};
 use super::model::*;
+use super::redact::Redactor;
 use super::yaml::{Pos, SpanIndex};
 use super::{load as walk, raw};
 use crate::payload::PayloadSchema;
-use crate::template;
 use intake::TemplateKey;
 use position::locate_in_scalar;
 use taint::Taint;
@@ -95,6 +95,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         env_values: BTreeSet::new(),
         templates_used: Vec::new(),
         forbidden_headers: Vec::new(),
+        defaults_at: None,
     };
     let files = walk::collect_files(inputs, &mut c.diags);
     for f in files {
@@ -107,7 +108,9 @@ struct FileCtx {
     path: PathBuf,
     text: String,
     index: Arc<SpanIndex>,
-    from_env: HashSet<String>,
+    /// Pointers of the values that hold environment content, with each value as
+    /// written (before `${VAR}` expansion), which is what may be shown.
+    from_env: HashMap<String, String>,
     unresolved: HashSet<String>,
 }
 
@@ -154,6 +157,10 @@ struct Compiler<'a> {
     /// While a route is compiled: the inbound headers (lower-case) its templates
     /// may not read with the `header` helper, and why.
     forbidden_headers: Vec<(String, String)>,
+    /// Where the `defaults:` block in force was written (once taken): what its
+    /// values are looked up by (e.g. whether a default header came from the
+    /// environment).
+    defaults_at: Option<At>,
 }
 
 impl Compiler<'_> {
@@ -208,7 +215,16 @@ impl Compiler<'_> {
     }
 
     fn is_from_env(&self, at: &At) -> bool {
-        self.files[at.file].from_env.contains(&at.pointer)
+        self.files[at.file].from_env.contains_key(&at.pointer)
+    }
+
+    /// The value at `at` as written, before `${VAR}` expansion, when it held a
+    /// reference to a set variable (`None`: the value is as written).
+    fn as_written(&self, at: &At) -> Option<&str> {
+        self.files[at.file]
+            .from_env
+            .get(&at.pointer)
+            .map(String::as_str)
     }
 
     fn file_dir(&self, at: &At) -> PathBuf {
@@ -266,7 +282,8 @@ impl Compiler<'_> {
             );
         }
         let mut diagnostics = std::mem::take(&mut self.diags);
-        redact(&mut diagnostics, &self.env_values);
+        let redactor = Redactor::new(&self.env_values);
+        redact(&mut diagnostics, &redactor);
         diagnostic::sort(&mut diagnostics);
         let has_errors = diagnostics.iter().any(Diagnostic::is_error);
         let config = (!has_errors).then(|| {
@@ -281,6 +298,7 @@ impl Compiler<'_> {
                     .map(|(k, (_, r))| (k, Arc::new(r)))
                     .collect(),
                 hash,
+                redactor,
                 files: self.files.iter().map(|f| f.path.clone()).collect(),
                 schema_files,
             }
@@ -297,25 +315,9 @@ fn shown(p: &Path) -> String {
     diagnostic::display_path(p, &std::env::current_dir().unwrap_or_default())
 }
 
-/// Environment values shorter than this are not redacted: masking `1` or `en`
-/// everywhere would garble messages, and such values are no secrets.
-const MIN_REDACTED_LEN: usize = 4;
-
-/// Replaces every environment value (as is and JSON-escaped) in messages with `***`.
-fn redact(diags: &mut [Diagnostic], env_values: &BTreeSet<String>) {
-    let mut needles: Vec<String> = env_values
-        .iter()
-        .filter(|v| v.len() >= MIN_REDACTED_LEN)
-        .flat_map(|v| [v.clone(), template::json_string_escape(v)])
-        .collect();
-    // longest first, so a value containing another is masked whole
-    needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
-    needles.dedup();
+/// Replaces every environment value (as is, JSON-escaped and percent-encoded) in messages with `***`.
+fn redact(diags: &mut [Diagnostic], redactor: &Redactor) {
     for d in diags {
-        for n in &needles {
-            if d.message.contains(n.as_str()) {
-                d.message = d.message.replace(n.as_str(), "***");
-            }
-        }
+        d.message = redactor.redact(&d.message);
     }
 }
