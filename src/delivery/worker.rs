@@ -20,7 +20,7 @@ use handlebars::Context;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::render::{OutboundRequest, header_value};
+use crate::config::render::{IDEMPOTENCY_KEY, OutboundRequest, header_value};
 use crate::downstream::retry::TryOutcome;
 use crate::runtime::Gateway;
 use crate::runtime::client::{self, Attempt};
@@ -298,13 +298,9 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
         .await;
     };
     let route = &state.route;
-    let req = match rebuild(
-        route,
-        &d.request,
-        &d.payload,
-        &d.bot,
-        d.idempotency_key.clone(),
-    ) {
+    // SPEC §7.3: every try carries `Idempotency-Key`: the rendered key, else the delivery id.
+    let key = d.idempotency_key.clone().unwrap_or_else(|| d.id.clone());
+    let req = match rebuild(route, &d.request, &d.payload, &d.bot, key) {
         Ok(r) => r,
         Err(reason) => {
             return settle(Settle::Dead {
@@ -393,7 +389,8 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
     if matches!(outcome, TryOutcome::Success) {
         return settle(Settle::Delivered(record)).await;
     }
-    match route.retry.next_async(d.attempts + 1, &outcome) {
+    // every try carries an idempotency key (the rendered one, else the delivery id)
+    match route.retry.next_async(d.attempts + 1, &outcome, true) {
         Some(wait) => {
             settle(Settle::RetryAt {
                 attempt: record,
@@ -415,13 +412,15 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
 /// The request to send for a stored delivery: what was rendered at acceptance
 /// (same URL, body and idempotency key on every try), plus the headers whose
 /// values come from the environment, which are never stored and are rendered
-/// again from the current route.
+/// again from the current route. It carries `Idempotency-Key`: the stored
+/// header (the rendered key, or the route's own header), else `idempotency_key`
+/// (the caller passes the delivery's key, else its id).
 pub fn rebuild(
     route: &crate::config::model::Route,
     stored: &StoredRequest,
     payload: &str,
     bot: &str,
-    idempotency_key: Option<String>,
+    idempotency_key: String,
 ) -> Result<OutboundRequest, String> {
     let method = http::Method::from_bytes(stored.method.as_bytes())
         .map_err(|_| "stored method is invalid".to_string())?;
@@ -449,13 +448,16 @@ pub fn rebuild(
             headers.push((h.name.clone(), header_value(&v)?, true));
         }
     }
+    if !headers.iter().any(|(n, _, _)| *n == IDEMPOTENCY_KEY) {
+        headers.push((IDEMPOTENCY_KEY, header_value(&idempotency_key)?, false));
+    }
     Ok(OutboundRequest {
         method,
         url: stored.url.clone(),
         target,
         headers,
         body: stored.body.clone(),
-        idempotency_key,
+        idempotency_key: Some(idempotency_key),
     })
 }
 
