@@ -61,6 +61,7 @@ fn delivery(n: usize) -> NewDelivery {
             )),
         },
         idempotency_key: Some(format!("in-{n}")),
+        fingerprint: None,
     }
 }
 

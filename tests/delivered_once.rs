@@ -469,3 +469,348 @@ async fn on_failure_queue_queues_only_what_the_downstream_did_not_get_or_may_ret
     let stored = admin(&gw, "/admin/deliveries").await;
     assert_eq!(stored["deliveries"].as_array().unwrap().len(), 7);
 }
+
+// ---------- stored deliveries are pinned to their origin and auth ----------
+
+/// Async route `p` to `{url}/crm/{{sessionId}}` with `auth` and `body`, keyed
+/// by `inputId`, tried every 100 ms for a long while.
+fn pinned_route(url: &str, auth: &str, body: &str) -> String {
+    format!(
+        "  - name: p\n    bot: b\n    intent: p\n    mode: async\n    idempotency_key: \"{{{{inputId}}}}\"\n    downstream: {{ url: \"{url}/crm/{{{{sessionId}}}}\", auth: {auth} }}\n    body: '{body}'\n    retry: {{ schedule: [100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms, 100ms] }}\n"
+    )
+}
+
+/// An unrelated sync route, so that the bot keeps a route when `p` goes.
+const OTHER: &str = "  - name: other\n    bot: b\n    intent: other\n    downstream: { url: \"http://127.0.0.1:9/x\" }\n";
+
+const BODY_V1: &str = r#"{"inputId": {{json inputId}}}"#;
+const BODY_V2: &str = r#"{"input": {{json inputId}}, "v": 2}"#;
+
+/// Replaces the route file and reloads it through the admin API.
+async fn reload(gw: &TestGateway, routes: &str) {
+    std::fs::write(
+        gw.dir.path().join("r.yaml"),
+        format!("{BOT}routes:\n{routes}"),
+    )
+    .unwrap();
+    let resp = gw
+        .client
+        .post(gw.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let report = support::json(resp).await;
+    assert_eq!(
+        (status.as_u16(), &report["result"]),
+        (200, &json!("applied")),
+        "{report}"
+    );
+}
+
+async fn replay(gw: &TestGateway, id: &str) {
+    let resp = gw
+        .client
+        .post(gw.admin_url(&format!("/admin/deliveries/{id}/replay")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+/// Accepts a webhook for route `p`; waits until its first try failed (the
+/// delivery is pending, tried again every 100 ms); returns its id.
+async fn pending(gw: &TestGateway, input_id: &str) -> String {
+    let (status, _, body) = gw.send("b", &input("p", input_id)).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["delivery_id"].as_str().unwrap().to_owned();
+    support::poll_until(Duration::from_secs(10), async || {
+        let d = delivery(gw, &id).await;
+        (!d["attempts"].as_array().unwrap().is_empty()).then_some(())
+    })
+    .await
+    .expect("tried once");
+    id
+}
+
+#[tokio::test]
+async fn a_route_removed_while_deliveries_are_pending_makes_them_dead_letters() {
+    let (old, new) = (TestDownstream::start().await, TestDownstream::start().await);
+    old.set_default(Scripted::status(503));
+    let gw = gateway(&format!(
+        "{}{OTHER}",
+        pinned_route(&old.url(), "{ none: {} }", BODY_V1)
+    ))
+    .await;
+    let first = pending(&gw, "in-1").await;
+    let second = pending(&gw, "in-2").await;
+    reload(&gw, OTHER).await;
+    for id in [&first, &second] {
+        let d = until_state(&gw, id, "dead").await;
+        assert_eq!(d["last_error"], "route_removed", "{d}");
+    }
+    let sent = old.requests().len();
+    // a replay while the route is still gone: dead again, nothing sent
+    replay(&gw, &first).await;
+    support::poll_until(Duration::from_secs(10), async || {
+        let d = delivery(&gw, &first).await;
+        (d["state"] == "dead").then_some(())
+    })
+    .await
+    .expect("dead again");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(old.requests().len(), sent, "nothing sent after the removal");
+
+    // the route comes back on another origin: replays (admin, CLI) deliver there
+    reload(
+        &gw,
+        &format!(
+            "{}{OTHER}",
+            pinned_route(&new.url(), "{ none: {} }", BODY_V2)
+        ),
+    )
+    .await;
+    assert!(new.requests().is_empty(), "nothing sent until replay");
+    replay(&gw, &first).await;
+    until_state(&gw, &first, "delivered").await;
+    let store = format!("sqlite://{}", gw.dir.path().join("gateway.db").display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["deliveries", "replay", &second, "--store", &store])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    until_state(&gw, &second, "delivered").await;
+    let mut got: Vec<(String, Value, Option<String>)> = new
+        .requests()
+        .iter()
+        .map(|r| (r.uri.clone(), r.json(), r.header("idempotency-key")))
+        .collect();
+    got.sort_by(|a, b| a.2.cmp(&b.2));
+    assert_eq!(
+        got,
+        [
+            (
+                "/crm/s-1".to_owned(),
+                json!({"input": "in-1", "v": 2}),
+                Some("in-1".to_owned())
+            ),
+            (
+                "/crm/s-1".to_owned(),
+                json!({"input": "in-2", "v": 2}),
+                Some("in-2".to_owned())
+            ),
+        ],
+        "rendered again from the payload against the current route, same keys"
+    );
+    assert_eq!(old.requests().len(), sent);
+}
+
+#[tokio::test]
+async fn a_route_whose_origin_changed_dead_letters_its_pending_deliveries_until_replay() {
+    let (old, new) = (TestDownstream::start().await, TestDownstream::start().await);
+    old.set_default(Scripted::status(503));
+    let gw = gateway(&pinned_route(&old.url(), "{ none: {} }", BODY_V1)).await;
+    let id = pending(&gw, "in-1").await;
+    reload(&gw, &pinned_route(&new.url(), "{ none: {} }", BODY_V1)).await;
+    let d = until_state(&gw, &id, "dead").await;
+    assert_eq!(d["last_error"], "route_changed", "{d}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(new.requests().is_empty(), "nothing sent to the new origin");
+    // a delivery accepted after the change goes to the new origin
+    let (status, _, _) = gw.send("b", &input("p", "in-2")).await;
+    assert_eq!(status, 202);
+    support::poll_until(Duration::from_secs(10), async || {
+        (new.requests().len() == 1).then_some(())
+    })
+    .await
+    .expect("the new delivery is sent");
+    replay(&gw, &id).await;
+    until_state(&gw, &id, "delivered").await;
+    let keys: Vec<_> = new
+        .requests()
+        .iter()
+        .map(|r| r.header("idempotency-key"))
+        .collect();
+    assert_eq!(keys, [Some("in-2".into()), Some("in-1".into())]);
+}
+
+#[tokio::test]
+async fn an_auth_change_is_route_changed_but_a_rotated_secret_is_not() {
+    let ds = TestDownstream::start().await;
+    ds.set_default(Scripted::status(503));
+    let gw = gateway(&pinned_route(
+        &ds.url(),
+        "{ bearer: { token: t1 } }",
+        BODY_V1,
+    ))
+    .await;
+    let rotated = pending(&gw, "in-1").await;
+    // the same auth identity with a new secret: sent with the new secret
+    reload(
+        &gw,
+        &pinned_route(&ds.url(), "{ bearer: { token: t2 } }", BODY_V1),
+    )
+    .await;
+    let before = ds.requests().len();
+    ds.set_default(Scripted::status(200));
+    until_state(&gw, &rotated, "delivered").await;
+    let last = ds.requests().pop().unwrap();
+    assert_eq!(last.header("authorization").as_deref(), Some("Bearer t2"));
+    assert!(ds.requests().len() > before);
+    // another auth (kind or identity): the delivery is not sent with it
+    ds.set_default(Scripted::status(503));
+    let changed = pending(&gw, "in-2").await;
+    reload(
+        &gw,
+        &pinned_route(
+            &ds.url(),
+            &format!(
+                "{{ oauth2: {{ token_url: \"{}/token\", client_id: c, client_secret: s }} }}",
+                ds.url()
+            ),
+            BODY_V1,
+        ),
+    )
+    .await;
+    let d = until_state(&gw, &changed, "dead").await;
+    assert_eq!(d["last_error"], "route_changed", "{d}");
+    assert!(ds.token_requests().is_empty(), "no token fetched for it");
+}
+
+// ---------- the store: fingerprints and replays, on both backends ----------
+
+mod store_level {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use cognigy_gateway::store::{
+        AttemptRecord, NewDelivery, Settle, Store, StoreError, StoredRequest,
+    };
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn new_delivery() -> NewDelivery {
+        NewDelivery {
+            bot: "b".into(),
+            route: "p".into(),
+            payload: r#"{"inputId":"in-1"}"#.into(),
+            request: StoredRequest {
+                method: "POST".into(),
+                url: "https://old.example.com/crm".into(),
+                headers: vec![("idempotency-key".into(), "in-1".into())],
+                body: Some("{}".into()),
+            },
+            idempotency_key: Some("in-1".into()),
+            fingerprint: Some("fp-old".into()),
+        }
+    }
+
+    async fn sqlite() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
+        (dir, cognigy_gateway::store::open(&url).await.unwrap())
+    }
+
+    async fn fingerprints_and_replays(s: Arc<dyn Store>) {
+        let lease = Duration::from_secs(60);
+        let id = s
+            .accept(new_delivery(), None, t(0))
+            .await
+            .unwrap()
+            .id()
+            .to_owned();
+        let c = s.claim_due("w", t(1), 10, lease).await.unwrap().remove(0);
+        assert_eq!(
+            (c.delivery.fingerprint.as_deref(), c.delivery.render_again),
+            (Some("fp-old"), false)
+        );
+        s.settle(
+            &c.lease,
+            Settle::Dead {
+                attempt: None,
+                reason: Some("route_changed".into()),
+            },
+            t(2),
+        )
+        .await
+        .unwrap();
+        let dead = s.get(&id).await.unwrap().unwrap().delivery;
+        assert_eq!(dead.last_error.as_deref(), Some("route_changed"));
+        // a replay asks for the request to be rendered again
+        s.replay(&id, t(3)).await.unwrap();
+        let c = s.claim_due("w", t(4), 10, lease).await.unwrap().remove(0);
+        assert!(c.delivery.render_again);
+        let rendered = StoredRequest {
+            method: "PUT".into(),
+            url: "https://new.example.com/crm/v2".into(),
+            headers: vec![("x-v".into(), "2".into())],
+            body: Some(r#"{"v":2}"#.into()),
+        };
+        s.set_request(&c.lease, rendered.clone(), "fp-new".into(), t(5))
+            .await
+            .unwrap();
+        let got = s.get(&id).await.unwrap().unwrap().delivery;
+        assert_eq!(got.request, rendered);
+        assert_eq!(
+            (got.fingerprint.as_deref(), got.render_again),
+            (Some("fp-new"), false)
+        );
+        assert_eq!(
+            got.idempotency_key.as_deref(),
+            Some("in-1"),
+            "the key stays"
+        );
+        // only the current claim may set it
+        let ok = AttemptRecord {
+            at: t(6),
+            status: Some(200),
+            latency: Duration::from_millis(5),
+            error: None,
+        };
+        s.settle(&c.lease, Settle::Delivered(ok), t(6))
+            .await
+            .unwrap();
+        let e = s
+            .set_request(&c.lease, rendered, "fp-x".into(), t(7))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::LeaseLost { .. }), "{e:?}");
+        // every dead letter replayed at once is rendered again too
+        let id2 = s
+            .accept(new_delivery(), None, t(8))
+            .await
+            .unwrap()
+            .id()
+            .to_owned();
+        let c = s.claim_due("w", t(9), 10, lease).await.unwrap().remove(0);
+        assert_eq!(c.delivery.id, id2);
+        s.settle(
+            &c.lease,
+            Settle::Dead {
+                attempt: None,
+                reason: Some("route_removed".into()),
+            },
+            t(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.replay_dead(t(11)).await.unwrap(), 1);
+        let c = s.claim_due("w", t(12), 10, lease).await.unwrap().remove(0);
+        assert!(c.delivery.render_again);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_keeps_fingerprints_and_renders_replays_again() {
+        let (_dir, s) = sqlite().await;
+        fingerprints_and_replays(s).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_keeps_fingerprints_and_renders_replays_again() {
+        let url = super::support::pg::url().await;
+        let s = cognigy_gateway::store::open(&url).await.unwrap();
+        fingerprints_and_replays(s).await;
+    }
+}

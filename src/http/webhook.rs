@@ -399,6 +399,8 @@ async fn step8_accept(
         payload: ctx.data().to_string(),
         request: StoredRequest::from_outbound(req),
         idempotency_key: req.idempotency_key.clone(),
+        // SPEC §7.3: sent only while the route keeps this origin and auth
+        fingerprint: Some(route.downstream.fingerprint()),
     };
     let window = req
         .idempotency_key
