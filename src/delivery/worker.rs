@@ -474,28 +474,18 @@ fn still_pinned(d: &Delivery, downstream: &Downstream, fingerprint: &str) -> boo
 
 /// A replayed delivery's request, rendered again from its payload against
 /// `route` as it is now (new URL, headers, body). It keeps the delivery's
-/// idempotency key: the `Idempotency-Key` a render adds is left out, and
-/// [`rebuild`] adds the delivery's own at send time (unless the route sets the
-/// header itself). Inbound headers are not stored: `{{header …}}` renders empty.
+/// idempotency key: the route's key is not rendered again, and [`rebuild`]
+/// adds the delivery's own as `Idempotency-Key` at send time (unless the route
+/// sets the header itself). Inbound headers are not stored: `{{header …}}`
+/// renders empty.
 fn render_again(route: &Route, d: &Delivery) -> Result<StoredRequest, String> {
     let payload: serde_json::Value =
         serde_json::from_str(&d.payload).map_err(|_| "stored payload is not JSON".to_string())?;
     let ctx = Context::from(payload);
     let meta = RenderMeta::new(&d.bot, &route.name);
-    let req = crate::config::render::build(route, &ctx, &meta)
+    let req = crate::config::render::build_replayed(route, &ctx, &meta)
         .map_err(|e| format!("render_failed: {e}"))?;
-    let mut stored = StoredRequest::from_outbound(&req);
-    if !route
-        .downstream
-        .headers
-        .iter()
-        .any(|h| h.name == IDEMPOTENCY_KEY)
-    {
-        stored
-            .headers
-            .retain(|(name, _)| !name.eq_ignore_ascii_case(IDEMPOTENCY_KEY.as_str()));
-    }
-    Ok(stored)
+    Ok(StoredRequest::from_outbound(&req))
 }
 
 /// The request to send for a stored delivery: what was rendered at acceptance
