@@ -136,6 +136,45 @@ pub struct Downstream {
     pub rate_limit: Option<crate::ratelimit::RateLimit>,
 }
 
+impl Downstream {
+    /// Where and how this downstream is called, as stored with each delivery
+    /// at acceptance (SPEC §7.3: a stored delivery goes only to the origin,
+    /// with the auth, that it was accepted for): the hex SHA-256 of the
+    /// origin (scheme, host, port), the auth kind and, for OAuth2, the token
+    /// endpoint (without its query) and client id. Never a secret value: a
+    /// rotated bearer token or client secret keeps the fingerprint.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let origin = match &self.base {
+            Some(base) => origin_of(base),
+            None => self.origin.clone(),
+        };
+        let auth = match &self.auth {
+            OutboundAuth::None => "none".to_owned(),
+            OutboundAuth::Bearer(_) => "bearer".to_owned(),
+            OutboundAuth::OAuth2(c) => format!(
+                "oauth2 {}{} {}",
+                origin_of(&c.token_url),
+                c.token_url.path(),
+                c.client_id
+            ),
+        };
+        hex::encode(Sha256::digest(format!(
+            "route-fingerprint-v1\n{origin}\n{auth}"
+        )))
+    }
+}
+
+/// `scheme://host:port` of a URL, the port always written (the scheme's default when absent).
+pub fn origin_of(url: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default()
+    )
+}
+
 #[derive(Debug)]
 pub struct HeaderSpec {
     pub name: http::HeaderName,

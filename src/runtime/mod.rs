@@ -58,6 +58,9 @@ pub struct Limits {
     pub dead_retention: Duration,
     /// `--max-pending`: accepts are refused while this many deliveries are pending (SPEC §7.3).
     pub max_pending: u64,
+    /// An OAuth2 token younger than this is not replaced after a downstream
+    /// 401: the 401 is the answer (SPEC §7.3). Not a flag; tests shorten it.
+    pub token_refresh_min_age: Duration,
 }
 
 impl Default for Limits {
@@ -72,6 +75,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             dead_retention: crate::store::DEFAULT_DEAD_RETENTION,
             max_pending: crate::store::DEFAULT_MAX_PENDING,
+            token_refresh_min_age: crate::downstream::oauth2::MIN_REFRESH_AGE,
         }
     }
 }
@@ -90,7 +94,8 @@ impl Shared {
             .pool_max_idle_per_host(256)
             .build()
             .expect("the HTTP client builds (is a rustls crypto provider installed?)");
-        let tokens = TokenCache::new(client.clone());
+        let tokens =
+            TokenCache::new(client.clone()).with_min_refresh_age(limits.token_refresh_min_age);
         Shared {
             client,
             tokens,

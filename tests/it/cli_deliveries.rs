@@ -36,6 +36,7 @@ fn delivery(n: u32) -> NewDelivery {
             body: Some(format!(r#"{{"id":"C-{n}"}}"#)),
         },
         idempotency_key: Some(format!("in-{n}")),
+        fingerprint: None,
     }
 }
 
