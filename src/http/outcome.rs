@@ -106,7 +106,7 @@ impl Outcome {
             E::BodyTimeout { .. } => Outcome::BodyTimeout,
             E::Unauthorized | E::AdminUnauthorized => Outcome::Unauthorized,
             E::RateLimited { .. } => Outcome::RateLimited,
-            E::InvalidJson { .. } => Outcome::InvalidJson,
+            E::InvalidJson { .. } | E::NotJsonMediaType { .. } => Outcome::InvalidJson,
             E::Schema { .. } => Outcome::Schema,
             E::NoRoute { .. } => Outcome::NoRoute,
             E::Render { .. } | E::AnswerTemplate { .. } => Outcome::RenderError,
