@@ -144,6 +144,7 @@ impl Compiler<'_> {
             index,
             from_env: expansion.from_env.iter().cloned().collect(),
             unresolved: expansion.unresolved.iter().cloned().collect(),
+            env_refs: env::reference_pointers(&original).into_iter().collect(),
         });
         for p in &expansion.problems {
             let at = At {

@@ -29,6 +29,7 @@ mod elements;
 mod examples;
 mod fields;
 mod intake;
+mod lint;
 mod position;
 mod taint;
 #[cfg(test)]
@@ -95,6 +96,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         env_values: BTreeSet::new(),
         templates_used: Vec::new(),
         forbidden_headers: Vec::new(),
+        lint_allow: HashMap::new(),
     };
     let files = walk::collect_files(inputs, &mut c.diags);
     for f in files {
@@ -109,6 +111,9 @@ struct FileCtx {
     index: Arc<SpanIndex>,
     from_env: HashSet<String>,
     unresolved: HashSet<String>,
+    /// Pointers of the values that reference a variable as written (`${…}`),
+    /// set or not: a secret written without one is a lint warning.
+    env_refs: HashSet<String>,
 }
 
 /// Where a raw element came from: file index and JSON pointer of the element.
@@ -154,6 +159,8 @@ struct Compiler<'a> {
     /// While a route is compiled: the inbound headers (lower-case) its templates
     /// may not read with the `header` helper, and why.
     forbidden_headers: Vec<(String, String)>,
+    /// The lint rules each bot and route (by file and pointer) allows.
+    lint_allow: HashMap<(usize, String), Vec<raw::LintRule>>,
 }
 
 impl Compiler<'_> {
@@ -249,6 +256,12 @@ impl Compiler<'_> {
                 )
                 .collect();
             self.check_template_fields(at, route, &schemas);
+            let bot_schemas: Vec<Option<Arc<PayloadSchema>>> = route
+                .bots
+                .iter()
+                .filter_map(|b| bots.get(b).map(|(_, p)| p.schema.clone()))
+                .collect();
+            self.check_key_fields(at, route, route.schema.as_ref(), &bot_schemas);
             // with values removed from `defaults:`, examples would run on stand-ins
             if self.opts.check_examples && dtaint.is_clean() {
                 self.check_examples(at, route, &bots);
