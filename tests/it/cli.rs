@@ -229,7 +229,7 @@ fn render_prints_the_request_with_secrets_masked() {
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
-        Some("PUT https://crm.example.com/api/v2/contacts/C-1001")
+        Some("PUT http://127.0.0.1:8081/api/v2/contacts/C-1001")
     );
     assert!(
         text.lines()
