@@ -139,8 +139,8 @@ async fn handle(State(mock): State<Shared>, req: Request, forced: Option<StatusC
         }
     }
 
-    let key = idempotency_key(&parts.headers)
-        .map(|k| (method.to_string(), target.clone(), k.to_owned()));
+    let key =
+        idempotency_key(&parts.headers).map(|k| (method.to_string(), target.clone(), k.to_owned()));
     let mut m = mock.lock().unwrap();
     if let Some((status, answer)) = key.as_ref().and_then(|k| m.answers.get(k)).cloned() {
         println!(
@@ -162,7 +162,8 @@ async fn handle(State(mock): State<Shared>, req: Request, forced: Option<StatusC
             } else {
                 StatusCode::OK
             };
-            let received = json!({"method": method.as_str(), "path": path, "query": query, "body": body});
+            let received =
+                json!({"method": method.as_str(), "path": path, "query": query, "body": body});
             (status, json!({"id": id, "received": received}))
         }
     };

@@ -14,6 +14,7 @@ mod support;
 
 mod cli;
 mod cli_deliveries;
+mod cookbook;
 mod delivery;
 mod delivery_crash;
 mod delivery_instances;
