@@ -36,6 +36,11 @@ pub enum ApiError {
     RateLimited { bot: String, retry_after: Duration },
     /// Step 4: not JSON, or nested too deep.
     InvalidJson { message: String },
+    /// Step 4: a form body (`application/x-www-form-urlencoded` or
+    /// `multipart/form-data`), what Cognigy's HTTP Request node sends unless its
+    /// payload type is set to JSON. `media_type` is one of those two names,
+    /// never the header as sent.
+    NotJsonMediaType { media_type: &'static str },
     /// Step 5: the bot's or the route's payload schema failed.
     Schema {
         violations: Vec<Violation>,
@@ -98,6 +103,7 @@ impl ApiError {
             }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            NotJsonMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyRead | InvalidJson { .. } | BadState => StatusCode::BAD_REQUEST,
             BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Unauthorized | AdminUnauthorized => StatusCode::UNAUTHORIZED,
@@ -128,6 +134,7 @@ impl ApiError {
             Forbidden { .. } => "forbidden",
             RateLimited { .. } => "rate_limited",
             InvalidJson { .. } => "invalid_json",
+            NotJsonMediaType { .. } => "unsupported_media_type",
             Schema { .. } => "schema",
             NoRoute { .. } => "no_route",
             Render { .. } | AnswerTemplate { .. } => "render",
@@ -176,6 +183,13 @@ impl ApiError {
             Unauthorized => "missing or invalid credentials".to_owned(),
             RateLimited { bot, .. } => format!("bot `{bot}` is over its rate limit; slow down"),
             InvalidJson { message } => message,
+            NotJsonMediaType { media_type } => {
+                extra.insert("content_type".into(), media_type.into());
+                format!(
+                    "the body is {media_type}, not JSON: set the HTTP Request node's payload \
+                     type to JSON (Content-Type: application/json)"
+                )
+            }
             Schema { violations, route } => {
                 let n = violations.len();
                 extra.insert(
@@ -326,6 +340,13 @@ mod tests {
                 },
                 400,
                 "invalid_json",
+            ),
+            (
+                ApiError::NotJsonMediaType {
+                    media_type: "application/x-www-form-urlencoded",
+                },
+                415,
+                "unsupported_media_type",
             ),
             (
                 ApiError::Schema {

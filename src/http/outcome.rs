@@ -109,7 +109,7 @@ impl Outcome {
             E::BodyTimeout { .. } => Outcome::BodyTimeout,
             E::Unauthorized | E::AdminUnauthorized | E::Forbidden { .. } => Outcome::Unauthorized,
             E::RateLimited { .. } => Outcome::RateLimited,
-            E::InvalidJson { .. } => Outcome::InvalidJson,
+            E::InvalidJson { .. } | E::NotJsonMediaType { .. } => Outcome::InvalidJson,
             E::Schema { .. } => Outcome::Schema,
             E::NoRoute { .. } => Outcome::NoRoute,
             E::Render { .. } | E::AnswerTemplate { .. } => Outcome::RenderError,

@@ -142,7 +142,7 @@ async fn pipeline(
         step3_auth(bot, headers, &bytes)?;
         step3_rate_limit(rt, bot)?;
     }
-    let payload = step4_json(&bytes, gw.shared.limits.max_depth)?;
+    let payload = step4_json(headers, &bytes, gw.shared.limits.max_depth)?;
     let (route, state) = step5_6_schema_and_route(rt, bot, &payload, log)?;
     let ctx = Context::from(payload);
     let mut meta = RenderMeta::new(&bot.id, &route.name);
@@ -497,7 +497,11 @@ fn step3_rate_limit(rt: &Runtime, bot: &Bot) -> Result<(), ApiError> {
         })
 }
 
-fn step4_json(bytes: &[u8], max_depth: usize) -> Result<Value, ApiError> {
+fn step4_json(headers: &HeaderMap, bytes: &[u8], max_depth: usize) -> Result<Value, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes());
+    if let Some(media_type) = crate::payload::form_media_type(content_type) {
+        return Err(ApiError::NotJsonMediaType { media_type });
+    }
     if let Err(depth) = crate::payload::check_depth(bytes, max_depth) {
         return Err(ApiError::InvalidJson {
             message: format!("JSON nests deeper than {max_depth} levels (reached {depth})"),

@@ -16,6 +16,7 @@ mod admin_security;
 mod architecture;
 mod cli;
 mod cli_deliveries;
+mod cookbook;
 mod delivered_once;
 mod delivery;
 mod delivery_crash;

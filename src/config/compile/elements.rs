@@ -72,6 +72,7 @@ impl Compiler<'_> {
                     );
                     self.push(&at, true, Severity::Error, msg);
                 }
+                self.lint_defaults(&first_at, &first);
                 (first, taint)
             }
         }
@@ -88,6 +89,7 @@ impl Compiler<'_> {
             .collect();
         for (at, parsed, _) in raw_bots {
             let Some((b, taint)) = parsed else { continue };
+            self.lint_bot(&at, &b);
             if !taint.is_clean() {
                 // compiled for the diagnostics of its other fields, never kept
                 let _ = self.compile_bot(&at, b);
@@ -148,6 +150,7 @@ impl Compiler<'_> {
                     if let Some((r, taint)) = parsed {
                         let taint = taint.union(dtaint);
                         self.forbid_headers(&r, &auth);
+                        self.lint_route(&at, &r, defaults);
                         let _ = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
                     }
                     continue;
@@ -157,6 +160,7 @@ impl Compiler<'_> {
             let Some((r, own)) = parsed else { continue };
             let taint = own.union(dtaint);
             self.forbid_headers(&r, &auth);
+            self.lint_route(&at, &r, defaults);
             let route = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
             // a route with values in error is compiled for the diagnostics of its
             // other fields only: claims and examples would judge it by stand-ins
@@ -416,6 +420,14 @@ impl Compiler<'_> {
                 vec![]
             }
             (Some(b), None) => vec![b],
+            (None, Some(bs)) if bs.is_empty() => {
+                self.error(
+                    &at.child("bots"),
+                    "an empty list means no bot, not every bot: list the bots this route \
+                     serves, or leave `bots` out for every bot",
+                );
+                vec![]
+            }
             (None, Some(bs)) => bs,
             (None, None) => vec![],
         };

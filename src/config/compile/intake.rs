@@ -152,6 +152,7 @@ impl Compiler<'_> {
                 })
                 .collect(),
             unresolved: expansion.unresolved.iter().cloned().collect(),
+            env_refs: env::reference_pointers(&original).into_iter().collect(),
         });
         for p in &expansion.problems {
             let at = At {

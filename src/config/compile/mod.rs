@@ -29,6 +29,7 @@ mod elements;
 mod examples;
 mod fields;
 mod intake;
+mod lint;
 mod position;
 mod taint;
 #[cfg(test)]
@@ -96,6 +97,7 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         templates_used: Vec::new(),
         forbidden_headers: Vec::new(),
         defaults_at: None,
+        lint_allow: HashMap::new(),
     };
     let files = walk::collect_files(inputs, &mut c.diags);
     for f in files {
@@ -112,6 +114,9 @@ struct FileCtx {
     /// written (before `${VAR}` expansion), which is what may be shown.
     from_env: HashMap<String, String>,
     unresolved: HashSet<String>,
+    /// Pointers of the values that reference a variable as written (`${…}`),
+    /// set or not: a secret written without one is a lint warning.
+    env_refs: HashSet<String>,
 }
 
 /// Where a raw element came from: file index and JSON pointer of the element.
@@ -161,6 +166,8 @@ struct Compiler<'a> {
     /// values are looked up by (e.g. whether a default header came from the
     /// environment).
     defaults_at: Option<At>,
+    /// The lint rules each bot and route (by file and pointer) allows.
+    lint_allow: HashMap<(usize, String), Vec<raw::LintRule>>,
 }
 
 impl Compiler<'_> {
@@ -265,6 +272,12 @@ impl Compiler<'_> {
                 )
                 .collect();
             self.check_template_fields(at, route, &schemas);
+            let bot_schemas: Vec<Option<Arc<PayloadSchema>>> = route
+                .bots
+                .iter()
+                .filter_map(|b| bots.get(b).map(|(_, p)| p.schema.clone()))
+                .collect();
+            self.check_key_fields(at, route, route.schema.as_ref(), &bot_schemas);
             // with values removed from `defaults:`, examples would run on stand-ins
             if self.opts.check_examples && dtaint.is_clean() {
                 self.check_examples(at, route, &bots);
