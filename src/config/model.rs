@@ -103,6 +103,9 @@ pub struct Route {
     pub log_fields: Vec<String>,
     pub downstream: Downstream,
     pub body: Option<Template>,
+    /// The URL or the body holds a `${VAR}` value: a stored delivery keeps them
+    /// masked and the worker renders them again at send time (SPEC §7.4).
+    pub secret_parts: bool,
     pub response: Option<ResponseSpec>,
     pub retry: RetryPolicy,
     pub breaker: BreakerConfig,

@@ -485,7 +485,11 @@ fn render_again(route: &Route, d: &Delivery) -> Result<StoredRequest, String> {
     let meta = RenderMeta::new(&d.bot, &route.name);
     let req = crate::config::render::build_replayed(route, &ctx, &meta)
         .map_err(|e| format!("render_failed: {e}"))?;
-    Ok(StoredRequest::from_outbound(&req))
+    Ok(if route.secret_parts {
+        StoredRequest::from_outbound_masked(&req, &crate::telemetry::log_redact::remembered())
+    } else {
+        StoredRequest::from_outbound(&req)
+    })
 }
 
 /// The request to send for a stored delivery: what was rendered at acceptance
@@ -503,7 +507,27 @@ pub fn rebuild(
 ) -> Result<OutboundRequest, String> {
     let method = http::Method::from_bytes(stored.method.as_bytes())
         .map_err(|_| "stored method is invalid".to_string())?;
-    let target = url::Url::parse(&stored.url).map_err(|_| "stored URL is invalid".to_string())?;
+    // A route whose URL or body holds a `${VAR}` value stored them masked:
+    // render them again now, in memory only (SPEC §7.4). The fingerprint check
+    // before this made sure the route keeps the origin and auth it had.
+    let again = if route.secret_parts {
+        let value: serde_json::Value =
+            serde_json::from_str(payload).map_err(|_| "stored payload is not JSON".to_string())?;
+        let meta = RenderMeta::new(bot, &route.name);
+        let req = crate::config::render::build_replayed(route, &Context::from(value), &meta)
+            .map_err(|e| format!("render_failed: {e}"))?;
+        Some((req.url, req.target, req.body))
+    } else {
+        None
+    };
+    let (url, target, body) = match again {
+        Some(parts) => parts,
+        None => (
+            stored.url.clone(),
+            url::Url::parse(&stored.url).map_err(|_| "stored URL is invalid".to_string())?,
+            stored.body.clone(),
+        ),
+    };
     let mut headers = Vec::with_capacity(stored.headers.len() + 2);
     for (k, v) in &stored.headers {
         let name = http::HeaderName::try_from(k.as_str())
@@ -532,10 +556,10 @@ pub fn rebuild(
     }
     Ok(OutboundRequest {
         method,
-        url: stored.url.clone(),
+        url,
         target,
         headers,
-        body: stored.body.clone(),
+        body,
         idempotency_key: Some(idempotency_key),
     })
 }

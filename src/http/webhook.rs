@@ -397,7 +397,13 @@ async fn step8_accept(
         bot: bot.to_owned(),
         route: route.name.clone(),
         payload: ctx.data().to_string(),
-        request: StoredRequest::from_outbound(req),
+        // a `${VAR}` value in the URL or body is never stored: masked here,
+        // rendered again by the worker at send time (SPEC §7.4)
+        request: if route.secret_parts {
+            StoredRequest::from_outbound_masked(req, &crate::telemetry::log_redact::remembered())
+        } else {
+            StoredRequest::from_outbound(req)
+        },
         idempotency_key: req.idempotency_key.clone(),
         // SPEC §7.3: sent only while the route keeps this origin and auth
         fingerprint: Some(route.downstream.fingerprint()),

@@ -153,6 +153,19 @@ impl StoredRequest {
     /// from the environment (`secret` in [`OutboundRequest::headers`]) are
     /// left out; the sender renders them again. Header values that are not
     /// UTF-8 are stored lossily (render refuses control characters already).
+    /// [`from_outbound`](Self::from_outbound) with every `${VAR}` value in the
+    /// URL and body masked by `redactor` (a route with `secret_parts`: its
+    /// worker renders them again at send time, so the store never holds them).
+    pub fn from_outbound_masked(
+        req: &OutboundRequest,
+        redactor: &crate::config::redact::Redactor,
+    ) -> Self {
+        let mut s = Self::from_outbound(req);
+        s.url = redactor.redact(&s.url);
+        s.body = s.body.map(|b| redactor.redact(&b));
+        s
+    }
+
     pub fn from_outbound(req: &OutboundRequest) -> Self {
         StoredRequest {
             method: req.method.as_str().to_owned(),

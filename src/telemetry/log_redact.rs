@@ -21,6 +21,12 @@ static VALUES: LazyLock<ArcSwap<Redactor>> =
 /// Serialises [`remember`]'s read-merge-store.
 static MERGE: Mutex<()> = Mutex::new(());
 
+/// Every remembered `${VAR}` value, for masking elsewhere than logs (the
+/// request a stored delivery keeps: the values of older generations too).
+pub fn remembered() -> Arc<Redactor> {
+    VALUES.load_full()
+}
+
 /// Masks `r`'s values in every later log line.
 pub fn remember(r: &Redactor) {
     if r.is_empty() {

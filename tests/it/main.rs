@@ -27,6 +27,7 @@ mod outbound_rate_limit;
 mod rate_limit;
 mod reload;
 mod reload_concurrent;
+mod secrets_store;
 mod serve_auth;
 mod serve_binary;
 mod serve_breaker;

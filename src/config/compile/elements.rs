@@ -503,6 +503,8 @@ impl Compiler<'_> {
             deadline,
             taint,
         );
+        let secret_parts = self.is_from_env(&at.child("body"))
+            || self.is_from_env(&at.child("downstream").child("url"));
         let body = r
             .body
             .as_deref()
@@ -571,6 +573,7 @@ impl Compiler<'_> {
             log_fields,
             downstream: downstream?,
             body,
+            secret_parts,
             response,
             retry: retry?,
             breaker: breaker.as_ref()?.0.clone(),

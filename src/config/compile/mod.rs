@@ -221,7 +221,7 @@ impl Compiler<'_> {
         self.files[at.file].unresolved.contains(&at.pointer)
     }
 
-    fn is_from_env(&self, at: &At) -> bool {
+    pub(super) fn is_from_env(&self, at: &At) -> bool {
         self.files[at.file].from_env.contains_key(&at.pointer)
     }
 
