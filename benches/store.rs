@@ -63,6 +63,7 @@ fn delivery(n: usize) -> NewDelivery {
             )),
         },
         idempotency_key: Some(format!("in-{n}")),
+        fingerprint: None,
     }
 }
 

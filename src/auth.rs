@@ -472,7 +472,7 @@ fn secret_bytes(secret: &SecretString) -> &[u8] {
 }
 
 /// HMAC-SHA256 over the concatenation of `parts`, without copying them.
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; MAC_LEN] {
+pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; MAC_LEN] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
     for part in parts {
         mac.update(part);

@@ -74,7 +74,13 @@ impl PayloadSchema {
     }
 
     /// Every violation of `payload` (at most [`MAX_VIOLATIONS`]).
+    /// Every violation (at most a few); none for a valid payload. Checks
+    /// `is_valid` first: collecting errors costs allocations that a valid
+    /// payload (nearly every one) never needs.
     pub fn violations(&self, payload: &Value) -> Vec<Violation> {
+        if self.validator.is_valid(payload) {
+            return Vec::new();
+        }
         self.validator
             .iter_errors(payload)
             .take(MAX_VIOLATIONS)
@@ -243,6 +249,19 @@ pub fn check_depth(body: &[u8], limit: usize) -> Result<(), usize> {
     Ok(())
 }
 
+/// The form media type a `Content-Type` value names (`application/x-www-form-urlencoded`
+/// or `multipart/form-data`, parameters and case ignored), else `None`. Cognigy's
+/// HTTP Request node sends a form unless its payload type is set to JSON; any
+/// other type (or none) is judged by parsing the body.
+pub fn form_media_type(content_type: Option<&[u8]>) -> Option<&'static str> {
+    let value = content_type?;
+    let essence = value.split(|&b| b == b';').next().unwrap_or_default();
+    let essence = essence.trim_ascii();
+    ["application/x-www-form-urlencoded", "multipart/form-data"]
+        .into_iter()
+        .find(|m| essence.eq_ignore_ascii_case(m.as_bytes()))
+}
+
 /// The intent at `pointer`: `None` when null, absent, empty or not a string.
 pub fn intent<'a>(payload: &'a Value, pointer: &str) -> Option<&'a str> {
     payload
@@ -267,6 +286,27 @@ pub fn score(payload: &Value, pointer: &str) -> Option<f64> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn form_bodies_are_named_by_their_media_type() {
+        let form = Some("application/x-www-form-urlencoded");
+        for (value, want) in [
+            ("application/x-www-form-urlencoded", form),
+            ("Application/X-WWW-Form-Urlencoded; charset=UTF-8", form),
+            (
+                " multipart/form-data; boundary=xyz",
+                Some("multipart/form-data"),
+            ),
+            ("application/json", None),
+            ("application/json; charset=utf-8", None),
+            ("text/plain", None),
+            ("application/x-www-form-urlencoded-not", None),
+            ("", None),
+        ] {
+            assert_eq!(form_media_type(Some(value.as_bytes())), want, "{value:?}");
+        }
+        assert_eq!(form_media_type(None), None);
+    }
 
     #[test]
     fn depth_limit_ignores_brackets_in_strings() {

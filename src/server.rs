@@ -33,6 +33,9 @@ pub struct Settings {
     pub limits: Limits,
     /// `GATEWAY_ADMIN_TOKEN`.
     pub admin_token: Option<SecretString>,
+    /// `--admin-hostnames`: names (besides IP literals and `localhost`) the
+    /// admin listener answers to; any other `Host` gets 403 (DNS rebinding).
+    pub admin_hostnames: Vec<String>,
     /// Where `${VAR}` values come from (the process environment in the binary).
     pub env: EnvLookup,
     /// How long the whole shutdown may take once it begins: in-flight requests
@@ -62,6 +65,7 @@ impl Settings {
             store,
             limits: Limits::default(),
             admin_token: None,
+            admin_hostnames: Vec::new(),
             env,
             shutdown_grace: Duration::from_secs(10),
             watch: Some(Duration::from_millis(250)),
@@ -263,6 +267,9 @@ impl Server {
                 public,
                 admin,
                 gw.clone(),
+                crate::http::admin::AdminOptions {
+                    hostnames: settings.admin_hostnames.clone(),
+                },
                 settings.connections,
                 shutdown,
                 public_grace,

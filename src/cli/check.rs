@@ -136,13 +136,16 @@ pub fn render(
     }
     if let Some(body) = &req.body {
         out.push('\n');
-        let pretty = serde_json::from_str::<serde_json::Value>(body)
+        // masked before pretty-printing, which could re-escape a value
+        let body = config.redactor.redact(body);
+        let pretty = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| serde_json::to_string_pretty(&v).ok())
-            .unwrap_or_else(|| body.clone());
+            .unwrap_or(body);
         out.push_str(&pretty);
         out.push('\n');
     }
-    print!("{out}");
+    // every `${VAR}` value, wherever it landed (URL, body, token URL), as `***`
+    print!("{}", config.redactor.redact(&out));
     0
 }

@@ -1,4 +1,4 @@
-//! `gateway deliveries list [--dead] | show ID | replay ID | replay --dead`:
+//! `gateway deliveries list [--dead] | show ID [--payload] | replay ID | replay --dead`:
 //! the operator's view of the delivery store (SPEC §4). Works beside a
 //! running gateway on the same store; a replayed delivery is picked up by
 //! its workers like any pending one.
@@ -44,8 +44,14 @@ enum DeliveriesCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    /// Show one delivery: its request, payload and every try.
-    Show { id: String },
+    /// Show one delivery: its request and every try (the payload and the
+    /// rendered body only with `--payload`: they may hold personal data).
+    Show {
+        id: String,
+        /// Also print the payload and the rendered request body.
+        #[arg(long)]
+        payload: bool,
+    },
     /// Send a dead or delivered delivery again (attempts start over), or every dead one.
     Replay {
         /// The delivery to replay.
@@ -118,13 +124,13 @@ async fn command(
                 OutputFormat::Text => print_list(&list),
             }
         }
-        DeliveriesCommand::Show { id } => {
+        DeliveriesCommand::Show { id, payload } => {
             let Some(detail) = store.get(&id).await? else {
                 return Err(StoreError::NotFound { id });
             };
             match format {
-                OutputFormat::Json => print_json(&detail_json(&detail)),
-                OutputFormat::Text => print_detail(&detail),
+                OutputFormat::Json => print_json(&detail_json(&detail, payload)),
+                OutputFormat::Text => print_detail(&detail, payload),
             }
         }
         DeliveriesCommand::Replay { id: Some(id), .. } => {
@@ -180,9 +186,10 @@ fn attempt_json(a: &Attempt) -> Value {
     })
 }
 
-fn detail_json(detail: &DeliveryDetail) -> Value {
+/// One delivery as JSON; `payload` and `request.body` only when `with_payload`.
+fn detail_json(detail: &DeliveryDetail, with_payload: bool) -> Value {
     let d = &detail.delivery;
-    json!({
+    let mut v = json!({
         "id": d.id,
         "bot": d.bot,
         "route": d.route,
@@ -203,7 +210,14 @@ fn detail_json(detail: &DeliveryDetail) -> Value {
         },
         "payload": serde_json::from_str::<Value>(&d.payload).unwrap_or(Value::String(d.payload.clone())),
         "tries": detail.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
-    })
+    });
+    if !with_payload && let Some(o) = v.as_object_mut() {
+        o.remove("payload");
+        if let Some(r) = o.get_mut("request").and_then(Value::as_object_mut) {
+            r.remove("body");
+        }
+    }
+    v
 }
 
 fn print_list(list: &[DeliverySummary]) {
@@ -229,7 +243,7 @@ fn print_list(list: &[DeliverySummary]) {
     }
 }
 
-fn print_detail(detail: &DeliveryDetail) {
+fn print_detail(detail: &DeliveryDetail, with_payload: bool) {
     let d = &detail.delivery;
     println!("id:              {}", d.id);
     println!("state:           {}", d.state);
@@ -252,10 +266,14 @@ fn print_detail(detail: &DeliveryDetail) {
         println!("  {n}: {v}");
     }
     println!("  (downstream auth and secret headers are added when sent)");
-    if let Some(b) = &d.request.body {
-        println!("body:            {b}");
+    if with_payload {
+        if let Some(b) = &d.request.body {
+            println!("body:            {b}");
+        }
+        println!("payload:         {}", d.payload);
+    } else {
+        println!("payload:         (not shown: it may hold personal data; --payload shows it)");
     }
-    println!("payload:         {}", d.payload);
     if detail.attempts.is_empty() {
         println!("no tries yet");
     }

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the gateway.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Check route files as `serve` would, with no network and no secrets.
     Validate {
         /// Route files or directories (default: the routes directory).
@@ -80,7 +80,7 @@ pub fn run() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Validate {
             paths,
             format,

@@ -140,6 +140,54 @@ pub fn expand_with(
     Ok(out)
 }
 
+/// Whether `s` references a variable (`${NAME}` or `${NAME:-default}`) as
+/// written, before expansion; `$${` is a literal and no reference.
+pub fn has_reference(s: &str) -> bool {
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        let after = &rest[i..];
+        if let Some(r) = after.strip_prefix("$${") {
+            rest = r;
+        } else if after.starts_with("${") {
+            return true;
+        } else {
+            rest = &after[1..];
+        }
+    }
+    false
+}
+
+/// The pointers of every string value of `doc` (as written) that references a variable.
+pub fn reference_pointers(doc: &Value) -> Vec<String> {
+    fn walk(v: &Value, pointer: &mut String, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) if has_reference(s) => out.push(pointer.clone()),
+            Value::Array(items) => {
+                let len = pointer.len();
+                for (i, item) in items.iter().enumerate() {
+                    pointer.push('/');
+                    pointer.push_str(&i.to_string());
+                    walk(item, pointer, out);
+                    pointer.truncate(len);
+                }
+            }
+            Value::Object(map) => {
+                let len = pointer.len();
+                for (k, item) in map {
+                    pointer.push('/');
+                    pointer.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                    walk(item, pointer, out);
+                    pointer.truncate(len);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(doc, &mut String::new(), &mut out);
+    out
+}
+
 /// One expansion problem at a JSON pointer.
 #[derive(Debug)]
 pub struct EnvProblem {
@@ -327,6 +375,20 @@ mod tests {
         assert!(!ex("${file:secrets/key}").missing_files.is_empty());
         // an escaped reference stays literal
         assert_eq!(ex("$${file:x}").value, "${file:x}");
+    }
+
+    #[test]
+    fn references_as_written() {
+        assert!(has_reference("${A}"));
+        assert!(has_reference("Basic ${A:-x}"));
+        assert!(has_reference("$${A} ${B}"));
+        assert!(!has_reference("$${A}"));
+        assert!(!has_reference("plain $ text"));
+        let doc = serde_json::json!({"a": ["x", "${T}"], "b/c": "$${L}", "d": {"e": "${U:-u}"}});
+        assert_eq!(
+            reference_pointers(&doc),
+            vec!["/a/1".to_string(), "/d/e".into()]
+        );
     }
 
     #[test]

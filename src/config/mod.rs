@@ -4,6 +4,7 @@ pub mod env;
 pub mod load;
 pub mod model;
 pub mod raw;
+pub mod redact;
 pub mod render;
 pub mod shape;
 pub mod yaml;

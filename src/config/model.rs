@@ -27,6 +27,9 @@ pub struct Config {
     pub routes: BTreeMap<String, Arc<Route>>,
     /// SHA-256 (hex) over every route file and referenced schema file, path and content.
     pub hash: String,
+    /// Masks the `${VAR}` values this configuration read, in text shown to
+    /// people (`gateway render`).
+    pub redactor: crate::config::redact::Redactor,
     /// Route files that were read.
     pub files: Vec<PathBuf>,
     /// Schema files that were read (their directories are watched too).
@@ -103,6 +106,9 @@ pub struct Route {
     pub log_fields: Vec<String>,
     pub downstream: Downstream,
     pub body: Option<Template>,
+    /// The URL or the body holds a `${VAR}` value: a stored delivery keeps them
+    /// masked and the worker renders them again at send time (SPEC §7.4).
+    pub secret_parts: bool,
     pub response: Option<ResponseSpec>,
     pub retry: RetryPolicy,
     pub breaker: BreakerConfig,
@@ -118,6 +124,9 @@ pub struct Route {
 pub struct Downstream {
     pub method: http::Method,
     pub url: Template,
+    /// The URL template as written, before `${VAR}` expansion: what admin
+    /// answers show, so no environment value is ever shown (SPEC §7.4).
+    pub url_shown: String,
     /// `scheme://host[:port]` fixed by the file; a rendered URL always starts with it.
     pub origin: String,
     /// `origin` + `/`, parsed once: rendered URLs are parsed relative to it, so
@@ -129,6 +138,8 @@ pub struct Downstream {
     pub auth: OutboundAuth,
     pub success: StatusSet,
     pub max_in_flight: u32,
+    /// Outbound token bucket settings (`rate_limit`), when limited.
+    pub rate_limit: Option<crate::ratelimit::RateLimit>,
     /// `tls`: a private CA, a client certificate; `None`: the system's roots.
     pub tls: Option<Arc<DownstreamTls>>,
 }
@@ -156,6 +167,47 @@ impl std::fmt::Debug for DownstreamTls {
             .field("identity", &self.identity.as_ref().map(|_| "***"))
             .finish()
     }
+}
+
+impl Downstream {
+    /// Where and how this downstream is called, as stored with each delivery
+    /// at acceptance (SPEC §7.3: a stored delivery goes only to the origin,
+    /// with the auth, that it was accepted for): the hex SHA-256 of the
+    /// origin (scheme, host, port), the auth kind and, for OAuth2, the token
+    /// endpoint (without its query) and client id. Never a secret value: a
+    /// rotated bearer token or client secret keeps the fingerprint.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let origin = match &self.base {
+            Some(base) => origin_of(base),
+            None => self.origin.clone(),
+        };
+        let auth = match &self.auth {
+            OutboundAuth::None => "none".to_owned(),
+            OutboundAuth::Bearer(_) => "bearer".to_owned(),
+            // the user name: another account is another destination; a new password is not
+            OutboundAuth::Basic(user, _) => format!("basic {user}"),
+            OutboundAuth::OAuth2(c) => format!(
+                "oauth2 {}{} {}",
+                origin_of(&c.token_url),
+                c.token_url.path(),
+                c.client_id
+            ),
+        };
+        hex::encode(Sha256::digest(format!(
+            "route-fingerprint-v1\n{origin}\n{auth}"
+        )))
+    }
+}
+
+/// `scheme://host:port` of a URL, the port always written (the scheme's default when absent).
+pub fn origin_of(url: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default()
+    )
 }
 
 #[derive(Debug)]
@@ -223,6 +275,9 @@ pub struct FallbackSpec {
 pub struct HealthSettings {
     pub url: String,
     pub interval: Duration,
+    /// The URL is on the downstream's own origin (scheme, host, port): only
+    /// then does the probe carry the route's credentials (SPEC §7.4).
+    pub credentials: bool,
 }
 
 /// A route example, checked by `validate`.

@@ -45,6 +45,51 @@ pub struct Bot {
     /// Most webhooks accepted from this bot (per instance, after auth): a token
     /// bucket; over it → 429 `rate_limited` with `Retry-After`.
     pub rate_limit: Option<RateLimit>,
+    /// Lint warnings of `gateway validate` not to give for this bot, e.g.
+    /// `{ allow: [none-auth] }`.
+    pub lint: Option<Lint>,
+}
+
+/// Lint settings of one bot or route.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lint {
+    /// Lint rules not to warn about here: `none-auth` (a bot with `none: {}`),
+    /// `literal-secret` (a key, token, password, client secret or credential header
+    /// written literally instead of as `${VAR}`), `http-credentials` (credentials sent
+    /// over `http://` to a host that is not loopback), `no-idempotency-key` (an async,
+    /// POST, PUT or PATCH route without `idempotency_key`), `optional-key-field`
+    /// (`idempotency_key` reads a payload field the payload schemas do not require).
+    pub allow: Vec<LintRule>,
+}
+
+/// A lint rule of `gateway validate`, as named in its warnings (`[lint:none-auth]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum LintRule {
+    NoneAuth,
+    LiteralSecret,
+    HttpCredentials,
+    NoIdempotencyKey,
+    OptionalKeyField,
+}
+
+impl LintRule {
+    /// The rule's name, as written in `allow` and in warnings.
+    pub fn name(self) -> &'static str {
+        match self {
+            LintRule::NoneAuth => "none-auth",
+            LintRule::LiteralSecret => "literal-secret",
+            LintRule::HttpCredentials => "http-credentials",
+            LintRule::NoIdempotencyKey => "no-idempotency-key",
+            LintRule::OptionalKeyField => "optional-key-field",
+        }
+    }
+
+    /// Whether the rule can fire on a bot (the others fire on routes).
+    pub fn applies_to_bots(self) -> bool {
+        matches!(self, LintRule::NoneAuth | LintRule::LiteralSecret)
+    }
 }
 
 /// A token bucket: `burst` calls at once, refilled at `per_second`.
@@ -139,7 +184,8 @@ pub struct Route {
     pub name: String,
     /// The bot this route serves. Omit both `bot` and `bots` for every bot.
     pub bot: Option<String>,
-    /// The bots this route serves.
+    /// The bots this route serves. An empty list is an error: it would mean no bot,
+    /// not every bot (for every bot, omit both `bot` and `bots`).
     pub bots: Option<Vec<String>>,
     /// Intent this route handles (exact match); `"*"` makes it the bot's default route, which
     /// gets every intent no other route matches, and null, absent or empty intents.
@@ -181,6 +227,9 @@ pub struct Route {
     pub on_failure: Option<OnFailure>,
     /// Example payloads with the request they should produce; checked by `gateway validate`.
     pub examples: Option<Vec<Example>>,
+    /// Lint warnings of `gateway validate` not to give for this route, e.g.
+    /// `{ allow: [no-idempotency-key] }`.
+    pub lint: Option<Lint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -223,6 +272,10 @@ pub struct Downstream {
     pub auth: Option<OutboundAuth>,
     /// Statuses that count as delivered, e.g. `[2xx, 409]` (default `[2xx]`).
     pub success: Option<Vec<StatusPattern>>,
+    /// Outbound rate limit of this downstream (per instance): a token bucket. A sync call waits
+    /// for a token while its deadline allows, else answers as an open route (`rate_limited`);
+    /// an async delivery is postponed without using a try.
+    pub rate_limit: Option<RateLimit>,
     /// Bulkhead: most calls in flight at once; over it the call is answered 503 at once (default 64).
     #[schemars(range(min = 1, max = 100000))]
     pub max_in_flight: Option<u32>,
@@ -245,6 +298,8 @@ pub struct DownstreamDefaults {
     pub auth: Option<OutboundAuth>,
     /// Statuses that count as delivered.
     pub success: Option<Vec<StatusPattern>>,
+    /// Outbound rate limit for routes that set none.
+    pub rate_limit: Option<RateLimit>,
     /// Bulkhead size.
     #[schemars(range(min = 1, max = 100000))]
     pub max_in_flight: Option<u32>,
@@ -401,7 +456,9 @@ pub struct SlowCall {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
-    /// URL to GET (no templates).
+    /// URL to GET (no templates). The route's credentials (bearer or OAuth2 token) are sent only
+    /// when it is on the downstream URL's origin (scheme, host, port); another origin is probed
+    /// without them.
     pub url: String,
     /// Time between probes (default 10s).
     pub interval: Option<Dur>,

@@ -61,6 +61,26 @@ pub fn build(
     ctx: &Context,
     meta: &RenderMeta,
 ) -> Result<OutboundRequest, RenderFailure> {
+    build_with(route, ctx, meta, true)
+}
+
+/// Renders `route`'s request for a stored delivery replayed: as [`build`],
+/// without rendering the route's `idempotency_key` (the delivery keeps the key
+/// it was accepted with; the sender adds it as `Idempotency-Key`).
+pub fn build_replayed(
+    route: &Route,
+    ctx: &Context,
+    meta: &RenderMeta,
+) -> Result<OutboundRequest, RenderFailure> {
+    build_with(route, ctx, meta, false)
+}
+
+fn build_with(
+    route: &Route,
+    ctx: &Context,
+    meta: &RenderMeta,
+    with_key: bool,
+) -> Result<OutboundRequest, RenderFailure> {
     let fail = |part: &'static str, message: String| RenderFailure {
         route: route.name.clone(),
         part,
@@ -101,7 +121,7 @@ pub fn build(
         ));
     }
 
-    let idempotency_key = match &route.idempotency_key {
+    let idempotency_key = match route.idempotency_key.as_ref().filter(|_| with_key) {
         Some(t) => {
             let k = t
                 .render(ctx, meta)

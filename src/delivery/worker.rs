@@ -20,11 +20,12 @@ use handlebars::Context;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::render::{OutboundRequest, header_value};
+use crate::config::model::{Downstream, Route, origin_of};
+use crate::config::render::{IDEMPOTENCY_KEY, OutboundRequest, header_value};
 use crate::downstream::retry::TryOutcome;
 use crate::runtime::Gateway;
 use crate::runtime::client::{self, Attempt};
-use crate::store::{AttemptRecord, Claimed, Settle, StoredRequest};
+use crate::store::{AttemptRecord, Claimed, Delivery, Settle, StoredRequest};
 use crate::template::RenderMeta;
 
 /// How the worker runs.
@@ -284,27 +285,61 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
     let lease_until = lease.until;
     let rt = gw.runtime.load_full();
     let now = SystemTime::now();
+    let lease = &lease;
     let settle = |outcome: Settle| async move {
-        if let Err(e) = gw.store.settle(&lease, outcome, SystemTime::now()).await {
+        if let Err(e) = gw.store.settle(lease, outcome, SystemTime::now()).await {
             tracing::warn!(delivery = %lease.id, error = %e, "delivery store: settle refused");
         }
     };
+    // SPEC §7.3: a stored delivery goes only to the origin, with the auth, of
+    // the route it was accepted for; a replay renders it again (`render_again`).
     let Some(state) = rt.routes.get(&d.route) else {
-        // The route is not configured now (a reload removed it): keep the delivery and look again later.
-        tracing::warn!(delivery = %d.id, route = %d.route, "route not configured; delivery postponed");
-        return settle(Settle::Postpone {
-            until: now + Duration::from_secs(60),
+        tracing::warn!(delivery = %d.id, route = %d.route, "route removed; the delivery is a dead letter");
+        return settle(Settle::Dead {
+            attempt: None,
+            reason: Some(ROUTE_REMOVED.to_owned()),
         })
         .await;
     };
     let route = &state.route;
-    let req = match rebuild(
-        route,
-        &d.request,
-        &d.payload,
-        &d.bot,
-        d.idempotency_key.clone(),
-    ) {
+    let fingerprint = route.downstream.fingerprint();
+    let stored = if d.render_again {
+        match render_again(route, &d) {
+            Ok(stored) => {
+                // kept before it is sent: every later try sends the same request
+                let set = gw
+                    .store
+                    .set_request(lease, stored.clone(), fingerprint, SystemTime::now())
+                    .await;
+                if let Err(e) = set {
+                    // not sent; the lease runs out and the delivery is claimed again
+                    tracing::warn!(delivery = %d.id, error = %e, "delivery store: keeping a replayed request failed");
+                    return;
+                }
+                stored
+            }
+            Err(reason) => {
+                tracing::warn!(delivery = %d.id, route = %d.route, %reason, "a replayed delivery does not render; it is a dead letter");
+                return settle(Settle::Dead {
+                    attempt: None,
+                    reason: Some(reason),
+                })
+                .await;
+            }
+        }
+    } else if !still_pinned(&d, &route.downstream, &fingerprint) {
+        tracing::warn!(delivery = %d.id, route = %d.route, "the route's origin or auth changed; the delivery is a dead letter (replay renders it for the route as it is now)");
+        return settle(Settle::Dead {
+            attempt: None,
+            reason: Some(ROUTE_CHANGED.to_owned()),
+        })
+        .await;
+    } else {
+        d.request.clone()
+    };
+    // SPEC §7.3: every try carries `Idempotency-Key`: the rendered key, else the delivery id.
+    let key = d.idempotency_key.clone().unwrap_or_else(|| d.id.clone());
+    let req = match rebuild(route, &stored, &d.payload, &d.bot, key) {
         Ok(r) => r,
         Err(reason) => {
             return settle(Settle::Dead {
@@ -393,7 +428,8 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
     if matches!(outcome, TryOutcome::Success) {
         return settle(Settle::Delivered(record)).await;
     }
-    match route.retry.next_async(d.attempts + 1, &outcome) {
+    // every try carries an idempotency key (the rendered one, else the delivery id)
+    match route.retry.next_async(d.attempts + 1, &outcome, true) {
         Some(wait) => {
             settle(Settle::RetryAt {
                 attempt: record,
@@ -412,20 +448,86 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
     }
 }
 
+/// The dead-letter reason of a delivery whose route is no longer configured.
+pub const ROUTE_REMOVED: &str = "route_removed";
+
+/// The dead-letter reason of a delivery whose route now has another origin or auth.
+pub const ROUTE_CHANGED: &str = "route_changed";
+
+/// Whether a stored delivery may still be sent on `downstream`: the route's
+/// fingerprint (origin and auth identity) is the one stored at acceptance.
+/// A delivery accepted before fingerprints were stored (schema version 2 or
+/// older) has only its URL to go by: its origin must be the route's.
+fn still_pinned(d: &Delivery, downstream: &Downstream, fingerprint: &str) -> bool {
+    match &d.fingerprint {
+        Some(stored) => stored == fingerprint,
+        None => {
+            let stored = url::Url::parse(&d.request.url).ok();
+            match (&downstream.base, stored) {
+                (Some(base), Some(url)) => origin_of(base) == origin_of(&url),
+                (None, _) => d.request.url.starts_with(&downstream.origin),
+                (_, None) => false,
+            }
+        }
+    }
+}
+
+/// A replayed delivery's request, rendered again from its payload against
+/// `route` as it is now (new URL, headers, body). It keeps the delivery's
+/// idempotency key: the route's key is not rendered again, and [`rebuild`]
+/// adds the delivery's own as `Idempotency-Key` at send time (unless the route
+/// sets the header itself). Inbound headers are not stored: `{{header …}}`
+/// renders empty.
+fn render_again(route: &Route, d: &Delivery) -> Result<StoredRequest, String> {
+    let payload: serde_json::Value =
+        serde_json::from_str(&d.payload).map_err(|_| "stored payload is not JSON".to_string())?;
+    let ctx = Context::from(payload);
+    let meta = RenderMeta::new(&d.bot, &route.name);
+    let req = crate::config::render::build_replayed(route, &ctx, &meta)
+        .map_err(|e| format!("render_failed: {e}"))?;
+    Ok(if route.secret_parts {
+        StoredRequest::from_outbound_masked(&req, &crate::telemetry::log_redact::remembered())
+    } else {
+        StoredRequest::from_outbound(&req)
+    })
+}
+
 /// The request to send for a stored delivery: what was rendered at acceptance
 /// (same URL, body and idempotency key on every try), plus the headers whose
 /// values come from the environment, which are never stored and are rendered
-/// again from the current route.
+/// again from the current route. It carries `Idempotency-Key`: the stored
+/// header (the rendered key, or the route's own header), else `idempotency_key`
+/// (the caller passes the delivery's key, else its id).
 pub fn rebuild(
-    route: &crate::config::model::Route,
+    route: &Route,
     stored: &StoredRequest,
     payload: &str,
     bot: &str,
-    idempotency_key: Option<String>,
+    idempotency_key: String,
 ) -> Result<OutboundRequest, String> {
     let method = http::Method::from_bytes(stored.method.as_bytes())
         .map_err(|_| "stored method is invalid".to_string())?;
-    let target = url::Url::parse(&stored.url).map_err(|_| "stored URL is invalid".to_string())?;
+    // A route whose URL or body holds a `${VAR}` value stored them masked:
+    // render them again now, in memory only (SPEC §7.4). The fingerprint check
+    // before this made sure the route keeps the origin and auth it had.
+    let again = if route.secret_parts {
+        let value: serde_json::Value =
+            serde_json::from_str(payload).map_err(|_| "stored payload is not JSON".to_string())?;
+        let meta = RenderMeta::new(bot, &route.name);
+        let req = crate::config::render::build_replayed(route, &Context::from(value), &meta)
+            .map_err(|e| format!("render_failed: {e}"))?;
+        Some((req.url, req.target, req.body))
+    } else {
+        None
+    };
+    let (url, target, body) = match again {
+        Some(parts) => parts,
+        None => (
+            stored.url.clone(),
+            url::Url::parse(&stored.url).map_err(|_| "stored URL is invalid".to_string())?,
+            stored.body.clone(),
+        ),
+    };
     let mut headers = Vec::with_capacity(stored.headers.len() + 2);
     for (k, v) in &stored.headers {
         let name = http::HeaderName::try_from(k.as_str())
@@ -449,13 +551,16 @@ pub fn rebuild(
             headers.push((h.name.clone(), header_value(&v)?, true));
         }
     }
+    if !headers.iter().any(|(n, _, _)| *n == IDEMPOTENCY_KEY) {
+        headers.push((IDEMPOTENCY_KEY, header_value(&idempotency_key)?, false));
+    }
     Ok(OutboundRequest {
         method,
-        url: stored.url.clone(),
+        url,
         target,
         headers,
-        body: stored.body.clone(),
-        idempotency_key,
+        body,
+        idempotency_key: Some(idempotency_key),
     })
 }
 

@@ -4,7 +4,20 @@
 //! Owns fetching access tokens from a token endpoint (RFC 6749 §4.4) and
 //! caching them per (token URL, client id, scopes) until shortly before they
 //! expire. However many requests need a token at once, at most one grant per
-//! key is in flight; the others wait for its result, success or error.
+//! key is in flight; the others wait for its result, success or error. A
+//! grant runs on its own task: a caller that stops waiting (its try's timeout)
+//! does not cancel it, so a hanging token endpoint is asked once per grant
+//! timeout, not once per caller.
+//!
+//! What protects a token endpoint (and the gateway) when something is wrong
+//! (SPEC §7.3):
+//! - a failed grant is remembered for a backoff (1 s, doubling to 30 s, reset
+//!   by a success): a broken endpoint costs one grant per backoff period,
+//!   however many webhooks arrive; callers meanwhile get the remembered error;
+//! - a forced refresh after a downstream 401 is made only when the rejected
+//!   token is older than [`MIN_REFRESH_AGE`]: a token that was just granted and
+//!   is refused already (a revoked scope, a wrong audience) is not replaced by
+//!   another one like it on every webhook; the 401 is the answer.
 //!
 //! It never logs, returns or prints a client secret or an access token:
 //! [`ClientCredentials`], [`AccessToken`] and [`TokenCache`] redact them in
@@ -26,8 +39,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use url::Url;
+
+use super::retry::Backoff;
 
 /// Lifetime assumed when the token response has no (usable) `expires_in`.
 ///
@@ -47,6 +63,16 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// own deadline still applies: dropping [`TokenCache::token`]'s future
 /// cancels the grant, and the next waiter starts a fresh one.
 pub const DEFAULT_GRANT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A token younger than this is not replaced after a downstream 401 (see the module docs).
+pub const MIN_REFRESH_AGE: Duration = Duration::from_secs(5);
+
+/// How long the first failed grant is remembered; doubled for each failure in
+/// a row, up to [`FAILURE_BACKOFF_MAX`].
+pub const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The longest a failed grant is remembered.
+pub const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Lifetimes above this are clamped (no `Instant` overflow, re-grant at least yearly).
 const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -208,6 +234,16 @@ pub struct TokenCache {
     slots: Mutex<HashMap<CacheKey, Arc<Slot>>>,
     /// Timeout of one grant request.
     grant_timeout: Duration,
+    /// A token younger than this is kept after a downstream 401.
+    min_refresh_age: Duration,
+    /// How long failed grants are remembered (per failure in a row).
+    failure_backoff: Backoff,
+    /// Shared with the grant tasks.
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
     grants: AtomicU64,
     grant_failures: AtomicU64,
 }
@@ -227,25 +263,26 @@ struct CacheKey {
 struct Slot {
     /// Held only for quick reads and writes, never across an `.await`.
     state: Mutex<SlotState>,
-    /// Held for the whole grant: the single-flight lock.
-    grant: tokio::sync::Mutex<()>,
 }
+
+/// What a grant produced, as its waiters see it.
+type GrantResult = Result<AccessToken, TokenError>;
 
 #[derive(Default)]
 struct SlotState {
     cached: Option<Cached>,
-    /// Bumped when a grant completes (success or failure). A caller that
-    /// waited for the grant lock and sees it changed takes that grant's
-    /// result instead of sending another request.
-    generation: u64,
-    /// The result of the last completed grant, shared with its waiters
-    /// (even a token that is already due for refresh, e.g. `expires_in: 0`:
-    /// they waited for this grant, they do not start another one).
-    last_result: Option<Result<AccessToken, TokenError>>,
+    /// The last grants failed: their error is the answer until `until`.
+    failure: Option<Failure>,
+    /// The grant under way (the single flight): its result, once there is one.
+    /// Its waiters take that result even if the token is already due for
+    /// refresh (e.g. `expires_in: 0`): they do not start another grant.
+    in_flight: Option<watch::Receiver<Option<GrantResult>>>,
 }
 
 struct Cached {
     token: AccessToken,
+    /// When the grant that produced it started.
+    obtained_at: Instant,
     /// `obtained_at + lifetime - skew`: from then on, a new grant is made.
     refresh_at: Instant,
     /// The secret the token was obtained with. A token is only handed out
@@ -253,12 +290,50 @@ struct Cached {
     secret: SecretString,
 }
 
+/// Failed grants in a row, remembered so that a broken endpoint is not asked
+/// again by every caller.
+struct Failure {
+    error: TokenError,
+    /// No new grant before this (for the same secret).
+    until: Instant,
+    /// Failures in a row (the backoff's exponent).
+    streak: u32,
+    /// The secret the grants were made with: a rotated secret tries at once.
+    secret: SecretString,
+}
+
+fn same_secret(a: &SecretString, creds: &ClientCredentials) -> bool {
+    a.expose_secret() == creds.client_secret.expose_secret()
+}
+
 impl SlotState {
     fn fresh_token(&self, creds: &ClientCredentials, now: Instant) -> Option<AccessToken> {
         let cached = self.cached.as_ref()?;
-        let same_secret = cached.secret.expose_secret() == creds.client_secret.expose_secret();
-        (same_secret && now < cached.refresh_at).then(|| cached.token.clone())
+        (same_secret(&cached.secret, creds) && now < cached.refresh_at)
+            .then(|| cached.token.clone())
     }
+
+    /// The remembered error, while its backoff lasts.
+    fn remembered_failure(&self, creds: &ClientCredentials, now: Instant) -> Option<TokenError> {
+        let f = self.failure.as_ref()?;
+        (same_secret(&f.secret, creds) && now < f.until).then(|| f.error.clone())
+    }
+
+    /// The grant under way, unless its task is gone without an answer (a panic).
+    fn grant_under_way(&self) -> Option<watch::Receiver<Option<GrantResult>>> {
+        let rx = self.in_flight.as_ref()?;
+        (rx.has_changed().is_ok() || rx.borrow().is_some()).then(|| rx.clone())
+    }
+}
+
+/// What a caller does next.
+enum Lookup {
+    /// Answered at once: a cached token, or a remembered failure.
+    Ready(GrantResult),
+    /// Wait for the grant under way.
+    Wait(watch::Receiver<Option<GrantResult>>),
+    /// After a 401: the rejected token is too young to replace.
+    Keep,
 }
 
 impl Slot {
@@ -294,8 +369,10 @@ impl TokenCache {
             client,
             slots: Mutex::default(),
             grant_timeout: DEFAULT_GRANT_TIMEOUT,
-            grants: AtomicU64::new(0),
-            grant_failures: AtomicU64::new(0),
+            min_refresh_age: MIN_REFRESH_AGE,
+            failure_backoff: Backoff::try_new(FAILURE_BACKOFF, FAILURE_BACKOFF_MAX)
+                .expect("0 < 1 s <= 30 s"),
+            counters: Arc::default(),
         }
     }
 
@@ -305,28 +382,47 @@ impl TokenCache {
         self
     }
 
+    /// Changes the age under which a token is kept after a 401 (default [`MIN_REFRESH_AGE`]).
+    pub fn with_min_refresh_age(mut self, age: Duration) -> Self {
+        self.min_refresh_age = age;
+        self
+    }
+
+    /// Changes how long failed grants are remembered (default 1 s doubling to 30 s).
+    pub fn with_failure_backoff(mut self, backoff: Backoff) -> Self {
+        self.failure_backoff = backoff;
+        self
+    }
+
     /// A valid token for `creds`: the cached one while fresh, otherwise a
     /// new one from the token endpoint. However many callers ask at once,
     /// one grant per key is in flight and all of them get its result (a
     /// failed grant's error too: the waiters do not queue up one grant each).
+    /// While a failed grant is remembered, its error is the answer.
     pub async fn token(&self, creds: &ClientCredentials) -> Result<AccessToken, TokenError> {
-        self.obtain(creds, None, &self.client).await
+        self.token_via(creds, &self.client).await
     }
 
-    /// [`TokenCache::token`], the grant sent with `client` (a downstream's own
-    /// client: its `tls` settings). The cache is the same.
+    /// [`TokenCache::token`], a grant it starts sent with `client` (a
+    /// downstream's own client: its `tls` settings). The cache is the same.
     pub async fn token_via(
         &self,
         creds: &ClientCredentials,
         client: &reqwest::Client,
     ) -> Result<AccessToken, TokenError> {
-        self.obtain(creds, None, client).await
+        match self.lookup(creds, None, client) {
+            Lookup::Ready(result) => result,
+            Lookup::Wait(rx) => wait(rx).await,
+            Lookup::Keep => unreachable!("only a rejection keeps a token"),
+        }
     }
 
     /// After the downstream answered 401 to a request carrying `rejected`:
-    /// forget that token (only if it is still the cached one) and return a
-    /// newer one. If another caller already refreshed, its token is
-    /// returned without a new grant.
+    /// `Ok(None)` when `rejected` is the cached token and younger than the
+    /// minimum refresh age (a fresh token refused already: a new one would be
+    /// refused too, so the 401 is the answer); otherwise forget that token
+    /// (only if it is still the cached one) and return a newer one. If another
+    /// caller already refreshed, its token is returned without a new grant.
     ///
     /// Callers do this **at most once per request**: retry the request once
     /// with the returned token, and if that is refused too, answer with the
@@ -336,25 +432,30 @@ impl TokenCache {
         &self,
         creds: &ClientCredentials,
         rejected: &AccessToken,
-    ) -> Result<AccessToken, TokenError> {
-        self.obtain(creds, Some(rejected), &self.client).await
+    ) -> Result<Option<AccessToken>, TokenError> {
+        self.refresh_after_unauthorized_via(creds, rejected, &self.client)
+            .await
     }
 
-    /// [`TokenCache::refresh_after_unauthorized`], the grant sent with `client`.
+    /// [`TokenCache::refresh_after_unauthorized`], a grant it starts sent with `client`.
     pub async fn refresh_after_unauthorized_via(
         &self,
         creds: &ClientCredentials,
         rejected: &AccessToken,
         client: &reqwest::Client,
-    ) -> Result<AccessToken, TokenError> {
-        self.obtain(creds, Some(rejected), client).await
+    ) -> Result<Option<AccessToken>, TokenError> {
+        match self.lookup(creds, Some(rejected), client) {
+            Lookup::Ready(result) => result.map(Some),
+            Lookup::Wait(rx) => wait(rx).await.map(Some),
+            Lookup::Keep => Ok(None),
+        }
     }
 
     /// Counters for metrics.
     pub fn stats(&self) -> TokenCacheStats {
         TokenCacheStats {
-            grants: self.grants.load(Ordering::Relaxed),
-            grant_failures: self.grant_failures.load(Ordering::Relaxed),
+            grants: self.counters.grants.load(Ordering::Relaxed),
+            grant_failures: self.counters.grant_failures.load(Ordering::Relaxed),
             keys: self.lock_slots().len(),
         }
     }
@@ -377,131 +478,173 @@ impl TokenCache {
         Arc::clone(self.lock_slots().entry(creds.cache_key()).or_default())
     }
 
-    async fn obtain(
+    /// Decides, under the slot's lock, what a caller does: take a cached
+    /// token or a remembered failure, keep a young rejected token, or wait
+    /// for the grant under way (starting one when there is none).
+    fn lookup(
         &self,
         creds: &ClientCredentials,
         rejected: Option<&AccessToken>,
         client: &reqwest::Client,
-    ) -> Result<AccessToken, TokenError> {
+    ) -> Lookup {
         let slot = self.slot(creds);
-        let seen_generation = {
-            let mut state = slot.lock_state();
-            if let Some(rejected) = rejected
-                && state.cached.as_ref().is_some_and(|c| c.token == *rejected)
-            {
-                state.cached = None;
-            }
-            if let Some(token) = state.fresh_token(creds, Instant::now()) {
-                return Ok(token);
-            }
-            state.generation
-        };
-
-        // Single flight: one caller per key gets past this point at a time.
-        // If it is cancelled mid-grant, nothing is recorded and the next
-        // waiter makes its own grant.
-        let _in_flight = slot.grant.lock().await;
-        {
-            let state = slot.lock_state();
-            if let Some(token) = state.fresh_token(creds, Instant::now()) {
-                return Ok(token);
-            }
-            if state.generation != seen_generation
-                && let Some(result) = &state.last_result
-            {
-                return result.clone();
-            }
-        }
-
-        let obtained_at = Instant::now();
-        self.grants.fetch_add(1, Ordering::Relaxed);
-        let result = self.grant(creds, client).await;
-        record_grant(creds, &result, obtained_at.elapsed());
-
-        let result = result.map(|(token, lifetime)| {
-            let cached = Cached {
-                token: token.clone(),
-                refresh_at: refresh_at(obtained_at, lifetime),
-                secret: creds.client_secret.clone(),
-            };
-            (token, cached)
-        });
+        let now = Instant::now();
         let mut state = slot.lock_state();
-        state.generation = state.generation.wrapping_add(1);
+        if let Some(rejected) = rejected
+            && let Some(cached) = &state.cached
+            && cached.token == *rejected
+        {
+            if now.saturating_duration_since(cached.obtained_at) < self.min_refresh_age {
+                return Lookup::Keep;
+            }
+            state.cached = None;
+        }
+        if let Some(token) = state.fresh_token(creds, now) {
+            return Lookup::Ready(Ok(token));
+        }
+        if let Some(rx) = state.grant_under_way() {
+            return Lookup::Wait(rx);
+        }
+        if let Some(error) = state.remembered_failure(creds, now) {
+            return Lookup::Ready(Err(error));
+        }
+        // Single flight: the grant runs on its own task, so a caller that
+        // stops waiting does not cancel it; its result lands in the slot.
+        let (tx, rx) = watch::channel(None);
+        state.in_flight = Some(rx.clone());
+        drop(state);
+        let grant = Grant {
+            client: client.clone(),
+            creds: creds.clone(),
+            timeout: self.grant_timeout,
+            backoff: self.failure_backoff,
+            counters: Arc::clone(&self.counters),
+        };
+        tokio::spawn(grant.run(slot, tx));
+        Lookup::Wait(rx)
+    }
+}
+
+/// Waits for the result of the grant `rx` belongs to.
+async fn wait(mut rx: watch::Receiver<Option<GrantResult>>) -> GrantResult {
+    let result = rx
+        .wait_for(Option::is_some)
+        .await
+        .map(|r| r.clone().expect("waited for a result"));
+    // the grant task is gone without a result (the runtime is shutting down)
+    result.unwrap_or(Err(TokenError::Transport("other")))
+}
+
+/// One grant, on its own task.
+struct Grant {
+    client: reqwest::Client,
+    creds: ClientCredentials,
+    timeout: Duration,
+    backoff: Backoff,
+    counters: Arc<Counters>,
+}
+
+impl Grant {
+    /// Makes the token request, records its result in `slot` (the token, or
+    /// the failure and its backoff) and hands it to the waiters.
+    async fn run(self, slot: Arc<Slot>, tx: watch::Sender<Option<GrantResult>>) {
+        let obtained_at = Instant::now();
+        self.counters.grants.fetch_add(1, Ordering::Relaxed);
+        let result = grant(&self.client, &self.creds, self.timeout).await;
+        record_grant(&self.creds, &result, obtained_at.elapsed());
+        let mut state = slot.lock_state();
+        state.in_flight = None;
         let result = match result {
-            Ok((token, cached)) => {
-                state.cached = Some(cached);
+            Ok((token, lifetime)) => {
+                state.cached = Some(Cached {
+                    token: token.clone(),
+                    obtained_at,
+                    refresh_at: refresh_at(obtained_at, lifetime),
+                    secret: self.creds.client_secret.clone(),
+                });
+                state.failure = None;
                 Ok(token)
             }
             Err(error) => {
-                self.grant_failures.fetch_add(1, Ordering::Relaxed);
+                self.counters.grant_failures.fetch_add(1, Ordering::Relaxed);
+                let streak = match &state.failure {
+                    Some(f) if same_secret(&f.secret, &self.creds) => f.streak.saturating_add(1),
+                    _ => 1,
+                };
+                state.failure = Some(Failure {
+                    error: error.clone(),
+                    until: Instant::now() + self.backoff.ceiling(streak),
+                    streak,
+                    secret: self.creds.client_secret.clone(),
+                });
                 Err(error)
             }
         };
-        state.last_result = Some(result.clone());
-        result
+        drop(state);
+        // (no waiter left is fine: the result is in the slot)
+        let _ = tx.send(Some(result));
     }
+}
 
-    /// The token request (RFC 6749 §4.4.2). Not async: the form serializer
-    /// is not `Send` and must not live across an `.await`.
-    fn grant_request(
-        &self,
-        creds: &ClientCredentials,
-        client: &reqwest::Client,
-    ) -> Result<reqwest::RequestBuilder, TokenError> {
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "client_credentials");
-        if !creds.scopes.is_empty() {
-            form.append_pair("scope", &creds.scopes.join(" "));
-        }
-        for (k, v) in &creds.params {
-            form.append_pair(k, v);
-        }
-        let mut request = client
-            .post(creds.token_url.clone())
-            .timeout(self.grant_timeout)
-            .header(ACCEPT, "application/json")
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded");
-        match creds.client_auth {
-            ClientAuth::Basic => {
-                request = request.header(AUTHORIZATION, basic_auth(creds)?);
-            }
-            ClientAuth::Body => {
-                form.append_pair("client_id", &creds.client_id);
-                form.append_pair("client_secret", creds.client_secret.expose_secret());
-            }
-        }
-        Ok(request.body(form.finish()))
+/// The token request (RFC 6749 §4.4.2). Not async: the form serializer
+/// is not `Send` and must not live across an `.await`.
+fn grant_request(
+    client: &reqwest::Client,
+    creds: &ClientCredentials,
+    timeout: Duration,
+) -> Result<reqwest::RequestBuilder, TokenError> {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("grant_type", "client_credentials");
+    if !creds.scopes.is_empty() {
+        form.append_pair("scope", &creds.scopes.join(" "));
     }
+    for (k, v) in &creds.params {
+        form.append_pair(k, v);
+    }
+    let mut request = client
+        .post(creds.token_url.clone())
+        .timeout(timeout)
+        .header(ACCEPT, "application/json")
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded");
+    match creds.client_auth {
+        ClientAuth::Basic => {
+            request = request.header(AUTHORIZATION, basic_auth(creds)?);
+        }
+        ClientAuth::Body => {
+            form.append_pair("client_id", &creds.client_id);
+            form.append_pair("client_secret", creds.client_secret.expose_secret());
+        }
+    }
+    Ok(request.body(form.finish()))
+}
 
-    /// One token request. Returns the token and its lifetime.
-    async fn grant(
-        &self,
-        creds: &ClientCredentials,
-        client: &reqwest::Client,
-    ) -> Result<(AccessToken, Duration), TokenError> {
-        let request = self.grant_request(creds, client)?;
-        let mut response = request
-            .send()
-            .await
-            .map_err(|e| TokenError::Transport(transport_kind(&e)))?;
-        let status = response.status();
-        let body = read_capped(&mut response, MAX_RESPONSE_BYTES).await;
-        if !status.is_success() {
-            // The error body is best effort: only its `error` code is used.
-            let error = body.ok().flatten().and_then(|b| oauth_error_code(&b));
-            return Err(TokenError::Endpoint {
-                status: status.as_u16(),
-                error,
-            });
-        }
-        let body = body
-            .map_err(|e| TokenError::Transport(transport_kind(&e)))?
-            .ok_or_else(|| {
-                TokenError::InvalidResponse(format!("body over {} KiB", MAX_RESPONSE_BYTES / 1024))
-            })?;
-        parse_token_response(&body)
+/// One token request. Returns the token and its lifetime.
+async fn grant(
+    client: &reqwest::Client,
+    creds: &ClientCredentials,
+    timeout: Duration,
+) -> Result<(AccessToken, Duration), TokenError> {
+    let request = grant_request(client, creds, timeout)?;
+    let mut response = request
+        .send()
+        .await
+        .map_err(|e| TokenError::Transport(transport_kind(&e)))?;
+    let status = response.status();
+    let body = read_capped(&mut response, MAX_RESPONSE_BYTES).await;
+    if !status.is_success() {
+        // The error body is best effort: only its `error` code is used.
+        let error = body.ok().flatten().and_then(|b| oauth_error_code(&b));
+        return Err(TokenError::Endpoint {
+            status: status.as_u16(),
+            error,
+        });
     }
+    let body = body
+        .map_err(|e| TokenError::Transport(transport_kind(&e)))?
+        .ok_or_else(|| {
+            TokenError::InvalidResponse(format!("body over {} KiB", MAX_RESPONSE_BYTES / 1024))
+        })?;
+    parse_token_response(&body)
 }
 
 impl fmt::Debug for TokenCache {

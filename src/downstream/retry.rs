@@ -9,11 +9,16 @@
 //!
 //! What counts as retryable is decided once, in [`is_retryable`]: failures
 //! where the request most likely had no effect downstream, or where the
-//! downstream asked us to come back (429, 503).
+//! downstream asked us to come back (429, 503); and, when the request carries
+//! an idempotency key, a 500 or a connection dropped after sending (SPEC §7.3).
 
 use std::time::{Duration, SystemTime};
 
 use rand::{Rng, RngExt};
+
+/// How long a 429 without a (usable) `Retry-After` pauses its route, and how
+/// long a sync call waits before trying again after one (SPEC §7.3).
+pub const RATE_LIMIT_PAUSE: Duration = Duration::from_secs(1);
 
 /// Validated exponential backoff bounds: `0 < initial <= max`.
 ///
@@ -107,7 +112,8 @@ pub enum TryOutcome {
     },
     /// Any other failure: the request could not be built, TLS was refused,
     /// the connection broke after the request was sent, the answer's body
-    /// was unreadable… Not retried: the downstream may have acted on it.
+    /// was unreadable… The downstream may have acted on it: retried only when
+    /// the request carries an idempotency key.
     OtherError,
 }
 
@@ -120,11 +126,16 @@ impl TryOutcome {
         }
     }
 
-    /// The `Retry-After` to honour: present, and on a 429 or 503 only.
+    /// The `Retry-After` to honour: on a 429 (where a missing one means
+    /// [`RATE_LIMIT_PAUSE`], the route's pause) or a 503 (when present).
     fn honoured_retry_after(&self) -> Option<Duration> {
         match *self {
             Self::Status {
-                code: 429 | 503,
+                code: 429,
+                retry_after,
+            } => Some(retry_after.unwrap_or(RATE_LIMIT_PAUSE)),
+            Self::Status {
+                code: 503,
                 retry_after,
             } => retry_after,
             _ => None,
@@ -173,10 +184,12 @@ impl RetryPolicy {
     /// Decide after a synchronous try.
     ///
     /// `attempt` is the number of tries made so far (1 after the first;
-    /// `0` is treated as `1`); `remaining` is what is left of the request's
-    /// deadline now. The order of the checks: not retryable, then attempts
-    /// exhausted, then the wait — a honoured `Retry-After` (429/503, capped
-    /// at `retry_after_max`) replaces the jittered backoff — which must be
+    /// `0` is treated as `1`); `idempotent`: the request carries an
+    /// idempotency key (see [`is_retryable`]); `remaining` is what is left of
+    /// the request's deadline now. The order of the checks: not retryable, then
+    /// attempts exhausted, then the wait — a honoured `Retry-After` (429/503,
+    /// capped at `retry_after_max`; a 429 without one waits
+    /// [`RATE_LIMIT_PAUSE`]) replaces the jittered backoff — which must be
     /// strictly shorter than `remaining`: a retry that could only start at or
     /// after the deadline is pointless, so we give up (`deadline`) instead of
     /// sleeping past it.
@@ -184,10 +197,11 @@ impl RetryPolicy {
         &self,
         attempt: u32,
         outcome: &TryOutcome,
+        idempotent: bool,
         remaining: Duration,
         rng: &mut (impl Rng + ?Sized),
     ) -> Decision {
-        if !is_retryable(outcome) {
+        if !is_retryable(outcome, idempotent) {
             return Decision::GiveUp(GiveUpReason::NotRetryable);
         }
         if attempt.max(1) >= self.attempts {
@@ -209,10 +223,17 @@ impl RetryPolicy {
     /// `attempt` is the number of tries made so far (`0` is treated as `1`).
     /// `None` once `1 + schedule.len()` tries are used, and for outcomes
     /// [`is_retryable`] refuses (a 400 will not pass on the next try either).
-    /// A honoured `Retry-After` (capped at `retry_after_max`) replaces the
-    /// schedule's wait when it is longer; the schedule is never shortened.
-    pub fn next_async(&self, attempt: u32, outcome: &TryOutcome) -> Option<Duration> {
-        if !is_retryable(outcome) {
+    /// Every try of a stored delivery carries an idempotency key, so the
+    /// worker passes `idempotent: true`. A honoured `Retry-After` (capped at
+    /// `retry_after_max`) replaces the schedule's wait when it is longer; the
+    /// schedule is never shortened.
+    pub fn next_async(
+        &self,
+        attempt: u32,
+        outcome: &TryOutcome,
+        idempotent: bool,
+    ) -> Option<Duration> {
+        if !is_retryable(outcome, idempotent) {
             return None;
         }
         let index = usize::try_from(attempt.max(1) - 1).ok()?;
@@ -230,23 +251,27 @@ impl RetryPolicy {
     }
 }
 
-/// Whether another try may help, and is safe.
+/// Whether another try may help, and is safe (SPEC §7.3).
 ///
-/// Retried: connect errors (nothing was sent), per-try timeouts, 502, 503,
-/// 504 (a proxy or the downstream says it could not handle the request) and
-/// 429 (asked to slow down).
+/// Always retried: connect errors (nothing was sent), per-try timeouts, 502,
+/// 503, 504 (a proxy or the downstream says it could not handle the request)
+/// and 429 (asked to slow down).
 ///
-/// Not retried: every other status, 500 included. A CRM answering 500 to a
-/// write has often done part of the work (the row was written, the reply
-/// failed); trying again can duplicate it when the CRM ignores our
-/// `Idempotency-Key`, so a 500 goes back to the bot (or to the dead-letter
-/// list) instead. Other 4xx mean the request itself is wrong. Also not
-/// retried: [`TryOutcome::OtherError`] and [`TryOutcome::Success`].
-pub fn is_retryable(outcome: &TryOutcome) -> bool {
+/// Retried only when the request carries an idempotency key (`idempotent`;
+/// every try of a stored delivery does): a 500 and a connection that broke
+/// after the request was sent ([`TryOutcome::OtherError`]). A CRM answering
+/// 500 to a write has often done part of the work (the row was written, the
+/// reply failed); without a key, trying again can duplicate it, so the 500
+/// goes back to the bot instead. With one, the CRM can recognise the repeat.
+///
+/// Never retried: other statuses (a 4xx means the request itself is wrong,
+/// 501/505 will not change) and [`TryOutcome::Success`].
+pub fn is_retryable(outcome: &TryOutcome, idempotent: bool) -> bool {
     match outcome {
         TryOutcome::ConnectError | TryOutcome::Timeout => true,
+        TryOutcome::Status { code: 500, .. } | TryOutcome::OtherError => idempotent,
         TryOutcome::Status { code, .. } => matches!(code, 429 | 502 | 503 | 504),
-        TryOutcome::Success | TryOutcome::OtherError => false,
+        TryOutcome::Success => false,
     }
 }
 
@@ -364,33 +389,55 @@ mod tests {
         }
     }
 
+    /// Each outcome: retryable (with an idempotency key, without one).
     #[test]
     fn retryable_classification() {
-        for outcome in [
-            TryOutcome::ConnectError,
-            TryOutcome::Timeout,
-            TryOutcome::status(429),
-            TryOutcome::status(502),
-            TryOutcome::status(503),
-            TryOutcome::status(504),
-        ] {
-            assert!(is_retryable(&outcome), "{outcome:?}");
+        let rows = [
+            (TryOutcome::ConnectError, true, true),
+            (TryOutcome::Timeout, true, true),
+            (TryOutcome::status(429), true, true),
+            (TryOutcome::status(502), true, true),
+            (TryOutcome::status(503), true, true),
+            (TryOutcome::status(504), true, true),
+            // the write may have been applied: only a key makes a repeat safe
+            (TryOutcome::status(500), true, false),
+            (TryOutcome::OtherError, true, false),
+            (TryOutcome::Success, false, false),
+            (TryOutcome::status(400), false, false),
+            (TryOutcome::status(401), false, false),
+            (TryOutcome::status(403), false, false),
+            (TryOutcome::status(404), false, false),
+            (TryOutcome::status(409), false, false),
+            (TryOutcome::status(422), false, false),
+            (TryOutcome::status(501), false, false),
+            (TryOutcome::status(505), false, false),
+        ];
+        for (outcome, keyed, unkeyed) in rows {
+            assert_eq!(
+                (is_retryable(&outcome, true), is_retryable(&outcome, false)),
+                (keyed, unkeyed),
+                "{outcome:?}"
+            );
         }
-        for outcome in [
-            TryOutcome::Success,
-            TryOutcome::OtherError,
-            TryOutcome::status(400),
-            TryOutcome::status(401),
-            TryOutcome::status(403),
-            TryOutcome::status(404),
-            TryOutcome::status(409),
-            TryOutcome::status(422),
-            TryOutcome::status(500),
-            TryOutcome::status(501),
-            TryOutcome::status(505),
-        ] {
-            assert!(!is_retryable(&outcome), "{outcome:?}");
-        }
+    }
+
+    #[test]
+    fn a_500_is_retried_only_with_an_idempotency_key() {
+        let p = policy();
+        let o = TryOutcome::status(500);
+        assert!(matches!(
+            p.next_sync(1, &o, true, secs(7), &mut rng()),
+            Decision::RetryAfter(w) if w <= ms(200)
+        ));
+        assert_eq!(
+            p.next_sync(1, &o, false, secs(7), &mut rng()),
+            Decision::GiveUp(GiveUpReason::NotRetryable)
+        );
+        assert_eq!(p.next_async(1, &o, true), Some(secs(10)));
+        assert_eq!(
+            p.next_async(1, &TryOutcome::OtherError, true),
+            Some(secs(10))
+        );
     }
 
     #[test]
@@ -398,28 +445,37 @@ mod tests {
         let p = policy();
         for code in [400, 401, 404, 409, 422, 500] {
             assert_eq!(
-                p.next_sync(1, &TryOutcome::status(code), secs(7), &mut rng()),
+                p.next_sync(1, &TryOutcome::status(code), false, secs(7), &mut rng()),
                 Decision::GiveUp(GiveUpReason::NotRetryable),
                 "{code}"
             );
-            assert_eq!(p.next_async(1, &TryOutcome::status(code)), None);
+            assert_eq!(p.next_async(1, &TryOutcome::status(code), false), None);
         }
         assert_eq!(
-            p.next_sync(1, &TryOutcome::Success, secs(7), &mut rng()),
+            p.next_sync(1, &TryOutcome::Success, false, secs(7), &mut rng()),
             Decision::GiveUp(GiveUpReason::NotRetryable)
         );
     }
 
     #[test]
-    fn status_429_is_retried() {
+    fn status_429_is_retried_after_the_route_s_pause() {
         let p = policy();
-        let d = p.next_sync(1, &TryOutcome::status(429), secs(7), &mut rng());
-        assert!(
-            matches!(d, Decision::RetryAfter(w) if w <= ms(200)),
-            "{d:?}"
+        // without Retry-After: the route is paused 1 s, so the retry waits it out
+        assert_eq!(
+            p.next_sync(1, &TryOutcome::status(429), false, secs(7), &mut rng()),
+            Decision::RetryAfter(RATE_LIMIT_PAUSE)
+        );
+        // …unless the deadline ends first
+        assert_eq!(
+            p.next_sync(1, &TryOutcome::status(429), false, ms(900), &mut rng()),
+            Decision::GiveUp(GiveUpReason::Deadline)
         );
         assert_eq!(
-            p.next_sync(1, &retry_after(429, 2), secs(7), &mut rng()),
+            p.next_async(1, &TryOutcome::status(429), true),
+            Some(secs(10))
+        );
+        assert_eq!(
+            p.next_sync(1, &retry_after(429, 2), false, secs(7), &mut rng()),
             Decision::RetryAfter(secs(2))
         );
     }
@@ -430,13 +486,13 @@ mod tests {
         let outcome = TryOutcome::Timeout;
         for attempt in [0, 1, 2] {
             assert!(matches!(
-                p.next_sync(attempt, &outcome, secs(7), &mut rng()),
+                p.next_sync(attempt, &outcome, false, secs(7), &mut rng()),
                 Decision::RetryAfter(_)
             ));
         }
         for attempt in [3, 4, u32::MAX] {
             assert_eq!(
-                p.next_sync(attempt, &outcome, secs(7), &mut rng()),
+                p.next_sync(attempt, &outcome, false, secs(7), &mut rng()),
                 Decision::GiveUp(GiveUpReason::Attempts)
             );
         }
@@ -446,7 +502,7 @@ mod tests {
                 ..policy()
             };
             assert_eq!(
-                single.next_sync(1, &outcome, secs(7), &mut rng()),
+                single.next_sync(1, &outcome, false, secs(7), &mut rng()),
                 Decision::GiveUp(GiveUpReason::Attempts)
             );
         }
@@ -462,7 +518,7 @@ mod tests {
         for attempt in 1..10 {
             let cap = p.backoff.ceiling(attempt);
             for _ in 0..200 {
-                match p.next_sync(attempt, &TryOutcome::ConnectError, secs(60), &mut r) {
+                match p.next_sync(attempt, &TryOutcome::ConnectError, false, secs(60), &mut r) {
                     Decision::RetryAfter(w) => assert!(w <= cap),
                     other => panic!("{other:?}"),
                 }
@@ -475,21 +531,21 @@ mod tests {
         let p = policy();
         // Longer than the backoff cap (2 s): honoured as is.
         assert_eq!(
-            p.next_sync(1, &retry_after(503, 5), secs(60), &mut rng()),
+            p.next_sync(1, &retry_after(503, 5), false, secs(60), &mut rng()),
             Decision::RetryAfter(secs(5))
         );
         // Zero: honoured (retry at once).
         assert_eq!(
-            p.next_sync(1, &retry_after(503, 0), secs(60), &mut rng()),
+            p.next_sync(1, &retry_after(503, 0), false, secs(60), &mut rng()),
             Decision::RetryAfter(Duration::ZERO)
         );
         // Over retry_after_max: capped.
         assert_eq!(
-            p.next_sync(1, &retry_after(429, 3600), secs(60), &mut rng()),
+            p.next_sync(1, &retry_after(429, 3600), false, secs(60), &mut rng()),
             Decision::RetryAfter(secs(30))
         );
         // Only 429/503 carry a honoured Retry-After; on 502 it is the backoff.
-        let d = p.next_sync(1, &retry_after(502, 5), secs(60), &mut rng());
+        let d = p.next_sync(1, &retry_after(502, 5), false, secs(60), &mut rng());
         assert!(
             matches!(d, Decision::RetryAfter(w) if w <= ms(200)),
             "{d:?}"
@@ -500,32 +556,32 @@ mod tests {
     fn wait_that_does_not_fit_the_deadline_gives_up() {
         let p = policy();
         assert_eq!(
-            p.next_sync(1, &retry_after(429, 5), secs(5), &mut rng()),
+            p.next_sync(1, &retry_after(429, 5), false, secs(5), &mut rng()),
             Decision::GiveUp(GiveUpReason::Deadline)
         );
         assert_eq!(
-            p.next_sync(1, &retry_after(429, 5), secs(4), &mut rng()),
+            p.next_sync(1, &retry_after(429, 5), false, secs(4), &mut rng()),
             Decision::GiveUp(GiveUpReason::Deadline)
         );
         assert_eq!(
-            p.next_sync(1, &retry_after(429, 5), ms(5001), &mut rng()),
+            p.next_sync(1, &retry_after(429, 5), false, ms(5001), &mut rng()),
             Decision::RetryAfter(secs(5))
         );
         // Capped Retry-After still too long for the deadline.
         assert_eq!(
-            p.next_sync(1, &retry_after(503, 3600), secs(7), &mut rng()),
+            p.next_sync(1, &retry_after(503, 3600), false, secs(7), &mut rng()),
             Decision::GiveUp(GiveUpReason::Deadline)
         );
         // No time left at all: even a zero wait gives up.
         assert_eq!(
-            p.next_sync(1, &TryOutcome::Timeout, Duration::ZERO, &mut rng()),
+            p.next_sync(1, &TryOutcome::Timeout, false, Duration::ZERO, &mut rng()),
             Decision::GiveUp(GiveUpReason::Deadline)
         );
         // Jittered backoff: with 1 ms left, nearly every draw from [0, 200 ms] gives up.
         let mut r = rng();
         let gave_up = (0..1000)
             .filter(|_| {
-                p.next_sync(1, &TryOutcome::Timeout, ms(1), &mut r)
+                p.next_sync(1, &TryOutcome::Timeout, false, ms(1), &mut r)
                     == Decision::GiveUp(GiveUpReason::Deadline)
             })
             .count();
@@ -537,34 +593,37 @@ mod tests {
         let p = policy();
         assert_eq!(p.async_tries(), 4);
         let o = TryOutcome::status(503);
-        assert_eq!(p.next_async(0, &o), Some(secs(10)));
-        assert_eq!(p.next_async(1, &o), Some(secs(10)));
-        assert_eq!(p.next_async(2, &o), Some(secs(60)));
-        assert_eq!(p.next_async(3, &o), Some(secs(300)));
-        assert_eq!(p.next_async(4, &o), None);
-        assert_eq!(p.next_async(u32::MAX, &o), None);
+        assert_eq!(p.next_async(0, &o, true), Some(secs(10)));
+        assert_eq!(p.next_async(1, &o, true), Some(secs(10)));
+        assert_eq!(p.next_async(2, &o, true), Some(secs(60)));
+        assert_eq!(p.next_async(3, &o, true), Some(secs(300)));
+        assert_eq!(p.next_async(4, &o, true), None);
+        assert_eq!(p.next_async(u32::MAX, &o, true), None);
 
         let empty = RetryPolicy {
             schedule: vec![],
             ..policy()
         };
         assert_eq!(empty.async_tries(), 1);
-        assert_eq!(empty.next_async(1, &TryOutcome::Timeout), None);
+        assert_eq!(empty.next_async(1, &TryOutcome::Timeout, true), None);
     }
 
     #[test]
     fn async_retry_after_only_lengthens_the_schedule() {
         let p = policy();
         // Longer than the scheduled 10 s: honoured.
-        assert_eq!(p.next_async(1, &retry_after(429, 25)), Some(secs(25)));
+        assert_eq!(p.next_async(1, &retry_after(429, 25), true), Some(secs(25)));
         // Over the cap: capped, still longer than 10 s.
-        assert_eq!(p.next_async(1, &retry_after(503, 9999)), Some(secs(30)));
+        assert_eq!(
+            p.next_async(1, &retry_after(503, 9999), true),
+            Some(secs(30))
+        );
         // Shorter than the schedule: the schedule wins.
-        assert_eq!(p.next_async(2, &retry_after(429, 25)), Some(secs(60)));
+        assert_eq!(p.next_async(2, &retry_after(429, 25), true), Some(secs(60)));
         // Ignored on 502.
-        assert_eq!(p.next_async(1, &retry_after(502, 25)), Some(secs(10)));
+        assert_eq!(p.next_async(1, &retry_after(502, 25), true), Some(secs(10)));
         // Not when the schedule is used up.
-        assert_eq!(p.next_async(4, &retry_after(429, 25)), None);
+        assert_eq!(p.next_async(4, &retry_after(429, 25), true), None);
     }
 
     #[test]
@@ -665,7 +724,7 @@ mod tests {
             let p = RetryPolicy { attempts: 5, ..policy() };
             let outcome = TryOutcome::Status { code, retry_after: retry_after_s.map(secs) };
             let remaining = ms(remaining_ms);
-            match p.next_sync(attempt, &outcome, remaining, &mut StdRng::seed_from_u64(seed)) {
+            match p.next_sync(attempt, &outcome, false, remaining, &mut StdRng::seed_from_u64(seed)) {
                 Decision::RetryAfter(w) => {
                     prop_assert!(w < remaining);
                     prop_assert!(w <= p.retry_after_max.max(p.backoff.max()));

@@ -1,13 +1,15 @@
 //! The admin listener: status, routes with breaker states, breaker reset.
-//! Protected by `GATEWAY_ADMIN_TOKEN` (constant-time compare) when set.
-//! Never shows a secret: routes are described by name, URL template and
-//! auth *kind* only.
+//! Protected by `GATEWAY_ADMIN_TOKEN` (constant-time compare) when set, and
+//! always by [`admin_guard`] (Host allow-list, cross-site refusal, answer
+//! headers). Browsers sign in at `/login` for a session cookie
+//! ([`admin_session`]). Never shows a secret: routes are described by name,
+//! URL template as written (before `${VAR}` expansion) and auth *kind* only.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRef, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -17,10 +19,39 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
+use super::admin_guard::{self, AllowedHosts};
+use super::admin_session::{self, Sessions};
 use super::error::ApiError;
 use crate::runtime::Gateway;
 
-pub fn router(gw: Arc<Gateway>) -> Router {
+/// What the admin listener takes from start-up besides the gateway.
+#[derive(Debug, Clone, Default)]
+pub struct AdminOptions {
+    /// Names (besides IP literals and `localhost`) the listener answers to
+    /// (`--admin-hostnames`): any other `Host` is refused (DNS rebinding).
+    pub hostnames: Vec<String>,
+}
+
+/// The admin router's state: the gateway, and the sign-in sessions of this
+/// listener (their key is made when the router is, at start-up).
+#[derive(Clone)]
+struct AdminState {
+    gw: Arc<Gateway>,
+    sessions: Arc<Sessions>,
+}
+
+impl FromRef<AdminState> for Arc<Gateway> {
+    fn from_ref(s: &AdminState) -> Self {
+        s.gw.clone()
+    }
+}
+
+pub fn router(gw: Arc<Gateway>, opts: AdminOptions) -> Router {
+    let state = AdminState {
+        gw,
+        sessions: Arc::new(Sessions::random()),
+    };
+    let allowed = Arc::new(AllowedHosts::new(&opts.hostnames));
     let protected = Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
@@ -33,7 +64,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/admin/deliveries/{id}", get(delivery))
         .route("/admin/deliveries/{id}/replay", post(replay_delivery))
         .layer(axum::middleware::from_fn_with_state(
-            gw.clone(),
+            state.clone(),
             require_token,
         ));
     Router::new()
@@ -42,38 +73,34 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .merge(protected)
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
+        // before the token: a cross-site or rebound request is refused unread
+        .layer(axum::middleware::from_fn_with_state(
+            allowed,
+            admin_guard::guard,
+        ))
         .layer(axum::middleware::from_fn(super::request_id))
-        .with_state(gw)
+        .with_state(state)
 }
 
-/// The admin session cookie set by `/login` (for browsers; API clients send the bearer token).
-const COOKIE: &str = "gateway_admin";
-
 async fn require_token(
-    State(gw): State<Arc<Gateway>>,
+    State(st): State<AdminState>,
     req: Request,
     next: Next,
 ) -> Result<Response, Response> {
-    let Some(expected) = &gw.admin_token else {
+    let Some(expected) = &st.gw.admin_token else {
         return Ok(next.run(req).await);
     };
     let headers = req.headers();
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let cookie = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| {
-            c.trim()
-                .strip_prefix(COOKIE)
-                .and_then(|r| r.strip_prefix('='))
-        });
-    let presented = bearer.or(cookie).unwrap_or("");
-    if !presented.is_empty() && token_matches(presented, expected.expose_secret()) {
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| !t.is_empty() && token_matches(t, expected.expose_secret()));
+    let signed_in = || {
+        admin_session::cookie_value(headers)
+            .is_some_and(|c| st.sessions.verify(c, std::time::SystemTime::now()))
+    };
+    if bearer || signed_in() {
         return Ok(next.run(req).await);
     }
     let wants_html = headers
@@ -94,14 +121,16 @@ async fn login_form() -> axum::response::Html<&'static str> {
     axum::response::Html(super::status_page::LOGIN)
 }
 
-async fn login(State(gw): State<Arc<Gateway>>, body: String) -> Response {
+/// Signs a browser in: the right token gets a session cookie (never the token
+/// itself: see [`admin_session`]).
+async fn login(State(st): State<AdminState>, body: String) -> Response {
     let token = url::form_urlencoded::parse(body.as_bytes())
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default();
-    match &gw.admin_token {
+    match &st.gw.admin_token {
         Some(expected) if !token.is_empty() && token_matches(&token, expected.expose_secret()) => {
-            let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+            let cookie = st.sessions.set_cookie(std::time::SystemTime::now());
             let mut resp = axum::response::Redirect::to("/").into_response();
             if let Ok(v) = axum::http::HeaderValue::from_str(&cookie) {
                 resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -229,7 +258,8 @@ async fn routes(State(gw): State<Arc<Gateway>>) -> Json<Value> {
             "intent": match &r.intent { crate::config::model::Intent::Exact(i) => i.as_str(), crate::config::model::Intent::Default => "*" },
             "mode": format!("{:?}", r.mode).to_lowercase(),
             "method": r.downstream.method.as_str(),
-            "url": r.downstream.url.source(),
+            // as written: `${VAR}` values are never shown (SPEC §7.4)
+            "url": r.downstream.url_shown,
             "auth": auth,
             "breaker": {
                 "state": view.state.as_str(),

@@ -36,6 +36,11 @@ pub enum ApiError {
     RateLimited { bot: String, retry_after: Duration },
     /// Step 4: not JSON, or nested too deep.
     InvalidJson { message: String },
+    /// Step 4: a form body (`application/x-www-form-urlencoded` or
+    /// `multipart/form-data`), what Cognigy's HTTP Request node sends unless its
+    /// payload type is set to JSON. `media_type` is one of those two names,
+    /// never the header as sent.
+    NotJsonMediaType { media_type: &'static str },
     /// Step 5: the bot's or the route's payload schema failed.
     Schema {
         violations: Vec<Violation>,
@@ -76,6 +81,10 @@ pub enum ApiError {
     DownstreamAuth { route: String, message: String },
     /// Admin: no or a wrong admin token.
     AdminUnauthorized,
+    /// Admin: refused before any other check: a cross-site request to change
+    /// state (CSRF), or a `Host` the listener does not answer to (DNS
+    /// rebinding). The message says which, never the header's value.
+    Forbidden { message: &'static str },
     /// Admin: a bad `state` filter.
     BadState,
     /// Admin: no such delivery.
@@ -94,9 +103,11 @@ impl ApiError {
             }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            NotJsonMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyRead | InvalidJson { .. } | BadState => StatusCode::BAD_REQUEST,
             BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Unauthorized | AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            Forbidden { .. } => StatusCode::FORBIDDEN,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Schema { .. } | NoRoute { .. } | Render { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AnswerTemplate { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -120,8 +131,10 @@ impl ApiError {
             BodyRead => "body_read",
             BodyTimeout { .. } => "body_timeout",
             Unauthorized | AdminUnauthorized => "unauthorized",
+            Forbidden { .. } => "forbidden",
             RateLimited { .. } => "rate_limited",
             InvalidJson { .. } => "invalid_json",
+            NotJsonMediaType { .. } => "unsupported_media_type",
             Schema { .. } => "schema",
             NoRoute { .. } => "no_route",
             Render { .. } | AnswerTemplate { .. } => "render",
@@ -170,6 +183,13 @@ impl ApiError {
             Unauthorized => "missing or invalid credentials".to_owned(),
             RateLimited { bot, .. } => format!("bot `{bot}` is over its rate limit; slow down"),
             InvalidJson { message } => message,
+            NotJsonMediaType { media_type } => {
+                extra.insert("content_type".into(), media_type.into());
+                format!(
+                    "the body is {media_type}, not JSON: set the HTTP Request node's payload \
+                     type to JSON (Content-Type: application/json)"
+                )
+            }
             Schema { violations, route } => {
                 let n = violations.len();
                 extra.insert(
@@ -248,6 +268,7 @@ impl ApiError {
             AdminUnauthorized => {
                 "admin token required: Authorization: Bearer <GATEWAY_ADMIN_TOKEN>".to_owned()
             }
+            Forbidden { message } => message.to_owned(),
             BadState => "state must be pending, leased, delivered or dead".to_owned(),
             UnknownDelivery { id } => format!("no delivery `{id}`"),
             UnknownRoute { route } => format!("no route `{route}`"),
@@ -319,6 +340,13 @@ mod tests {
                 },
                 400,
                 "invalid_json",
+            ),
+            (
+                ApiError::NotJsonMediaType {
+                    media_type: "application/x-www-form-urlencoded",
+                },
+                415,
+                "unsupported_media_type",
             ),
             (
                 ApiError::Schema {
@@ -393,6 +421,7 @@ mod tests {
                 "downstream_auth",
             ),
             (ApiError::AdminUnauthorized, 401, "unauthorized"),
+            (ApiError::Forbidden { message: "m" }, 403, "forbidden"),
             (ApiError::BadState, 400, "bad_state"),
             (
                 ApiError::UnknownDelivery { id: "i".into() },

@@ -5,6 +5,8 @@
 //! style), so tests bind `127.0.0.1:0` and stop the server cleanly.
 
 pub mod admin;
+pub mod admin_guard;
+pub mod admin_session;
 pub mod error;
 pub mod listener;
 pub mod ops;
@@ -73,10 +75,12 @@ pub(crate) async fn request_id(mut req: Request, next: Next) -> Response {
 /// Serves both listeners until `shutdown` completes, then stops accepting and
 /// lets in-flight requests finish for at most `grace`. The public listener
 /// speaks TLS when `tls` is given.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     public: TcpListener,
     admin: TcpListener,
     gw: Arc<Gateway>,
+    admin_opts: admin::AdminOptions,
     limits: listener::ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
@@ -92,7 +96,7 @@ pub async fn run(
     ));
     let admin_task = tokio::spawn(listener::serve(
         admin,
-        admin::router(gw.clone()),
+        admin::router(gw.clone(), admin_opts),
         limits,
         rx,
         None,

@@ -38,6 +38,8 @@ pub enum Outcome {
     Paused,
     HalfOpen,
     BulkheadFull,
+    /// The downstream's outbound rate limit had no token within the deadline.
+    OutboundRateLimited,
     // Step 10.
     /// A status in the route's `success` set.
     Delivered,
@@ -77,6 +79,7 @@ impl Outcome {
             Paused => "paused",
             HalfOpen => "half_open",
             BulkheadFull => "bulkhead_full",
+            OutboundRateLimited => "outbound_rate_limited",
             Delivered => "delivered",
             Refused => "refused",
             Failed => "failed",
@@ -104,9 +107,9 @@ impl Outcome {
             E::BodyTooLarge { .. } => Outcome::BodyTooLarge,
             E::BodyRead => Outcome::BodyRead,
             E::BodyTimeout { .. } => Outcome::BodyTimeout,
-            E::Unauthorized | E::AdminUnauthorized => Outcome::Unauthorized,
+            E::Unauthorized | E::AdminUnauthorized | E::Forbidden { .. } => Outcome::Unauthorized,
             E::RateLimited { .. } => Outcome::RateLimited,
-            E::InvalidJson { .. } => Outcome::InvalidJson,
+            E::InvalidJson { .. } | E::NotJsonMediaType { .. } => Outcome::InvalidJson,
             E::Schema { .. } => Outcome::Schema,
             E::NoRoute { .. } => Outcome::NoRoute,
             E::Render { .. } | E::AnswerTemplate { .. } => Outcome::RenderError,
@@ -127,6 +130,7 @@ impl Outcome {
             "open" => Outcome::Open,
             "paused" => Outcome::Paused,
             "half_open" => Outcome::HalfOpen,
+            "rate_limited" => Outcome::OutboundRateLimited,
             _ => Outcome::BulkheadFull,
         }
     }
@@ -136,7 +140,7 @@ impl Outcome {
 mod tests {
     use super::Outcome::{self, *};
 
-    const ALL: [Outcome; 26] = [
+    const ALL: [Outcome; 27] = [
         Pending,
         UnknownBot,
         BodyTooLarge,
@@ -158,6 +162,7 @@ mod tests {
         Paused,
         HalfOpen,
         BulkheadFull,
+        OutboundRateLimited,
         Delivered,
         Refused,
         Failed,

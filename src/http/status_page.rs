@@ -219,10 +219,17 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-/// The login form for browsers when `GATEWAY_ADMIN_TOKEN` is set.
-pub const LOGIN: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><title>cognigy-gateway · sign in</title><style>body{font:16px system-ui,sans-serif;margin:2rem auto;max-width:24rem;padding:0 1rem}input,button{font:inherit;padding:.5rem;width:100%;box-sizing:border-box;margin:.25rem 0}</style></head><body><h1>Admin sign-in</h1><form method="post" action="/login"><label>Admin token <input type="password" name="token" autocomplete="current-password" required></label><button type="submit">Sign in</button></form></body></html>"#;
+/// The login page's inline style (allowed by the admin CSP by its hash).
+macro_rules! login_style {
+    () => {
+        r#"body{font:16px system-ui,sans-serif;margin:2rem auto;max-width:24rem;padding:0 1rem}input,button{font:inherit;padding:.5rem;width:100%;box-sizing:border-box;margin:.25rem 0}"#
+    };
+}
 
-const HEAD: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><meta http-equiv="refresh" content="5"><title>cognigy-gateway status</title><style>
+/// The status page's inline style (allowed by the admin CSP by its hash).
+macro_rules! page_style {
+    () => {
+        r#"
 body{font:15px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;padding:1rem;color:#1b1f24;background:#f6f8fa}
 header h1{margin:0;font-size:1.3rem}header p{margin:.25rem 0 1rem;color:#57606a}
 section{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
@@ -235,10 +242,49 @@ th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #eaeef2;white
 footer{color:#57606a;font-size:.8rem}
 @media (max-width:640px){thead{display:none}table,tbody,tr,td{display:block}tr{padding:.5rem 0;border-bottom:1px solid #d0d7de}
 td{border:0;padding:.1rem 0;white-space:normal}td[data-label]::before{content:attr(data-label);display:inline-block;width:6.5rem;color:#57606a;font-size:.8rem}
-td button{margin-top:.3rem;padding:.4rem 1.2rem}}</style></head><body>"#;
+td button{margin-top:.3rem;padding:.4rem 1.2rem}}"#
+    };
+}
+
+/// The text of every inline `<style>` the admin pages send: the
+/// `Content-Security-Policy` allows exactly these, by SHA-256. The pages have
+/// no script and no `style=` attribute.
+pub const INLINE_STYLES: [&str; 2] = [page_style!(), login_style!()];
+
+/// The login form for browsers when `GATEWAY_ADMIN_TOKEN` is set.
+pub const LOGIN: &str = concat!(
+    r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><title>cognigy-gateway · sign in</title><style>"#,
+    login_style!(),
+    r#"</style></head><body><h1>Admin sign-in</h1><form method="post" action="/login"><label>Admin token <input type="password" name="token" autocomplete="current-password" required></label><button type="submit">Sign in</button></form></body></html>"#
+);
+
+const HEAD: &str = concat!(
+    r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><meta http-equiv="refresh" content="5"><title>cognigy-gateway status</title><style>"#,
+    page_style!(),
+    r#"</style></head><body>"#
+);
 
 #[cfg(test)]
 mod tests {
+    /// The admin CSP allows inline styles by hash: every `<style>` the pages
+    /// send must be one of [`super::INLINE_STYLES`], and nothing else inline.
+    #[test]
+    fn every_inline_style_is_one_the_policy_allows() {
+        for page in [super::HEAD, super::LOGIN] {
+            let mut rest = page;
+            let mut seen = 0;
+            while let Some(i) = rest.find("<style>") {
+                let css = &rest[i + "<style>".len()..];
+                let end = css.find("</style>").expect("closed");
+                assert!(super::INLINE_STYLES.contains(&&css[..end]));
+                seen += 1;
+                rest = &css[end..];
+            }
+            assert_eq!(seen, 1);
+            assert!(!page.contains("<script") && !page.contains(" style="));
+        }
+    }
+
     #[test]
     fn escapes() {
         assert_eq!(

@@ -37,6 +37,8 @@ pub async fn handle(
     body: Body,
 ) -> Response {
     let started = StdInstant::now();
+    // SPEC §7.3: a sync call's deadline counts from here, the request's arrival.
+    let arrived = Instant::now();
     let headers = Arc::new(headers);
     // The generation this request runs on, start to finish.
     let rt = gw.runtime.load_full();
@@ -51,7 +53,7 @@ pub async fn handle(
         tries: 0,
         fields: None,
     };
-    let result = pipeline(&gw, &rt, &headers, body, &mut log).await;
+    let result = pipeline(&gw, &rt, &headers, body, arrived, &mut log).await;
     let resp = result.unwrap_or_else(|e| {
         if log.outcome == Outcome::Pending {
             log.outcome = Outcome::of_refusal(&e);
@@ -128,6 +130,7 @@ async fn pipeline(
     rt: &Runtime,
     headers: &Arc<HeaderMap>,
     body: Body,
+    arrived: Instant,
     log: &mut Log,
 ) -> Result<Response, ApiError> {
     let bot = step1_bot(rt, &log.bot)?;
@@ -145,7 +148,7 @@ async fn pipeline(
         step3_auth(bot, headers, &bytes)?;
         step3_rate_limit(rt, bot)?;
     }
-    let payload = step4_json(&bytes, gw.shared.limits.max_depth)?;
+    let payload = step4_json(headers, &bytes, gw.shared.limits.max_depth)?;
     let (route, state) = step5_6_schema_and_route(rt, bot, &payload, log)?;
     let ctx = Context::from(payload);
     let mut meta = RenderMeta::new(&bot.id, &route.name);
@@ -155,20 +158,28 @@ async fn pipeline(
         let req = render(route, &ctx, &meta, log)?;
         return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
     }
+    // The whole sync call (reading the body, rendering and step 7 included)
+    // ends within the route's deadline, counted from the request's arrival.
+    let call = SyncCall {
+        bot: &bot.id,
+        route,
+        state,
+        deadline_at: arrived + route.deadline,
+    };
     if route.idempotency_key.is_none() {
-        return sync_call(gw, &bot.id, route, state, ctx, &meta, None, log).await;
+        return sync_call(gw, &call, ctx, &meta, None, log).await;
     }
     // Step 7 needs the key, so a route with one renders before step 9.
     let req = render(route, &ctx, &meta, log)?;
     let Some(key) = req.idempotency_key.clone() else {
-        return sync_call(gw, &bot.id, route, state, ctx, &meta, Some(req), log).await;
+        return sync_call(gw, &call, ctx, &meta, Some(req), log).await;
     };
     let key = ScopedKey::new(&bot.id, &route.name, key);
     let hold = match step7_begin(gw, route, &key, log).await? {
         Ok(hold) => hold,
         Err(first) => return Ok(first),
     };
-    let result = sync_call(gw, &bot.id, route, state, ctx, &meta, Some(req), log).await;
+    let result = sync_call(gw, &call, ctx, &meta, Some(req), log).await;
     step7_settle(gw, &hold, result, log.outcome).await
 }
 
@@ -206,19 +217,32 @@ fn render(
     Ok(req)
 }
 
+/// What a sync call is about: its bot, route (and state), and when its deadline ends.
+#[derive(Clone, Copy)]
+struct SyncCall<'a> {
+    bot: &'a str,
+    route: &'a Route,
+    state: &'a RouteState,
+    /// The request's arrival + the route's `deadline`.
+    deadline_at: Instant,
+}
+
 /// Steps 9–10 for a sync route (and `on_failure: queue`). `req` is the request
 /// when it was already rendered (step 7 needs the key first).
-#[allow(clippy::too_many_arguments)]
 async fn sync_call(
     gw: &Gateway,
-    bot: &str,
-    route: &Route,
-    state: &RouteState,
+    call: &SyncCall<'_>,
     mut ctx: Context,
     meta: &RenderMeta,
     req: Option<crate::config::render::OutboundRequest>,
     log: &mut Log,
 ) -> Result<Response, ApiError> {
+    let SyncCall {
+        bot,
+        route,
+        state,
+        deadline_at,
+    } = *call;
     // Step 9 before rendering: a route that will not be called costs no rendering.
     let now = Instant::now();
     let blocked = match (state.breaker.blocked_until(now), state.paused_until(now)) {
@@ -242,7 +266,6 @@ async fn sync_call(
         Some(r) => r,
         None => render(route, &ctx, meta, log)?,
     };
-    let deadline_at = Instant::now() + route.deadline;
     let permit = match state.bulkhead.clone().try_acquire_owned() {
         Ok(p) => p,
         Err(_) => {
@@ -261,17 +284,33 @@ async fn sync_call(
     };
     let result = client::call(&gw.shared, state, &req, deadline_at).await;
     drop(permit);
-    let failed = matches!(
-        result,
-        CallResult::Failed { .. }
-            | CallResult::DeadlineExceeded { .. }
-            | CallResult::Unavailable { .. }
-    );
-    if failed && route.on_failure == OnFailure::Queue {
+    if route.on_failure == OnFailure::Queue && should_queue(&result) {
         // on_failure: queue: the call did not go through now; deliver it later instead.
+        if let CallResult::Failed { tries, .. }
+        | CallResult::DeadlineExceeded { tries }
+        | CallResult::Token { tries, .. } = result
+        {
+            log.tries = tries;
+        }
         return step8_accept(gw, bot, route, &ctx, &req, log).await;
     }
     step10_answer(route, result, &mut ctx, meta, log)
+}
+
+/// `on_failure: queue` (SPEC §7.3): store the call as a delivery when the
+/// downstream did not get the request (open, paused, bulkhead: step 9; a
+/// connect error), when the last try's outcome is one the retry rule would try
+/// again (a timeout, 502–504, 429; a 500 or a broken connection only with an
+/// idempotency key), or when the token endpoint failed. Otherwise (a 4xx, a
+/// 500 without a key: the write may have been applied) answer as a sync route.
+fn should_queue(result: &CallResult) -> bool {
+    match result {
+        CallResult::Unavailable { .. }
+        | CallResult::DeadlineExceeded { .. }
+        | CallResult::Token { .. } => true,
+        CallResult::Failed { retryable, .. } => *retryable,
+        CallResult::Delivered { .. } | CallResult::Refused { .. } => false,
+    }
 }
 
 /// How long an in-progress idempotency key is held past the route's deadline
@@ -382,8 +421,16 @@ async fn step8_accept(
         bot: bot.to_owned(),
         route: route.name.clone(),
         payload: ctx.data().to_string(),
-        request: StoredRequest::from_outbound(req),
+        // a `${VAR}` value in the URL or body is never stored: masked here,
+        // rendered again by the worker at send time (SPEC §7.4)
+        request: if route.secret_parts {
+            StoredRequest::from_outbound_masked(req, &crate::telemetry::log_redact::remembered())
+        } else {
+            StoredRequest::from_outbound(req)
+        },
         idempotency_key: req.idempotency_key.clone(),
+        // SPEC §7.3: sent only while the route keeps this origin and auth
+        fingerprint: Some(route.downstream.fingerprint()),
     };
     let window = req
         .idempotency_key
@@ -480,7 +527,11 @@ fn step3_rate_limit(rt: &Runtime, bot: &Bot) -> Result<(), ApiError> {
         })
 }
 
-fn step4_json(bytes: &[u8], max_depth: usize) -> Result<Value, ApiError> {
+fn step4_json(headers: &HeaderMap, bytes: &[u8], max_depth: usize) -> Result<Value, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes());
+    if let Some(media_type) = crate::payload::form_media_type(content_type) {
+        return Err(ApiError::NotJsonMediaType { media_type });
+    }
     if let Err(depth) = crate::payload::check_depth(bytes, max_depth) {
         return Err(ApiError::InvalidJson {
             message: format!("JSON nests deeper than {max_depth} levels (reached {depth})"),
@@ -612,6 +663,7 @@ fn step10_answer(
             status,
             reason,
             tries,
+            ..
         } => {
             log.tries = tries;
             log.outcome = Outcome::Failed;

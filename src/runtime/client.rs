@@ -1,9 +1,9 @@
-//! Calling a route's downstream with everything SPEC §5 step 10 and §6 ask:
-//! [`attempt`] makes one try (the route's 429 pause and breaker permit, an
-//! OAuth2 token with one forced refresh after a 401, the send with its
-//! timeout, classification, breaker outcome, metrics); [`call`] is the sync
-//! try loop within a deadline; the async delivery worker calls [`attempt`]
-//! once per claimed delivery.
+//! Calling a route's downstream with everything SPEC §5 step 10, §6 and §7.3
+//! ask: [`attempt`] makes one try (the route's 429 pause and breaker permit,
+//! an OAuth2 token with at most one forced refresh after a 401, the send with
+//! its timeout, classification, breaker outcome, metrics), all of it within
+//! the try's timeout; [`call`] is the sync try loop within a deadline; the
+//! async delivery worker calls [`attempt`] once per claimed delivery.
 //!
 //! Decisions about *whether* and *when* to retry are the pure
 //! [`RetryPolicy`](crate::downstream::retry::RetryPolicy)'s; what an answer counts as is
@@ -18,10 +18,12 @@ use tokio::time::Instant;
 
 use crate::breaker::Rejected;
 use crate::config::model::OutboundAuth;
-use crate::config::render::OutboundRequest;
+use crate::config::render::{IDEMPOTENCY_KEY, OutboundRequest};
 use crate::downstream::classify::{Class, Sent, classify};
 use crate::downstream::oauth2::{AccessToken, TokenError};
-use crate::downstream::retry::{Decision, GiveUpReason, TryOutcome, parse_retry_after};
+use crate::downstream::retry::{
+    Decision, GiveUpReason, RATE_LIMIT_PAUSE, TryOutcome, parse_retry_after,
+};
 use crate::runtime::{RouteState, Shared};
 use crate::telemetry::events;
 
@@ -40,11 +42,14 @@ pub enum CallResult {
     Delivered { answer: Answer, tries: u32 },
     /// A non-success answer that retrying will not fix (e.g. 400, 404, 422): passed to the bot.
     Refused { answer: Answer, tries: u32 },
-    /// The last try failed (connect error, its own timeout, 5xx).
+    /// The last try failed (connect error, its own timeout, 5xx, a broken connection).
     Failed {
         status: Option<u16>,
         reason: &'static str,
         tries: u32,
+        /// The last try's outcome is one the retry rule would try again
+        /// (SPEC §7.3): what `on_failure: queue` asks.
+        retryable: bool,
     },
     /// The deadline ran out before an answer.
     DeadlineExceeded { tries: u32 },
@@ -65,9 +70,9 @@ pub enum Attempt {
         retry_after: Duration,
         why: &'static str,
     },
-    /// Not tried: the OAuth2 token endpoint failed.
+    /// Not tried, or a 401 whose token refresh failed: the OAuth2 token endpoint failed.
     Token(TokenError),
-    /// Not tried: getting a token used up the time budget.
+    /// Getting a token (or refreshing it after a 401) used up the try's time.
     OutOfTime,
     /// One try (a forced token refresh after a 401 and its resend count as one).
     Tried(Tried),
@@ -78,6 +83,8 @@ pub enum Attempt {
 pub struct Tried {
     /// For the retry policy.
     pub outcome: TryOutcome,
+    /// Another try is allowed by SPEC §7.3's rule (the request's idempotency key counted).
+    pub retryable: bool,
     /// The downstream's answer, when there was one.
     pub answer: Option<Answer>,
     /// `success`, `status`, `rate_limited`, `connect`, `timeout` or `broken`.
@@ -94,7 +101,17 @@ enum Try {
     Broken,
 }
 
-/// Makes one try of `req` on the route of `state`, within `timeout`.
+/// Whether `req` carries an `Idempotency-Key` (the rendered key, a header the
+/// route sets, or a stored delivery's id): then a 500 or a dropped connection
+/// may be tried again (SPEC §7.3).
+pub fn is_idempotent(req: &OutboundRequest) -> bool {
+    req.headers
+        .iter()
+        .any(|(name, _, _)| *name == IDEMPOTENCY_KEY)
+}
+
+/// Makes one try of `req` on the route of `state`, all of it (token, the send,
+/// a refresh after a 401 and its resend) within `timeout`.
 pub async fn attempt(
     shared: &Shared,
     state: &RouteState,
@@ -109,6 +126,17 @@ pub async fn attempt(
         return Attempt::Blocked {
             retry_after: until - now,
             why: "paused",
+        };
+    }
+    // The downstream's outbound rate limit (SPEC §9): no token, no try. The
+    // caller decides: a sync call waits while its deadline allows, the worker
+    // postpones the delivery without using a try.
+    if let Some(bucket) = &state.outbound
+        && let Err(wait) = bucket.try_take(now)
+    {
+        return Attempt::Blocked {
+            retry_after: wait,
+            why: "rate_limited",
         };
     }
     let permit = match state.breaker.try_acquire(now) {
@@ -159,17 +187,24 @@ pub async fn attempt(
         &route.downstream.auth,
     )
     .await;
-    // One forced token refresh after a 401, then one resend (never a loop).
+    // At most one forced token refresh after a 401, then one resend (never a
+    // loop); none when the token is too young for a refresh to help (the 401
+    // is the answer). The refresh is bounded by what is left of the try.
     if let (Try::Answer(a), Some(t), OutboundAuth::OAuth2(creds)) =
         (&result, &token, &route.downstream.auth)
         && a.status == 401
     {
-        match shared
-            .tokens
-            .refresh_after_unauthorized_via(creds, t, &client)
-            .await
-        {
-            Ok(fresh) => {
+        let left = timeout.saturating_sub(started.elapsed());
+        let refreshed = tokio::time::timeout(
+            left,
+            shared
+                .tokens
+                .refresh_after_unauthorized_via(creds, t, &client),
+        )
+        .await;
+        match refreshed {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(fresh))) => {
                 token = Some(fresh);
                 let left = timeout.saturating_sub(started.elapsed());
                 result = send(
@@ -183,9 +218,13 @@ pub async fn attempt(
                 )
                 .await;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 permit.cancel();
                 return Attempt::Token(e);
+            }
+            Err(_) => {
+                permit.cancel();
+                return Attempt::OutOfTime;
             }
         }
     }
@@ -206,12 +245,18 @@ pub async fn attempt(
         Try::Timeout => (Sent::Timeout, None),
         Try::Broken => (Sent::Broken, None),
     };
-    let class = classify(sent, &route.downstream.success, route.retry.retry_after_max);
+    let class = classify(
+        sent,
+        &route.downstream.success,
+        route.retry.retry_after_max,
+        is_idempotent(req),
+    );
     if let Some(pause) = class.pause {
         state.pause(Instant::now() + pause);
     }
     let Class {
         outcome,
+        retryable,
         reason,
         breaker,
         label,
@@ -233,6 +278,7 @@ pub async fn attempt(
     }
     Attempt::Tried(Tried {
         outcome,
+        retryable,
         answer,
         reason,
         latency,
@@ -240,6 +286,11 @@ pub async fn attempt(
 }
 
 /// Calls the route's downstream for `req`: tries within `deadline_at` (the sync path).
+///
+/// A 429 pauses the route (its `Retry-After`, else 1 s): the call waits the
+/// pause out and tries again when the pause ends before the deadline and a
+/// try is left; otherwise it answers as a paused route (SPEC §5 step 9), never
+/// as a failed call (SPEC §7.3).
 pub async fn call(
     shared: &Shared,
     state: &RouteState,
@@ -248,8 +299,10 @@ pub async fn call(
 ) -> CallResult {
     let route = &state.route;
     let body = req.body.as_ref().map(|b| Bytes::from(b.clone()));
+    let idempotent = is_idempotent(req);
     let mut tries = 0u32;
-    let mut last: Option<(Option<u16>, &'static str)> = None;
+    // The last try's status, reason and retryability, once a try was made.
+    let mut last: Option<(Option<u16>, &'static str, bool)> = None;
     loop {
         let remaining = deadline_at.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -258,18 +311,55 @@ pub async fn call(
         let cut_by_deadline = remaining < route.downstream.timeout;
         let timeout = remaining.min(route.downstream.timeout);
         let tried = match attempt(shared, state, req, body.clone(), timeout).await {
-            Attempt::Blocked { retry_after, why } => {
+            Attempt::Blocked {
+                retry_after,
+                why: "rate_limited",
+            } => {
+                // Wait for a token while the deadline allows (no try is used).
+                if retry_after < deadline_at.saturating_duration_since(Instant::now()) {
+                    events::rate_limit_wait(&shared.metrics, &route.name);
+                    tokio::time::sleep(retry_after).await;
+                    continue;
+                }
+                events::rejected(&shared.metrics, &route.name, "rate_limited");
                 return match last {
-                    None => CallResult::Unavailable { retry_after, why },
-                    Some((status, reason)) => CallResult::Failed {
-                        status,
-                        reason,
-                        tries,
+                    Some((status, reason, retryable)) if status != Some(429) => {
+                        CallResult::Failed {
+                            status,
+                            reason,
+                            tries,
+                            retryable,
+                        }
+                    }
+                    _ => CallResult::Unavailable {
+                        retry_after,
+                        why: "rate_limited",
                     },
                 };
             }
+            Attempt::Blocked { retry_after, why } => {
+                return match last {
+                    // the route stopped taking calls between our tries: the last try's answer
+                    Some((status, reason, retryable)) if status != Some(429) => {
+                        CallResult::Failed {
+                            status,
+                            reason,
+                            tries,
+                            retryable,
+                        }
+                    }
+                    _ => CallResult::Unavailable { retry_after, why },
+                };
+            }
             Attempt::Token(error) => return CallResult::Token { error, tries },
-            Attempt::OutOfTime => return CallResult::DeadlineExceeded { tries },
+            Attempt::OutOfTime if cut_by_deadline => return CallResult::DeadlineExceeded { tries },
+            // the token endpoint took the whole try (its own timeout): a token failure
+            Attempt::OutOfTime => {
+                return CallResult::Token {
+                    error: TokenError::Transport("timeout"),
+                    tries,
+                };
+            }
             Attempt::Tried(t) => t,
         };
         tries += 1;
@@ -280,16 +370,35 @@ pub async fn call(
             return CallResult::DeadlineExceeded { tries };
         }
         let status = tried.answer.as_ref().map(|a| a.status);
-        last = Some((status, tried.reason));
+        last = Some((status, tried.reason, tried.retryable));
         if matches!(tried.outcome, TryOutcome::Success) {
             let answer = tried.answer.expect("a success has an answer");
             return CallResult::Delivered { answer, tries };
         }
-        let remaining = deadline_at.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let remaining = deadline_at.saturating_duration_since(now);
         // (bound first: the thread-local RNG must not live across the sleep below)
-        let decision = route
-            .retry
-            .next_sync(tries, &tried.outcome, remaining, &mut rand::rng());
+        let decision = route.retry.next_sync(
+            tries,
+            &tried.outcome,
+            idempotent,
+            remaining,
+            &mut rand::rng(),
+        );
+        // A retry waits at least until the route's pause ends (this 429's, or
+        // a longer one another call set meanwhile); if that is past the
+        // deadline, give up now.
+        let decision = match (decision, state.paused_until(now)) {
+            (Decision::RetryAfter(wait), Some(until)) => {
+                let wait = wait.max(until - now);
+                if wait < remaining {
+                    Decision::RetryAfter(wait)
+                } else {
+                    Decision::GiveUp(GiveUpReason::Deadline)
+                }
+            }
+            (decision, _) => decision,
+        };
         match decision {
             Decision::RetryAfter(wait) => tokio::time::sleep(wait).await,
             Decision::GiveUp(_) if status == Some(429) => {
@@ -297,7 +406,7 @@ pub async fn call(
                 let now = Instant::now();
                 let retry_after = state
                     .paused_until(now)
-                    .map_or(Duration::from_secs(1), |t| t - now);
+                    .map_or(RATE_LIMIT_PAUSE, |t| t - now);
                 return CallResult::Unavailable {
                     retry_after,
                     why: "paused",
@@ -312,6 +421,7 @@ pub async fn call(
                     status,
                     reason: tried.reason,
                     tries,
+                    retryable: tried.retryable,
                 };
             }
         }

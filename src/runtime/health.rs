@@ -1,6 +1,8 @@
 //! Health probes: for a route with `breaker.health`, a task that GETs the
 //! health URL every `interval` while (and only while) the breaker is open; a
-//! success moves the breaker to half-open early.
+//! success moves the breaker to half-open early. The route's credentials
+//! (bearer or OAuth2 token) are sent only when the health URL is on the
+//! downstream's own origin (`HealthSettings::credentials`, SPEC §7.4).
 //!
 //! One task per route state identity: it follows the route across reloads
 //! that keep its state, and ends when the route is changed or removed.
@@ -56,13 +58,19 @@ async fn probe_loop(
         }
         let route = &state.route;
         let Some(h) = &route.health else { return };
-        // the route's own client: its `tls` settings, the egress proxy
-        let Some(client) = gw.shared.client_for(route.downstream.tls.as_deref()) else {
+        // The route's credentials, its client certificate included, go only to
+        // its own origin (decided at load); every probe goes through the egress proxy.
+        let (auth, tls) = if h.credentials {
+            (&route.downstream.auth, route.downstream.tls.as_deref())
+        } else {
+            (&OutboundAuth::None, None)
+        };
+        let Some(client) = gw.shared.client_for(tls) else {
             events::health_probe(&gw.shared.metrics, &name, false);
             continue;
         };
         let mut req = client.get(&h.url).timeout(route.downstream.timeout);
-        match &route.downstream.auth {
+        match auth {
             OutboundAuth::OAuth2(creds) => match gw.shared.tokens.token_via(creds, &client).await {
                 Ok(t) => req = req.header(http::header::AUTHORIZATION, t.bearer_header()),
                 Err(_) => {

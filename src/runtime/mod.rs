@@ -62,6 +62,9 @@ pub struct Limits {
     pub dead_retention: Duration,
     /// `--max-pending`: accepts are refused while this many deliveries are pending (SPEC §7.3).
     pub max_pending: u64,
+    /// An OAuth2 token younger than this is not replaced after a downstream
+    /// 401: the 401 is the answer (SPEC §7.3). Not a flag; tests shorten it.
+    pub token_refresh_min_age: Duration,
     /// `--egress-proxy`: every downstream, token and probe call goes through it (SPEC §8).
     pub egress_proxy: Option<EgressProxy>,
 }
@@ -112,6 +115,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             dead_retention: crate::store::DEFAULT_DEAD_RETENTION,
             max_pending: crate::store::DEFAULT_MAX_PENDING,
+            token_refresh_min_age: crate::downstream::oauth2::MIN_REFRESH_AGE,
             egress_proxy: None,
         }
     }
@@ -123,7 +127,8 @@ impl Shared {
         let client = client_builder(&limits)
             .build()
             .expect("the HTTP client builds (is a rustls crypto provider installed?)");
-        let tokens = TokenCache::new(client.clone());
+        let tokens =
+            TokenCache::new(client.clone()).with_min_refresh_age(limits.token_refresh_min_age);
         Shared {
             client,
             tokens,
@@ -246,6 +251,9 @@ pub struct RouteState {
     pub stats: Arc<RouteStats>,
     /// Pre-resolved metric handles (made on first use).
     metric_handles: Arc<std::sync::OnceLock<crate::telemetry::metrics::RouteMetrics>>,
+    /// The downstream's outbound token bucket (`rate_limit`), kept across
+    /// reloads while its limit is unchanged.
+    pub outbound: Option<Arc<TokenBucket>>,
 }
 
 /// How long the latency windows of `/metrics/latency` and the status page reach back.
@@ -285,6 +293,10 @@ impl RouteState {
             latency: Arc::new(RouteLatency::new(LATENCY_WINDOW, now)),
             stats: Arc::new(RouteStats::default()),
             metric_handles: Default::default(),
+            outbound: route
+                .downstream
+                .rate_limit
+                .map(|l| Arc::new(TokenBucket::new(l, now))),
             route,
         }
     }
@@ -365,6 +377,10 @@ impl Runtime {
                     stats: old.stats.clone(),
                     // the bots served may have changed: resolve the handles again
                     metric_handles: Default::default(),
+                    outbound: match (&old.outbound, route.downstream.rate_limit) {
+                        (Some(b), Some(l)) if b.limit() == l => Some(b.clone()),
+                        (_, l) => l.map(|l| Arc::new(TokenBucket::new(l, now))),
+                    },
                 }),
                 _ => Arc::new(RouteState::new(route.clone(), now)),
             };

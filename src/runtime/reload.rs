@@ -113,6 +113,8 @@ fn swap(gw: &Gateway, loaded: Loaded) -> ReloadOutcome {
             diagnostics: loaded.diagnostics,
         };
     };
+    // from now on, no log line shows a `${VAR}` value of this configuration
+    crate::telemetry::log_redact::remember(&config.redactor);
     if prev.generation > 0 && config.hash == prev.config.hash {
         return ReloadOutcome::Unchanged(report(
             "unchanged",

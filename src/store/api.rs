@@ -153,6 +153,19 @@ impl StoredRequest {
     /// from the environment (`secret` in [`OutboundRequest::headers`]) are
     /// left out; the sender renders them again. Header values that are not
     /// UTF-8 are stored lossily (render refuses control characters already).
+    /// [`from_outbound`](Self::from_outbound) with every `${VAR}` value in the
+    /// URL and body masked by `redactor` (a route with `secret_parts`: its
+    /// worker renders them again at send time, so the store never holds them).
+    pub fn from_outbound_masked(
+        req: &OutboundRequest,
+        redactor: &crate::config::redact::Redactor,
+    ) -> Self {
+        let mut s = Self::from_outbound(req);
+        s.url = redactor.redact(&s.url);
+        s.body = s.body.map(|b| redactor.redact(&b));
+        s
+    }
+
     pub fn from_outbound(req: &OutboundRequest) -> Self {
         StoredRequest {
             method: req.method.as_str().to_owned(),
@@ -203,6 +216,10 @@ pub struct NewDelivery {
     /// Rendered `idempotency_key`: the inbound dedupe key and the
     /// `Idempotency-Key` sent on every try.
     pub idempotency_key: Option<String>,
+    /// The route's [`fingerprint`](crate::config::model::Downstream::fingerprint)
+    /// at acceptance: the delivery is sent only while the route still has it
+    /// (SPEC §7.3). No secret.
+    pub fingerprint: Option<String>,
 }
 
 impl fmt::Debug for NewDelivery {
@@ -213,6 +230,7 @@ impl fmt::Debug for NewDelivery {
             .field("payload", &format_args!("<{} bytes>", self.payload.len()))
             .field("request", &self.request)
             .field("idempotency_key", &self.idempotency_key.is_some())
+            .field("fingerprint", &self.fingerprint)
             .finish()
     }
 }
@@ -267,8 +285,16 @@ pub struct Delivery {
     pub updated_at: SystemTime,
     pub lease_owner: Option<String>,
     pub leased_until: Option<SystemTime>,
-    /// The last try's error (`status 503`, `timeout`, …) or why it was buried.
+    /// The last try's error (`status 503`, `timeout`, …) or why it was buried
+    /// (`route_removed`, `route_changed`, …).
     pub last_error: Option<String>,
+    /// The route's fingerprint when the request was rendered; `None` for a
+    /// delivery accepted before schema version 3 (then only the stored URL's
+    /// origin is compared with the route's).
+    pub fingerprint: Option<String>,
+    /// Replayed: render the request again from the payload against the route
+    /// as it is now, before the next try ([`Store::set_request`]).
+    pub render_again: bool,
 }
 
 impl fmt::Debug for Delivery {
@@ -284,6 +310,7 @@ impl fmt::Debug for Delivery {
             .field("next_attempt_at", &self.next_attempt_at)
             .field("lease_owner", &self.lease_owner)
             .field("last_error", &self.last_error)
+            .field("render_again", &self.render_again)
             .finish_non_exhaustive()
     }
 }
@@ -582,6 +609,18 @@ pub trait Store: Send + Sync + 'static {
         now: SystemTime,
     ) -> BoxFuture<'a, Result<()>>;
 
+    /// Replaces a claimed delivery's stored request and route fingerprint with
+    /// ones rendered again from its payload (after a replay), and clears
+    /// [`Delivery::render_again`]. Refused with [`StoreError::LeaseLost`]
+    /// unless `lease` is still the current claim, or [`StoreError::NotFound`].
+    fn set_request<'a>(
+        &'a self,
+        lease: &'a Lease,
+        request: StoredRequest,
+        fingerprint: String,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<()>>;
+
     /// Graceful shutdown: every delivery leased by `owner` goes back to
     /// `pending` at its `next_attempt_at`, attempts unchanged. Returns how many.
     fn release_owner<'a>(&'a self, owner: &'a str, now: SystemTime) -> BoxFuture<'a, Result<u64>>;
@@ -594,7 +633,9 @@ pub trait Store: Send + Sync + 'static {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<DeliveryDetail>>>;
 
     /// A dead or delivered delivery back to `pending`, due `now`, attempts
-    /// reset to 0 (earlier tries stay in its history).
+    /// reset to 0 (earlier tries stay in its history), marked
+    /// [`render_again`](Delivery::render_again): its next try renders the
+    /// request again from its payload against the route as it is then.
     fn replay<'a>(&'a self, id: &'a str, now: SystemTime) -> BoxFuture<'a, Result<()>>;
 
     /// Every dead delivery back to `pending` (as [`Store::replay`]). Returns how many.
@@ -879,6 +920,7 @@ mod tests {
                 body: Some(r#"{"email":"jane@example.com"}"#.into()),
             },
             idempotency_key: Some("k-123".into()),
+            fingerprint: None,
         };
         let text = format!("{d:?}");
         for value in ["jane@", "C-1001", "cognigy-secretish", "k-123"] {

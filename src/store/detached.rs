@@ -73,6 +73,19 @@ impl Store for Detached {
         self.run(move |s| Box::pin(async move { s.settle(&lease, outcome, now).await }))
     }
 
+    fn set_request<'a>(
+        &'a self,
+        lease: &'a Lease,
+        request: StoredRequest,
+        fingerprint: String,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<()>> {
+        let lease = lease.clone();
+        self.run(move |s| {
+            Box::pin(async move { s.set_request(&lease, request, fingerprint, now).await })
+        })
+    }
+
     fn release_owner<'a>(&'a self, owner: &'a str, now: SystemTime) -> BoxFuture<'a, Result<u64>> {
         let owner = owner.to_owned();
         self.run(move |s| Box::pin(async move { s.release_owner(&owner, now).await }))
@@ -184,6 +197,15 @@ mod tests {
             &'a self,
             _: &'a Lease,
             _: Settle,
+            _: SystemTime,
+        ) -> BoxFuture<'a, Result<()>> {
+            unimplemented!()
+        }
+        fn set_request<'a>(
+            &'a self,
+            _: &'a Lease,
+            _: StoredRequest,
+            _: String,
             _: SystemTime,
         ) -> BoxFuture<'a, Result<()>> {
             unimplemented!()

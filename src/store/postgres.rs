@@ -22,12 +22,12 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::api::{
     Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Hold, Lease, NewDelivery,
-    Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer,
+    Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer, StoredRequest,
 };
 use super::rows::{
     STATS_SQL, SettlePlan, attempt_from_row, begin_from_row, claimed_from_row, cutoff_ms,
-    delivery_columns, delivery_from_row, dur_ms, headers_json, legacy_still_answers, new_id,
-    not_replayable, stats_from_row, summary_columns, summary_from_row, to_ms,
+    delivery_columns, delivery_from_row, dur_ms, headers_json, lease_refusal, legacy_still_answers,
+    new_id, not_replayable, stats_from_row, summary_columns, summary_from_row, to_ms,
 };
 
 /// The schema, one migration per version (version = index + 1); see the
@@ -132,6 +132,12 @@ CREATE TRIGGER deliveries_live_update AFTER UPDATE ON deliveries
 CREATE TRIGGER deliveries_live_delete AFTER DELETE ON deliveries
     REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION deliveries_count_live();
+"#,
+    r#"
+-- v3 (SPEC §7.3): a delivery is sent only to the origin, with the auth, of its
+-- route at acceptance; a replay renders the request again from the payload.
+ALTER TABLE deliveries ADD COLUMN route_fingerprint TEXT;   -- NULL: accepted before v3
+ALTER TABLE deliveries ADD COLUMN render_again BIGINT NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -324,8 +330,8 @@ async fn accept(
         let r = sqlx::query(
             "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
              idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
-             updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending', 0, $11, $11, $11, $11) \
+             updated_at, route_fingerprint) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending', 0, $11, $11, $11, $11, $12) \
              ON CONFLICT (bot, route, dedupe_key) DO NOTHING",
         )
         .bind(&id)
@@ -339,6 +345,7 @@ async fn accept(
         .bind(&d.idempotency_key)
         .bind(dedupe_key)
         .bind(now)
+        .bind(&d.fingerprint)
         .execute(&mut *tx)
         .await
         .map_err(err())?;
@@ -418,14 +425,7 @@ async fn settle(conn: &mut PgConnection, lease: &Lease, outcome: &Settle, now: i
             .fetch_optional(&mut *tx)
             .await
             .map_err(err())?;
-        return Err(match exists {
-            Some(_) => StoreError::LeaseLost {
-                id: lease.id.clone(),
-            },
-            None => StoreError::NotFound {
-                id: lease.id.clone(),
-            },
-        });
+        return Err(lease_refusal(lease, exists.is_some()));
     };
     if let Some(a) = plan.attempt {
         sqlx::query(
@@ -633,6 +633,44 @@ impl Store for PgStore {
         })
     }
 
+    fn set_request<'a>(
+        &'a self,
+        lease: &'a Lease,
+        request: StoredRequest,
+        fingerprint: String,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let err = || StoreError::db("store a request rendered again");
+            let r = sqlx::query(
+                "UPDATE deliveries SET method = $1, url = $2, headers = $3, body = $4, \
+                 route_fingerprint = $5, render_again = 0, updated_at = $6 \
+                 WHERE id = $7 AND state = 'leased' AND lease_owner = $8 AND lease_seq = $9",
+            )
+            .bind(&request.method)
+            .bind(&request.url)
+            .bind(headers_json(&request.headers))
+            .bind(&request.body)
+            .bind(&fingerprint)
+            .bind(to_ms(now))
+            .bind(&lease.id)
+            .bind(&lease.owner)
+            .bind(lease.seq)
+            .execute(&self.pool)
+            .await
+            .map_err(err())?;
+            if r.rows_affected() == 1 {
+                return Ok(());
+            }
+            let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM deliveries WHERE id = $1")
+                .bind(&lease.id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(err())?;
+            Err(lease_refusal(lease, exists.is_some()))
+        })
+    }
+
     fn release_owner<'a>(&'a self, owner: &'a str, now: SystemTime) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             let r = sqlx::query(
@@ -724,7 +762,7 @@ impl Store for PgStore {
             let r = sqlx::query(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $2, \
                  due_at = $2, last_error = NULL, lease_owner = NULL, leased_until = NULL, \
-                 updated_at = $2 WHERE id = $1 AND state IN ('dead', 'delivered')",
+                 render_again = 1, updated_at = $2 WHERE id = $1 AND state IN ('dead', 'delivered')",
             )
             .bind(id)
             .bind(to_ms(now))
@@ -748,7 +786,8 @@ impl Store for PgStore {
         Box::pin(async move {
             let r = sqlx::query(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1, \
-                 due_at = $1, last_error = NULL, updated_at = $1 WHERE state = 'dead'",
+                 due_at = $1, last_error = NULL, render_again = 1, updated_at = $1 \
+                 WHERE state = 'dead'",
             )
             .bind(to_ms(now))
             .execute(&self.pool)

@@ -61,7 +61,8 @@ pub(crate) fn headers_json(headers: &[(String, String)]) -> String {
 macro_rules! delivery_columns {
     () => {
         "id, bot, route, payload, method, url, headers, body, idempotency_key, state, attempts, \
-         next_attempt_at, created_at, updated_at, lease_owner, leased_until, lease_seq, last_error"
+         next_attempt_at, created_at, updated_at, lease_owner, leased_until, lease_seq, last_error, \
+         route_fingerprint, render_again"
     };
 }
 pub(crate) use delivery_columns;
@@ -137,6 +138,8 @@ where
         lease_owner: get(row, "lease_owner")?,
         leased_until: get::<_, Option<i64>>(row, "leased_until")?.map(from_ms),
         last_error: get(row, "last_error")?,
+        fingerprint: get(row, "route_fingerprint")?,
+        render_again: get::<_, i64>(row, "render_again")? != 0,
         id,
     };
     Ok((d, seq))
@@ -266,6 +269,17 @@ impl<'a> SettlePlan<'a> {
                 attempt: None,
             },
         }
+    }
+}
+
+/// Why a write about a claimed delivery was refused: its lease is no longer
+/// the current claim (`exists`), or the delivery is gone.
+pub(crate) fn lease_refusal(lease: &Lease, exists: bool) -> StoreError {
+    let id = lease.id.clone();
+    if exists {
+        StoreError::LeaseLost { id }
+    } else {
+        StoreError::NotFound { id }
     }
 }
 

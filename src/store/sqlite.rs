@@ -38,12 +38,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::api::{
     Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Hold, Lease, NewDelivery,
-    Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer,
+    Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer, StoredRequest,
 };
 use super::rows::{
     STATS_SQL, SettlePlan, attempt_from_row, begin_from_row, claimed_from_row, cutoff_ms,
-    delivery_columns, delivery_from_row, dur_ms, headers_json, legacy_still_answers, new_id,
-    not_replayable, stats_from_row, summary_columns, summary_from_row, to_ms,
+    delivery_columns, delivery_from_row, dur_ms, headers_json, lease_refusal, legacy_still_answers,
+    new_id, not_replayable, stats_from_row, summary_columns, summary_from_row, to_ms,
 };
 
 /// The schema, one migration per version (version = index + 1). Applied in
@@ -146,6 +146,12 @@ CREATE TRIGGER deliveries_live_update AFTER UPDATE OF state ON deliveries
         UPDATE live_count
         SET live = live + CASE WHEN NEW.state IN ('pending', 'leased') THEN 1 ELSE -1 END;
     END;
+"#,
+    r#"
+-- v3 (SPEC §7.3): a delivery is sent only to the origin, with the auth, of its
+-- route at acceptance; a replay renders the request again from the payload.
+ALTER TABLE deliveries ADD COLUMN route_fingerprint TEXT;   -- NULL: accepted before v3
+ALTER TABLE deliveries ADD COLUMN render_again INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -266,6 +272,16 @@ impl SqliteStore {
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
+    // A current schema needs no write lock: a `deliveries` command opening the
+    // file beside a busy `serve` then never waits for the writer.
+    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+        .fetch_one(&mut *conn)
+        .await
+        .ok()
+        .flatten();
+    if current == Some(SCHEMA_VERSION) {
+        return Ok(());
+    }
     let err = StoreError::db("migrate the schema");
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
     sqlx::raw_sql(
@@ -334,6 +350,12 @@ enum Op {
     Settle {
         lease: Lease,
         outcome: Settle,
+        now: i64,
+    },
+    SetRequest {
+        lease: Lease,
+        request: StoredRequest,
+        fingerprint: String,
         now: i64,
     },
     Release {
@@ -545,6 +567,39 @@ async fn run_op(conn: &mut SqliteConnection, op: &Op) -> Result<Reply> {
         } => settle(conn, lease, outcome, *now)
             .await
             .map(|()| Reply::Unit),
+        Op::SetRequest {
+            lease,
+            request,
+            fingerprint,
+            now,
+        } => {
+            let r = sqlx::query(
+                "UPDATE deliveries SET method = ?1, url = ?2, headers = ?3, body = ?4, \
+                 route_fingerprint = ?5, render_again = 0, updated_at = ?6 \
+                 WHERE id = ?7 AND state = 'leased' AND lease_owner = ?8 AND lease_seq = ?9",
+            )
+            .bind(&request.method)
+            .bind(&request.url)
+            .bind(headers_json(&request.headers))
+            .bind(&request.body)
+            .bind(fingerprint)
+            .bind(now)
+            .bind(&lease.id)
+            .bind(&lease.owner)
+            .bind(lease.seq)
+            .execute(&mut *conn)
+            .await
+            .map_err(StoreError::db("store a request rendered again"))?;
+            if r.rows_affected() == 1 {
+                return Ok(Reply::Unit);
+            }
+            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM deliveries WHERE id = ?1")
+                .bind(&lease.id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(StoreError::db("store a request rendered again"))?;
+            Err(lease_refusal(lease, exists.is_some()))
+        }
         Op::Release { owner, now } => {
             let r = sqlx::query(
                 "UPDATE deliveries SET state = 'pending', due_at = next_attempt_at, \
@@ -562,7 +617,7 @@ async fn run_op(conn: &mut SqliteConnection, op: &Op) -> Result<Reply> {
             let r = sqlx::query(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?2, \
                  due_at = ?2, last_error = NULL, lease_owner = NULL, leased_until = NULL, \
-                 updated_at = ?2 WHERE id = ?1 AND state IN ('dead', 'delivered')",
+                 render_again = 1, updated_at = ?2 WHERE id = ?1 AND state IN ('dead', 'delivered')",
             )
             .bind(id)
             .bind(now)
@@ -583,7 +638,8 @@ async fn run_op(conn: &mut SqliteConnection, op: &Op) -> Result<Reply> {
         Op::ReplayDead { now } => {
             let r = sqlx::query(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?1, \
-                 due_at = ?1, last_error = NULL, updated_at = ?1 WHERE state = 'dead'",
+                 due_at = ?1, last_error = NULL, render_again = 1, updated_at = ?1 \
+                 WHERE state = 'dead'",
             )
             .bind(now)
             .execute(&mut *conn)
@@ -715,8 +771,8 @@ async fn accept(
         let r = sqlx::query(
             "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
              idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
-             updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', 0, ?11, ?11, ?11, ?11) \
+             updated_at, route_fingerprint) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', 0, ?11, ?11, ?11, ?11, ?12) \
              ON CONFLICT (bot, route, dedupe_key) DO NOTHING",
         )
         .bind(&id)
@@ -730,6 +786,7 @@ async fn accept(
         .bind(&d.idempotency_key)
         .bind(dedupe_key)
         .bind(now)
+        .bind(&d.fingerprint)
         .execute(&mut *conn)
         .await
         .map_err(err())?;
@@ -793,14 +850,7 @@ async fn settle(
             .fetch_optional(&mut *conn)
             .await
             .map_err(StoreError::db("settle a delivery"))?;
-        return Err(match exists {
-            Some(_) => StoreError::LeaseLost {
-                id: lease.id.clone(),
-            },
-            None => StoreError::NotFound {
-                id: lease.id.clone(),
-            },
-        });
+        return Err(lease_refusal(lease, exists.is_some()));
     };
     if let Some(a) = plan.attempt {
         sqlx::query(
@@ -970,6 +1020,24 @@ impl Store for SqliteStore {
             let op = Op::Settle {
                 lease: lease.clone(),
                 outcome,
+                now: to_ms(now),
+            };
+            self.write(op).await.map(|_| ())
+        })
+    }
+
+    fn set_request<'a>(
+        &'a self,
+        lease: &'a Lease,
+        request: StoredRequest,
+        fingerprint: String,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let op = Op::SetRequest {
+                lease: lease.clone(),
+                request,
+                fingerprint,
                 now: to_ms(now),
             };
             self.write(op).await.map(|_| ())

@@ -32,6 +32,18 @@ pub fn breaker_state(m: &Metrics, route: &str, state: State) {
     }
 }
 
+/// A sync call waited for an outbound rate-limit token (SPEC §9).
+pub fn rate_limit_wait(m: &Metrics, route: &str) {
+    if !m.enabled {
+        return;
+    }
+    m.rate_limit_waits
+        .get_or_create(&RouteLabels {
+            route: route.into(),
+        })
+        .inc();
+}
+
 pub fn rejected(m: &Metrics, route: &str, reason: &'static str) {
     tracing::debug!(route, reason, "call not made");
     if !m.enabled {

@@ -92,6 +92,7 @@ pub struct Metrics {
     pub breaker_state: Family<StateLabels, Gauge>,
     pub breaker_transitions: Family<TransitionLabels, Counter>,
     pub breaker_rejections: Family<ReasonLabels, Counter>,
+    pub rate_limit_waits: Family<RouteLabels, Counter>,
     pub health_probes: Family<ProbeLabels, Counter>,
     pub token_grants: Family<ResultLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
@@ -125,6 +126,7 @@ impl Metrics {
             breaker_state: Family::default(),
             breaker_transitions: Family::default(),
             breaker_rejections: Family::default(),
+            rate_limit_waits: Family::default(),
             health_probes: Family::default(),
             token_grants: Family::default(),
             reloads: Family::default(),
@@ -172,8 +174,13 @@ impl Metrics {
         );
         registry.register(
             "breaker_rejections",
-            "Calls not made because the route was open, paused or full",
+            "Calls not made because the route was open, paused, full or over its outbound rate limit",
             m.breaker_rejections.clone(),
+        );
+        registry.register(
+            "rate_limit_waits",
+            "Sync calls that waited for an outbound rate-limit token",
+            m.rate_limit_waits.clone(),
         );
         registry.register(
             "health_probes",

@@ -36,6 +36,7 @@ fn delivery(n: u32) -> NewDelivery {
             body: Some(format!(r#"{{"id":"C-{n}"}}"#)),
         },
         idempotency_key: Some(format!("in-{n}")),
+        fingerprint: None,
     }
 }
 
@@ -103,7 +104,7 @@ async fn list_show_and_replay() {
 
     let out = gateway(
         dir.path(),
-        &["deliveries", "show", &dead, "--format", "json"],
+        &["deliveries", "show", &dead, "--format", "json", "--payload"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -117,6 +118,21 @@ async fn list_show_and_replay() {
         text(&out.stdout).contains("try  1"),
         "{}",
         text(&out.stdout)
+    );
+    // the payload (personal data) only with --payload (SPEC §7.4)
+    let shown = text(&out.stdout);
+    assert!(
+        !shown.contains("inputId") && !shown.contains(r#""id":"C-1""#),
+        "{shown}"
+    );
+    let out = gateway(
+        dir.path(),
+        &["deliveries", "show", &dead, "--format", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v.get("payload").is_none() && v["request"].get("body").is_none(),
+        "{v}"
     );
 
     // A pending delivery cannot be replayed: refused, exit 1.

@@ -12,9 +12,13 @@
 
 mod support;
 
+mod admin_security;
+mod architecture;
 mod cli;
 mod cli_deliveries;
 mod container;
+mod cookbook;
+mod delivered_once;
 mod delivery;
 mod delivery_crash;
 mod delivery_instances;
@@ -23,10 +27,12 @@ mod egress_proxy;
 mod fuzz;
 mod hostile;
 mod listener_tls;
+mod outbound_rate_limit;
 mod rate_limit;
 mod reload;
 mod reload_concurrent;
 mod secret_files;
+mod secrets_store;
 mod serve_auth;
 mod serve_binary;
 mod serve_breaker;

@@ -294,13 +294,14 @@ async fn logs_of_a_full_run_contain_no_secret() {
             .status(),
         200
     );
+    // a token granted moments ago and refused: the 401 is the answer (SPEC 7.3)
     ds.push(Scripted::status(401));
     assert_eq!(
         post("bot-k3y-aaaa", r#"{"intent":"y"}"#)
             .await
             .unwrap()
             .status(),
-        200
+        401
     );
     ds.push_token(
         Scripted::status(400)

@@ -33,6 +33,11 @@ routes:
     TestGateway::builder()
         .file("r.yaml", &files)
         .env("CRM_SECRET", "s3cr3t-value")
+        // refresh after any 401, however young the token (the age rule: tests/delivered_once.rs)
+        .limits(cognigy_gateway::runtime::Limits {
+            token_refresh_min_age: std::time::Duration::ZERO,
+            ..Default::default()
+        })
         .start()
         .await
 }

@@ -298,7 +298,9 @@ async fn step10_500_is_not_retried() {
     let ds = TestDownstream::start().await;
     let gw = gateway(&ds, "").await;
     ds.set_default(Scripted::status(500));
-    let (status, _, body) = gw.send("b", &payload("C-1")).await;
+    // (the default route has no idempotency key: with one, a 500 is retried, SPEC §7.3)
+    let unkeyed = json!({"sessionId": "s-1", "intent": "other"});
+    let (status, _, body) = gw.send("b", &unkeyed).await;
     assert_eq!((status, body["status"].as_u64()), (502, Some(500)));
     assert_eq!(ds.requests().len(), 1);
 }
@@ -312,9 +314,11 @@ async fn step10_recovers_after_a_dropped_connection_and_a_503() {
     let (status, _, _) = gw.send("b", &payload("C-1")).await;
     assert_eq!(status, 200);
     assert_eq!(ds.requests().len(), 3);
-    // a connection dropped mid-request is not retried (the CRM may have acted on it)
+    // a connection dropped mid-request is not retried without an idempotency
+    // key (the CRM may have acted on it; SPEC §7.3): the default route has none
     ds.push(Scripted::dropped());
-    let (status, _, body) = gw.send("b", &payload("C-2")).await;
+    let unkeyed = json!({"sessionId": "s-1", "intent": "other"});
+    let (status, _, body) = gw.send("b", &unkeyed).await;
     assert_eq!((status, body["reason"].as_str()), (502, Some("broken")));
     assert_eq!(ds.requests().len(), 4);
 }

@@ -1,6 +1,8 @@
 //! The status page in a real headless Chromium (Debian's `chromium`, driven by
 //! playwright-core from `tests/browser/`): load it, check the content, click a
-//! breaker's Reset, and save screenshots under `target/artifacts/`.
+//! breaker's Reset, and save screenshots under `target/artifacts/`. The script
+//! also checks the page's Content-Security-Policy breaks nothing: styles apply,
+//! the Reset form posts (same origin), and Chromium reports no CSP violation.
 //! `scripts/test.sh` installs Chromium and the npm package when missing.
 
 use std::path::Path;

@@ -38,12 +38,14 @@ fn delivery(n: usize) -> NewDelivery {
             body: Some(format!(r#"{{"external_id":"C-{n}"}}"#)),
         },
         idempotency_key: Some(format!("in-{n}")),
+        fingerprint: None,
     }
 }
 
 fn keyed(key: &str) -> NewDelivery {
     NewDelivery {
         idempotency_key: Some(key.into()),
+        fingerprint: None,
         ..delivery(0)
     }
 }

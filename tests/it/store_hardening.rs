@@ -35,6 +35,7 @@ fn delivery(route: &str, key: Option<&str>) -> NewDelivery {
             body: Some("{}".into()),
         },
         idempotency_key: key.map(str::to_owned),
+        fingerprint: None,
     }
 }
 

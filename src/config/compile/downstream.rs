@@ -41,6 +41,7 @@ impl Compiler<'_> {
         let url_at = at.child("url");
         let origin = self.check_url_template(&url_at, &ds.url);
         let url = self.template(&url_at, &ds.url, Kind::Url, strict);
+        let url_shown = self.as_written(&url_at).unwrap_or(&ds.url).to_owned();
         let timeout = ds
             .timeout
             .or(d.and_then(|d| d.timeout))
@@ -60,22 +61,33 @@ impl Compiler<'_> {
                 ),
             );
         }
-        // lower-case name → (where, name as written, value)
-        let mut header_sources: BTreeMap<String, (At, String, String)> = BTreeMap::new();
+        // lower-case name → (where reported, where written, name as written, value)
+        let mut header_sources: BTreeMap<String, (At, At, String, String)> = BTreeMap::new();
         if let Some(dh) = d.and_then(|d| d.headers.as_ref()) {
-            // defaults' headers are located in the defaults block; we only know they exist
+            let d_at = self.defaults_at.clone();
             for (k, v) in dh {
-                header_sources.insert(k.to_ascii_lowercase(), (at.clone(), k.clone(), v.clone()));
+                // problems are reported at the route (each route using the default
+                // says so); whether the value came from the environment is looked up
+                // where it was written, in the `defaults:` block
+                let written_at = d_at.as_ref().map_or_else(
+                    || at.clone(),
+                    |d| d.child("downstream").child("headers").child(k),
+                );
+                header_sources.insert(
+                    k.to_ascii_lowercase(),
+                    (at.clone(), written_at, k.clone(), v.clone()),
+                );
             }
         }
         for (k, v) in ds.headers.iter().flatten() {
+            let h_at = at.child("headers").child(k);
             header_sources.insert(
                 k.to_ascii_lowercase(),
-                (at.child("headers").child(k), k.clone(), v.clone()),
+                (h_at.clone(), h_at, k.clone(), v.clone()),
             );
         }
         let mut headers = Vec::new();
-        for (name, (h_at, written, value)) in header_sources {
+        for (name, (h_at, written_at, written, value)) in header_sources {
             // a bad name is reported at the name (the key), not at its value
             let Ok(hn) = http::HeaderName::try_from(name.as_str()) else {
                 let m = format!("`{written}` is not a valid header name");
@@ -94,7 +106,7 @@ impl Compiler<'_> {
                 self.error(&h_at, "header values must not contain CR, LF or NUL");
                 continue;
             }
-            let secret = self.is_from_env(&h_at);
+            let secret = self.is_from_env(&written_at);
             if let Some(t) = self.template(&h_at, &value, Kind::Text, strict) {
                 headers.push(HeaderSpec {
                     name: hn,
@@ -136,11 +148,16 @@ impl Compiler<'_> {
             );
         }
         let tls = tls.ok()?;
+        let rate_limit = self.rate_limit(
+            &at.child("rate_limit"),
+            ds.rate_limit.or(d.and_then(|d| d.rate_limit)),
+        )?;
         let origin = origin?;
         let base = url::Url::parse(&format!("{origin}/")).ok();
         Some(Downstream {
             method,
             url: url?,
+            url_shown,
             base,
             origin,
             timeout,
@@ -148,8 +165,29 @@ impl Compiler<'_> {
             auth,
             success,
             max_in_flight,
+            rate_limit,
             tls,
         })
+    }
+
+    /// A `rate_limit` block: `None` inside when there is none; `None` outside after an error.
+    /// `burst` defaults to `per_second` (at least 1).
+    pub(super) fn rate_limit(
+        &mut self,
+        at: &At,
+        written: Option<raw::RateLimit>,
+    ) -> Option<Option<crate::ratelimit::RateLimit>> {
+        let Some(r) = written else {
+            return Some(None);
+        };
+        let burst = r.burst.unwrap_or((r.per_second.ceil() as u32).max(1));
+        match crate::ratelimit::RateLimit::try_new(r.per_second, burst) {
+            Ok(l) => Some(Some(l)),
+            Err(m) => {
+                self.error(at, m.to_owned());
+                None
+            }
+        }
     }
 
     /// The `defaults:` block's `downstream.tls`, compiled once (its diagnostics
@@ -398,6 +436,33 @@ impl Compiler<'_> {
         }
     }
 
+    /// Whether the health probe may carry the route's credentials: only to the
+    /// downstream's own origin (scheme, host, port; SPEC §7.4). Another origin
+    /// is probed without them, and a route with credentials is told so.
+    /// Unresolved URLs (validate without the environment) decide nothing.
+    pub(super) fn health_credentials(
+        &mut self,
+        at: &At,
+        health: &HealthSettings,
+        ds: &Downstream,
+    ) -> bool {
+        let (Some(base), Ok(url)) = (&ds.base, url::Url::parse(&health.url)) else {
+            return false;
+        };
+        let same = base.scheme() == url.scheme()
+            && base.host() == url.host()
+            && base.port_or_known_default() == url.port_or_known_default();
+        if !same && !matches!(ds.auth, OutboundAuth::None) {
+            // no origin is quoted: either may come from the environment
+            self.warn(
+                &at.child("breaker").child("health").child("url"),
+                "is not on the downstream URL's origin (scheme, host and port): the probe is \
+                 sent without the route's credentials",
+            );
+        }
+        same
+    }
+
     fn compile_outbound_auth(&mut self, at: &At, a: raw::OutboundAuth) -> Option<OutboundAuth> {
         if let Some(o) = a.oauth2 {
             let at = at.child("oauth2");
@@ -579,6 +644,8 @@ impl Compiler<'_> {
                 Some(HealthSettings {
                     url: h.url,
                     interval,
+                    // decided against the downstream: `health_credentials`
+                    credentials: false,
                 })
             }
             None => None,

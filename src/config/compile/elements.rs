@@ -60,6 +60,7 @@ impl Compiler<'_> {
             _ => {
                 let mut all = std::mem::take(&mut self.defaults);
                 let (first_at, first, taint) = all.remove(0);
+                self.defaults_at = Some(first_at.clone());
                 // the line of the `defaults:` key, not of its first child
                 let ffile = self.files[first_at.file].path.clone();
                 let fpos = self.files[first_at.file].index.key(&first_at.pointer);
@@ -71,8 +72,8 @@ impl Compiler<'_> {
                     );
                     self.push(&at, true, Severity::Error, msg);
                 }
+                self.lint_defaults(&first_at, &first);
                 self.defaults_tls_raw = first.downstream.as_ref().and_then(|d| d.tls.clone());
-                self.defaults_at = Some(first_at);
                 (first, taint)
             }
         }
@@ -89,6 +90,7 @@ impl Compiler<'_> {
             .collect();
         for (at, parsed, _) in raw_bots {
             let Some((b, taint)) = parsed else { continue };
+            self.lint_bot(&at, &b);
             if !taint.is_clean() {
                 // compiled for the diagnostics of its other fields, never kept
                 let _ = self.compile_bot(&at, b);
@@ -149,6 +151,7 @@ impl Compiler<'_> {
                     if let Some((r, taint)) = parsed {
                         let taint = taint.union(dtaint);
                         self.forbid_headers(&r, &auth);
+                        self.lint_route(&at, &r, defaults);
                         let _ = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
                     }
                     continue;
@@ -158,6 +161,7 @@ impl Compiler<'_> {
             let Some((r, own)) = parsed else { continue };
             let taint = own.union(dtaint);
             self.forbid_headers(&r, &auth);
+            self.lint_route(&at, &r, defaults);
             let route = self.compile_route(&at, r, defaults, &taint, all_bot_ids);
             // a route with values in error is compiled for the diagnostics of its
             // other fields only: claims and examples would judge it by stand-ins
@@ -266,19 +270,7 @@ impl Compiler<'_> {
                 return None;
             }
         }
-        let rate_limit = match b.rate_limit {
-            Some(r) => {
-                let burst = r.burst.unwrap_or((r.per_second.ceil() as u32).max(1));
-                match crate::ratelimit::RateLimit::try_new(r.per_second, burst) {
-                    Ok(l) => Some(l),
-                    Err(m) => {
-                        self.error(&at.child("rate_limit"), m.to_owned());
-                        return None;
-                    }
-                }
-            }
-            None => None,
-        };
+        let rate_limit = self.rate_limit(&at.child("rate_limit"), b.rate_limit)?;
         let (file, pos) = self.pos_of(at);
         Some(BotParts {
             id: b.id,
@@ -429,6 +421,14 @@ impl Compiler<'_> {
                 vec![]
             }
             (Some(b), None) => vec![b],
+            (None, Some(bs)) if bs.is_empty() => {
+                self.error(
+                    &at.child("bots"),
+                    "an empty list means no bot, not every bot: list the bots this route \
+                     serves, or leave `bots` out for every bot",
+                );
+                vec![]
+            }
             (None, Some(bs)) => bs,
             (None, None) => vec![],
         };
@@ -504,6 +504,8 @@ impl Compiler<'_> {
             deadline,
             taint,
         );
+        let secret_parts = self.is_from_env(&at.child("body"))
+            || self.is_from_env(&at.child("downstream").child("url"));
         let body = r
             .body
             .as_deref()
@@ -532,6 +534,13 @@ impl Compiler<'_> {
             d.breaker.as_ref(),
             taint,
         );
+        let breaker = match (breaker, &downstream) {
+            (Some((cfg, Some(mut health))), Some(ds)) => {
+                health.credentials = self.health_credentials(at, &health, ds);
+                Some((cfg, Some(health)))
+            }
+            (b, _) => b,
+        };
         let on_failure = r.on_failure.unwrap_or(OnFailure::Respond);
         if mode == Mode::Async {
             for (key, set) in [
@@ -565,6 +574,7 @@ impl Compiler<'_> {
             log_fields,
             downstream: downstream?,
             body,
+            secret_parts,
             response,
             retry: retry?,
             breaker: breaker.as_ref()?.0.clone(),

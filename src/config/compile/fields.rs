@@ -3,6 +3,11 @@
 //! (the route's and its bots') can provide; otherwise a warning, with the
 //! nearest defined path as a hint.
 //!
+//! Also the `optional-key-field` lint: every field `idempotency_key` reads
+//! should be *required* by the schemas, since a payload without it renders an
+//! empty key (422) or a key shared by unrelated calls (`{{sessionId}}-` for
+//! every input of a session).
+//!
 //! It never makes an error (schemas may be looser than payloads), and never
 //! follows a `$ref` outside the schema document.
 
@@ -13,6 +18,7 @@ use serde_json::Value;
 use super::{At, Compiler, Severity};
 use crate::config::diagnostic;
 use crate::config::model::Route;
+use crate::config::raw::LintRule;
 use crate::payload::PayloadSchema;
 use crate::template;
 
@@ -73,6 +79,103 @@ impl Compiler<'_> {
                 }
             }
         }
+    }
+}
+
+impl Compiler<'_> {
+    /// `optional-key-field`: each field the idempotency key reads must be
+    /// required by the route's schema, or by the schema of every bot it serves.
+    /// Without any schema nothing is known, and nothing is said.
+    pub(super) fn check_key_fields(
+        &mut self,
+        at: &At,
+        route: &Route,
+        route_schema: Option<&Arc<PayloadSchema>>,
+        bot_schemas: &[Option<Arc<PayloadSchema>>],
+    ) {
+        let Some(key) = &route.idempotency_key else {
+            return;
+        };
+        if route_schema.is_none() && bot_schemas.iter().all(Option::is_none)
+            || self.lint_allowed(at, LintRule::OptionalKeyField)
+        {
+            return;
+        }
+        let required =
+            |s: &Arc<PayloadSchema>, path: &[String]| requires(&s.json, &s.json, path, 0);
+        for r in key.field_refs() {
+            let by_route = route_schema.is_some_and(|s| required(s, &r.path));
+            let by_bots = !bot_schemas.is_empty()
+                && bot_schemas
+                    .iter()
+                    .all(|s| s.as_ref().is_some_and(|s| required(s, &r.path)));
+            if by_route || by_bots {
+                continue;
+            }
+            let field = r.path.join(".");
+            let how = match r.path.as_slice() {
+                [top] => format!(" (`\"required\": [\"{top}\"]`)"),
+                _ => String::new(),
+            };
+            let m = format!(
+                "[lint:{}] `idempotency_key` reads `{field}`, which the payload schema does not \
+                 require: a payload without it gets an empty or shared key; make the route's \
+                 `schema` require it{how}",
+                LintRule::OptionalKeyField.name(),
+            );
+            let k_at = at.child("idempotency_key");
+            self.template_diag(&k_at, r.line, r.col, Severity::Warning, m);
+        }
+    }
+}
+
+/// Does every payload valid under `node` have a value at `path`? Follows local
+/// `$ref`s; `allOf` needs one branch to require it, `anyOf`/`oneOf` all; an
+/// array index needs `minItems` above it.
+pub(super) fn requires(root: &Value, node: &Value, path: &[String], depth: usize) -> bool {
+    if depth > 32 {
+        return false;
+    }
+    let node = match node.get("$ref").and_then(Value::as_str) {
+        Some(r) => match r.strip_prefix('#').and_then(|p| root.pointer(p)) {
+            Some(n) => n,
+            None => return false,
+        },
+        None => node,
+    };
+    let Some((seg, rest)) = path.split_first() else {
+        return true;
+    };
+    if let Some(Value::Array(branches)) = node.get("allOf")
+        && branches.iter().any(|b| requires(root, b, path, depth + 1))
+    {
+        return true;
+    }
+    for key in ["anyOf", "oneOf"] {
+        if let Some(Value::Array(branches)) = node.get(key)
+            && !branches.is_empty()
+            && branches.iter().all(|b| requires(root, b, path, depth + 1))
+        {
+            return true;
+        }
+    }
+    if let Ok(i) = seg.parse::<u64>() {
+        let min_items = node.get("minItems").and_then(Value::as_u64).unwrap_or(0);
+        return min_items > i
+            && node
+                .get("items")
+                .is_some_and(|items| requires(root, items, rest, depth + 1));
+    }
+    let listed = node
+        .get("required")
+        .and_then(Value::as_array)
+        .is_some_and(|r| r.iter().any(|k| k.as_str() == Some(seg)));
+    if !listed {
+        return false;
+    }
+    match node.get("properties").and_then(|p| p.get(seg)) {
+        Some(sub) => requires(root, sub, rest, depth + 1),
+        None => rest.is_empty(),
     }
 }
 
@@ -141,5 +244,43 @@ pub(super) fn provides(root: &Value, node: &Value, path: &[String], depth: usize
         }
         _ if nearest.is_some() => Provided::No(nearest),
         _ => Provided::Yes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::requires;
+    use serde_json::json;
+
+    fn req(schema: &serde_json::Value, path: &str) -> bool {
+        let path: Vec<String> = path.split('.').map(str::to_owned).collect();
+        requires(schema, schema, &path, 0)
+    }
+
+    #[test]
+    fn a_key_field_is_required_only_when_every_payload_has_it() {
+        let s = json!({
+            "required": ["inputId", "slots"],
+            "properties": {
+                "inputId": {"type": "string"},
+                "sessionId": {"type": "string"},
+                "slots": {"$ref": "#/$defs/slots"},
+                "either": {"anyOf": [{"required": ["a"]}, {"required": ["a", "b"]}]}
+            },
+            "allOf": [{"required": ["either"]}],
+            "$defs": {"slots": {
+                "required": ["id"],
+                "properties": {"id": {"type": "array", "minItems": 1, "items": {"required": ["k"]}}}
+            }}
+        });
+        assert!(req(&s, "inputId"));
+        assert!(!req(&s, "sessionId"), "listed, not required");
+        assert!(req(&s, "slots.id.0.k"), "through $ref and minItems");
+        assert!(!req(&s, "slots.id.1.k"), "minItems is 1");
+        assert!(!req(&s, "slots.other"));
+        assert!(req(&s, "either"), "required by an allOf branch");
+        let t = json!({"anyOf": [{"required": ["a"]}, {"required": ["a", "b"]}]});
+        assert!(req(&t, "a"), "every anyOf branch");
+        assert!(!req(&t, "b"), "one anyOf branch only");
     }
 }

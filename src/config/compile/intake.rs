@@ -156,8 +156,17 @@ impl Compiler<'_> {
             path,
             text,
             index,
-            from_env: expansion.from_env.iter().cloned().collect(),
+            // each value from the environment, as written (`${CRM_TOKEN}`): shown instead
+            from_env: expansion
+                .from_env
+                .iter()
+                .map(|p| {
+                    let written = original.pointer(p).and_then(Value::as_str);
+                    (p.clone(), written.unwrap_or("***").to_owned())
+                })
+                .collect(),
             unresolved: expansion.unresolved.iter().cloned().collect(),
+            env_refs: env::reference_pointers(&original).into_iter().collect(),
         });
         for p in &expansion.problems {
             let at = At {

@@ -29,6 +29,7 @@ mod elements;
 mod examples;
 mod fields;
 mod intake;
+mod lint;
 mod position;
 mod taint;
 #[cfg(test)]
@@ -42,10 +43,10 @@ use sha2::{Digest, Sha256};
 
 use super::diagnostic::{self, Diagnostic, Severity};
 use super::model::*;
+use super::redact::Redactor;
 use super::yaml::{Pos, SpanIndex};
 use super::{load as walk, raw};
 use crate::payload::PayloadSchema;
-use crate::template;
 use intake::TemplateKey;
 use position::locate_in_scalar;
 use taint::Taint;
@@ -94,11 +95,12 @@ pub fn load(inputs: &[PathBuf], opts: &LoadOptions) -> Loaded {
         hasher: Sha256::new(),
         env_values: BTreeSet::new(),
         referenced: BTreeMap::new(),
-        defaults_at: None,
         defaults_tls_raw: None,
         defaults_tls: None,
         templates_used: Vec::new(),
         forbidden_headers: Vec::new(),
+        defaults_at: None,
+        lint_allow: HashMap::new(),
     };
     let files = walk::collect_files(inputs, &mut c.diags);
     for f in files {
@@ -111,8 +113,13 @@ struct FileCtx {
     path: PathBuf,
     text: String,
     index: Arc<SpanIndex>,
-    from_env: HashSet<String>,
+    /// Pointers of the values that hold environment content, with each value as
+    /// written (before `${VAR}` expansion), which is what may be shown.
+    from_env: HashMap<String, String>,
     unresolved: HashSet<String>,
+    /// Pointers of the values that reference a variable as written (`${…}`),
+    /// set or not: a secret written without one is a lint warning.
+    env_refs: HashSet<String>,
 }
 
 /// Where a raw element came from: file index and JSON pointer of the element.
@@ -156,9 +163,8 @@ struct Compiler<'a> {
     /// Files read for `${file:…}` and downstream `tls`, with their keyed digests
     /// (for the hash; their directories are watched).
     referenced: BTreeMap<PathBuf, [u8; 32]>,
-    /// Where the `defaults:` block in force is, and its `downstream.tls`
-    /// (compiled once, on first use: `defaults_tls`).
-    defaults_at: Option<At>,
+    /// The `defaults:` block's `downstream.tls` (compiled once, on first use:
+    /// `defaults_tls`; its paths relative to `defaults_at`'s file).
     defaults_tls_raw: Option<raw::DownstreamTls>,
     defaults_tls: Option<Result<Option<Arc<DownstreamTls>>, ()>>,
     /// Template cache keys used by this load (the rest is evicted).
@@ -166,6 +172,12 @@ struct Compiler<'a> {
     /// While a route is compiled: the inbound headers (lower-case) its templates
     /// may not read with the `header` helper, and why.
     forbidden_headers: Vec<(String, String)>,
+    /// Where the `defaults:` block in force was written (once taken): what its
+    /// values are looked up by (e.g. whether a default header came from the
+    /// environment).
+    defaults_at: Option<At>,
+    /// The lint rules each bot and route (by file and pointer) allows.
+    lint_allow: HashMap<(usize, String), Vec<raw::LintRule>>,
 }
 
 impl Compiler<'_> {
@@ -219,8 +231,17 @@ impl Compiler<'_> {
         self.files[at.file].unresolved.contains(&at.pointer)
     }
 
-    fn is_from_env(&self, at: &At) -> bool {
-        self.files[at.file].from_env.contains(&at.pointer)
+    pub(super) fn is_from_env(&self, at: &At) -> bool {
+        self.files[at.file].from_env.contains_key(&at.pointer)
+    }
+
+    /// The value at `at` as written, before `${VAR}` expansion, when it held a
+    /// reference to a set variable (`None`: the value is as written).
+    fn as_written(&self, at: &At) -> Option<&str> {
+        self.files[at.file]
+            .from_env
+            .get(&at.pointer)
+            .map(String::as_str)
     }
 
     fn file_dir(&self, at: &At) -> PathBuf {
@@ -261,6 +282,12 @@ impl Compiler<'_> {
                 )
                 .collect();
             self.check_template_fields(at, route, &schemas);
+            let bot_schemas: Vec<Option<Arc<PayloadSchema>>> = route
+                .bots
+                .iter()
+                .filter_map(|b| bots.get(b).map(|(_, p)| p.schema.clone()))
+                .collect();
+            self.check_key_fields(at, route, route.schema.as_ref(), &bot_schemas);
             // with values removed from `defaults:`, examples would run on stand-ins
             if self.opts.check_examples && dtaint.is_clean() {
                 self.check_examples(at, route, &bots);
@@ -278,7 +305,8 @@ impl Compiler<'_> {
             );
         }
         let mut diagnostics = std::mem::take(&mut self.diags);
-        redact(&mut diagnostics, &self.env_values);
+        let redactor = Redactor::new(&self.env_values);
+        redact(&mut diagnostics, &redactor);
         diagnostic::sort(&mut diagnostics);
         let has_errors = diagnostics.iter().any(Diagnostic::is_error);
         let config = (!has_errors).then(|| {
@@ -293,6 +321,7 @@ impl Compiler<'_> {
                     .map(|(k, (_, r))| (k, Arc::new(r)))
                     .collect(),
                 hash,
+                redactor,
                 files: self.files.iter().map(|f| f.path.clone()).collect(),
                 schema_files,
                 referenced_files: self.referenced.keys().cloned().collect(),
@@ -310,25 +339,9 @@ fn shown(p: &Path) -> String {
     diagnostic::display_path(p, &std::env::current_dir().unwrap_or_default())
 }
 
-/// Environment values shorter than this are not redacted: masking `1` or `en`
-/// everywhere would garble messages, and such values are no secrets.
-const MIN_REDACTED_LEN: usize = 4;
-
-/// Replaces every environment value (as is and JSON-escaped) in messages with `***`.
-fn redact(diags: &mut [Diagnostic], env_values: &BTreeSet<String>) {
-    let mut needles: Vec<String> = env_values
-        .iter()
-        .filter(|v| v.len() >= MIN_REDACTED_LEN)
-        .flat_map(|v| [v.clone(), template::json_string_escape(v)])
-        .collect();
-    // longest first, so a value containing another is masked whole
-    needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
-    needles.dedup();
+/// Replaces every environment value (as is, JSON-escaped and percent-encoded) in messages with `***`.
+fn redact(diags: &mut [Diagnostic], redactor: &Redactor) {
     for d in diags {
-        for n in &needles {
-            if d.message.contains(n.as_str()) {
-                d.message = d.message.replace(n.as_str(), "***");
-            }
-        }
+        d.message = redactor.redact(&d.message);
     }
 }

@@ -128,3 +128,99 @@ fn schema_field_check() {
         Provided::Yes => panic!("should not be provided"),
     }
 }
+
+/// SPEC §7.4 at load: a `${VAR}` value in `defaults.downstream.headers` is
+/// secret (it is looked up where it was written), the URL is kept as written
+/// for display, and a health probe carries credentials only to the
+/// downstream's origin (another origin is a warning).
+#[test]
+fn environment_values_are_secret_wherever_written() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("defaults.yaml"),
+        "defaults:\n  downstream:\n    headers: { X-Default-Key: \"${DK}\", X-Plain: plain }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("routes.yaml"),
+        r#"bots:
+  - id: b
+    auth: { none: {} }
+routes:
+  - name: off-origin
+    bot: b
+    intent: "*"
+    downstream:
+      url: "https://crm.example.com/v1/${PK}/x?api_token=${QK}&id={{id}}"
+      auth: { bearer: { token: "${BT}" } }
+    breaker:
+      health: { url: "https://status.example.com/health" }
+  - name: same-origin
+    bot: b
+    intent: a
+    downstream:
+      url: "https://crm.example.com:443/v2"
+      auth: { bearer: { token: "${BT}" } }
+    breaker:
+      health: { url: "https://crm.example.com/health?key=${QK}" }
+"#,
+    )
+    .unwrap();
+    let env = |k: &str| match k {
+        "DK" => Some("default-header-secret".to_string()),
+        "PK" => Some("path-secret".into()),
+        "QK" => Some("query-secret".into()),
+        "BT" => Some("bearer-secret".into()),
+        _ => None,
+    };
+    let loaded = super::load(
+        &[dir.path().to_path_buf()],
+        &super::LoadOptions {
+            env: &env,
+            require_env: true,
+            check_examples: false,
+            cache: None,
+        },
+    );
+    let config = loaded.config.expect("valid");
+    let off = &config.routes["off-origin"];
+    let header = |name: &str| {
+        off.downstream
+            .headers
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| h.secret)
+            .unwrap()
+    };
+    assert!(
+        header("x-default-key"),
+        "a defaults header from the environment is secret"
+    );
+    assert!(!header("x-plain"));
+    assert_eq!(
+        off.downstream.url_shown,
+        "https://crm.example.com/v1/${PK}/x?api_token=${QK}&id={{id}}"
+    );
+    assert!(!off.health.as_ref().unwrap().credentials);
+    let same = &config.routes["same-origin"];
+    assert_eq!(same.downstream.url_shown, "https://crm.example.com:443/v2");
+    assert!(same.health.as_ref().unwrap().credentials);
+    // (the lint warnings of this minimal file are not what this test is about)
+    let warnings: Vec<String> = loaded
+        .diagnostics
+        .iter()
+        .map(|d| d.to_text(dir.path()))
+        .filter(|w| !w.contains("[lint:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("routes[0].breaker.health.url")
+            && warnings[0].contains("without the route's credentials"),
+        "{warnings:?}"
+    );
+    // the redactor masks every value in every form
+    let shown = config
+        .redactor
+        .redact("/v1/path-secret/x?api_token=query-secret bearer-secret default-header-secret");
+    assert_eq!(shown, "/v1/***/x?api_token=*** *** ***");
+}

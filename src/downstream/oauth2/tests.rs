@@ -176,7 +176,13 @@ fn cache() -> TokenCache {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    TokenCache::new(client)
+    // refresh after a 401 whatever the token's age (tests of the age rule set their own)
+    TokenCache::new(client).with_min_refresh_age(Duration::ZERO)
+}
+
+/// Failed grants remembered for `ms` milliseconds (doubling up to 100×).
+fn short_backoff(ms: u64) -> Backoff {
+    Backoff::try_new(Duration::from_millis(ms), Duration::from_millis(ms * 100)).unwrap()
 }
 
 fn number(token: &AccessToken) -> u64 {
@@ -267,10 +273,52 @@ async fn waiters_share_a_failed_grant() {
     assert_eq!(endpoint.grants(), 1);
     assert_eq!(cache.stats().grant_failures, 1);
 
-    // A caller arriving after the failure tries again.
+    // A caller arriving after the failure gets it too, without a grant, while
+    // the failure is remembered (1 s by default)…
     endpoint.set_reply(token_reply(3600));
     endpoint.release(Semaphore::MAX_PERMITS / 2);
+    assert_eq!(
+        cache.token(&creds).await.unwrap_err(),
+        TokenError::Endpoint {
+            status: 503,
+            error: None
+        }
+    );
+    assert_eq!(endpoint.grants(), 1);
+    // …then tries again.
+    tokio::time::sleep(FAILURE_BACKOFF).await;
     assert_eq!(number(&cache.token(&creds).await.unwrap()), 2);
+}
+
+#[tokio::test]
+async fn a_broken_endpoint_costs_one_grant_per_backoff_period() {
+    let endpoint = TestEndpoint::start(raw(500, "{}")).await;
+    let cache = cache().with_failure_backoff(short_backoff(200));
+    let creds = endpoint.creds(ClientAuth::Basic);
+    for _ in 0..20 {
+        assert!(cache.token(&creds).await.is_err());
+    }
+    assert_eq!(endpoint.grants(), 1, "one grant, then the remembered error");
+    // after 200 ms, one more grant; it fails too, so the next wait is 400 ms
+    tokio::time::sleep(Duration::from_millis(210)).await;
+    for _ in 0..20 {
+        assert!(cache.token(&creds).await.is_err());
+    }
+    assert_eq!(endpoint.grants(), 2);
+    tokio::time::sleep(Duration::from_millis(210)).await;
+    assert!(cache.token(&creds).await.is_err());
+    assert_eq!(endpoint.grants(), 2, "the backoff doubled");
+    // a rotated secret is tried at once
+    let rotated = ClientCredentials {
+        client_secret: SecretString::from("new secret"),
+        ..creds.clone()
+    };
+    endpoint.set_reply(token_reply(3600));
+    assert!(cache.token(&rotated).await.is_ok());
+    assert_eq!(endpoint.grants(), 3);
+    // a success forgets the failures
+    assert!(cache.token(&rotated).await.is_ok());
+    assert_eq!(cache.stats().grant_failures, 2);
 }
 
 #[tokio::test]
@@ -297,7 +345,7 @@ async fn waiters_take_the_grant_they_waited_for_even_if_already_due() {
 }
 
 #[tokio::test]
-async fn a_cancelled_grant_lets_the_next_caller_grant() {
+async fn a_caller_that_stops_waiting_does_not_cancel_the_grant() {
     let endpoint = TestEndpoint::start_gated(token_reply(3600), 0).await;
     let cache = cache();
     let creds = endpoint.creds(ClientAuth::Basic);
@@ -308,12 +356,43 @@ async fn a_cancelled_grant_lets_the_next_caller_grant() {
             _ = &mut first => panic!("the gate holds the answer"),
             () = endpoint.state.arrived.notified() => {}
         }
-        // `first` is dropped here: the caller gave up (its deadline).
+        // `first` is dropped here: the caller gave up (its try's timeout).
     }
+    // the next caller waits for the same grant instead of sending another
+    let next = {
+        let (cache, creds) = (&cache, &creds);
+        async move { cache.token(creds).await }
+    };
     endpoint.release(Semaphore::MAX_PERMITS / 2);
-    let token = cache.token(&creds).await.unwrap();
+    let token = next.await.unwrap();
+    assert_eq!(endpoint.grants(), 1);
+    assert_eq!(number(&token), 1);
+}
+
+#[tokio::test]
+async fn a_young_token_refused_with_401_is_kept_and_the_401_is_the_answer() {
+    let endpoint = TestEndpoint::start(token_reply(3600)).await;
+    let cache = cache().with_min_refresh_age(Duration::from_millis(300));
+    let creds = endpoint.creds(ClientAuth::Basic);
+    let rejected = cache.token(&creds).await.unwrap();
+    assert_eq!(
+        cache
+            .refresh_after_unauthorized(&creds, &rejected)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(endpoint.grants(), 1, "no grant for a token just obtained");
+    assert_eq!(cache.token(&creds).await.unwrap(), rejected);
+    // older than the minimum age: replaced
+    tokio::time::sleep(Duration::from_millis(310)).await;
+    let fresh = cache
+        .refresh_after_unauthorized(&creds, &rejected)
+        .await
+        .unwrap()
+        .expect("an old token is refreshed");
+    assert_ne!(fresh, rejected);
     assert_eq!(endpoint.grants(), 2);
-    assert_eq!(number(&token), 2);
 }
 
 #[tokio::test]
@@ -436,6 +515,7 @@ async fn refresh_after_unauthorized_replaces_the_rejected_token() {
     let fresh = cache
         .refresh_after_unauthorized(&creds, &rejected)
         .await
+        .unwrap()
         .unwrap();
     assert_ne!(fresh, rejected);
     assert_eq!(endpoint.grants(), 2);
@@ -484,11 +564,11 @@ async fn concurrent_rejections_make_one_refresh() {
 }
 
 async fn futures_join(
-    handles: Vec<tokio::task::JoinHandle<Result<AccessToken, TokenError>>>,
+    handles: Vec<tokio::task::JoinHandle<Result<Option<AccessToken>, TokenError>>>,
 ) -> Vec<AccessToken> {
     let mut tokens = Vec::new();
     for handle in handles {
-        tokens.push(handle.await.unwrap().unwrap());
+        tokens.push(handle.await.unwrap().unwrap().unwrap());
     }
     tokens
 }
