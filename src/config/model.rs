@@ -117,6 +117,12 @@ pub struct Route {
     pub fallback: Option<FallbackSpec>,
     pub on_failure: OnFailure,
     pub examples: Vec<Example>,
+    /// The `also:` targets (SPEC §9), each an async route named `<route>/<name>`
+    /// that is also in [`Config::routes`] (the same `Arc`).
+    pub also: Vec<Arc<Route>>,
+    /// For an `also` target: the route it belongs to. A target claims no
+    /// intent; it is reached only through that route.
+    pub also_of: Option<String>,
     pub source: Source,
 }
 

@@ -225,11 +225,37 @@ pub struct Route {
     /// Sync: `respond` (default) answers the failure; `queue` stores the call for async delivery
     /// when the route is open or paused or tries run out, and answers 202 (or the fallback).
     pub on_failure: Option<OnFailure>,
+    /// Extra targets (fan-out): each is an async delivery of its own, accepted in the same store
+    /// transaction as the route's own request, with its own breaker, retry schedule and dedupe,
+    /// known as `<route>/<name>`. The bot's answer is the route's own.
+    pub also: Option<Vec<AlsoTarget>>,
     /// Example payloads with the request they should produce; checked by `gateway validate`.
     pub examples: Option<Vec<Example>>,
     /// Lint warnings of `gateway validate` not to give for this route, e.g.
     /// `{ allow: [no-idempotency-key] }`.
     pub lint: Option<Lint>,
+}
+
+/// An extra target of a route (`also:`): one more downstream call for the same payload,
+/// always delivered asynchronously.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlsoTarget {
+    /// Name, unique within the route; the target is known as `<route>/<name>` in metrics, logs,
+    /// the status page and `/admin/deliveries`.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"))]
+    pub name: String,
+    /// The call to make (as a route's `downstream`; the `defaults:` block applies).
+    pub downstream: Downstream,
+    /// Template of the JSON request body (default: the route's `body`).
+    pub body: Option<String>,
+    /// Template of the idempotency key: this target's dedupe key and `Idempotency-Key`
+    /// (default: the route's `idempotency_key`).
+    pub idempotency_key: Option<String>,
+    /// Retry policy (default: the route's, field by field over `defaults:`).
+    pub retry: Option<Retry>,
+    /// Circuit breaker settings (default: the route's); the state is this target's own.
+    pub breaker: Option<Breaker>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -526,6 +552,8 @@ pub struct Expect {
     pub body: Option<serde_json::Value>,
     /// Set to true when the route should refuse this payload (e.g. schema violation).
     pub error: Option<bool>,
+    /// What each `also` target should send, by target name (`method`, `url`, `headers`, `body`).
+    pub also: Option<BTreeMap<String, Expect>>,
 }
 
 /// The longest duration a route file or flag accepts (SPEC §7.1): 7 days.

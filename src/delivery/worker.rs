@@ -425,6 +425,18 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
             )
         }
     };
+    if route.also_of.is_some() {
+        // An `also` target answers no bot: its status-page counts are its tries
+        // (a failed one counts as an error, whatever the status).
+        let success = matches!(outcome, TryOutcome::Success);
+        let status = match record.status {
+            Some(s) if success || s >= 500 => s,
+            _ if success => 200,
+            _ => 502,
+        };
+        let kind = record.error.as_deref().unwrap_or("delivered");
+        state.stats.record(status, kind);
+    }
     if matches!(outcome, TryOutcome::Success) {
         return settle(Settle::Delivered(record)).await;
     }

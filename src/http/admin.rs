@@ -272,6 +272,14 @@ async fn routes(State(gw): State<Arc<Gateway>>) -> Json<Value> {
                 "probes_in_flight": view.probes_in_flight,
             },
             "paused_for_ms": state.paused_until(now).map(|t| (t - now).as_millis() as u64),
+            // SPEC §9: the route an `also` target belongs to, and a route's targets
+            "also_of": r.also_of,
+            "also": r.also.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            "rate_limit": state.outbound.as_ref().map(|b| json!({
+                "per_second": b.limit().per_second(),
+                "burst": b.limit().burst(),
+                "available": b.available(now),
+            })),
             "in_flight": r.downstream.max_in_flight as usize - state.bulkhead.available_permits(),
             "source": format!("{}:{}", r.source.file.display(), r.source.line),
         }));

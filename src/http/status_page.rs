@@ -68,65 +68,20 @@ pub fn render(gw: &Gateway, deliveries: Option<Deliveries>) -> String {
             esc(bot_id),
             esc(bot_id)
         );
-        h.push_str("<div class=\"scroll\"><table><thead><tr><th>route</th><th>intent</th><th>breaker</th><th>p50</th><th>p99</th><th>SLA</th><th>answered</th><th>errors</th><th>last error</th><th></th></tr></thead><tbody>");
+        h.push_str("<div class=\"scroll\"><table><thead><tr><th>route</th><th>intent</th><th>breaker</th><th>p50</th><th>p99</th><th>SLA</th><th>answered</th><th>errors</th><th>last error</th><th>rate limit</th><th></th></tr></thead><tbody>");
         let mut names: Vec<&String> = bot.routes.values().collect();
         names.extend(bot.default_route.iter());
         for name in names {
             let Some(state) = rt.routes.get(name) else {
                 continue;
             };
-            let r = &state.route;
-            let view = state.breaker.state(now);
-            let paused = state.paused_until(now);
-            let (class, label) = match (view.state, paused) {
-                (State::Open, _) => (
-                    "open",
-                    format!("open · half-open in {}", secs(view.half_open_in)),
-                ),
-                (State::HalfOpen, _) => ("half_open", "half-open".to_string()),
-                (State::Closed, Some(t)) => {
-                    ("paused", format!("paused (429) · {}", secs(Some(t - now))))
+            route_row(&mut h, state, now, sla);
+            // its `also` targets (SPEC §9) right below it
+            for target in &state.route.also {
+                if let Some(t) = rt.routes.get(&target.name) {
+                    route_row(&mut h, t, now, sla);
                 }
-                (State::Closed, None) => ("closed", "closed".to_string()),
-            };
-            let lat = state.latency.end_to_end.summary(sla, now);
-            let intent = match &r.intent {
-                Intent::Exact(i) => esc(i),
-                Intent::Default => "<i>* default</i>".to_string(),
-            };
-            let last_error = state
-                .stats
-                .last_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|(at, status, kind)| format!("{status} {} · {} ago", esc(kind), ago(*at)))
-                .unwrap_or_else(|| "—".into());
-            let (p50, p99, slap) = if lat.count == 0 {
-                ("—".to_string(), "—".to_string(), "—".to_string())
-            } else {
-                (
-                    ms(lat.p50_ms),
-                    ms(lat.p99_ms),
-                    format!("{:.1}%", lat.sla_compliance * 100.0),
-                )
-            };
-            let reset = if view.state == State::Closed {
-                String::new()
-            } else {
-                format!(
-                    "<form method=\"post\" action=\"/admin/breakers/{0}/reset\"><button type=\"submit\" name=\"redirect\" value=\"/\" data-route=\"{0}\">Reset</button></form>",
-                    esc(name)
-                )
-            };
-            let _ = write!(
-                h,
-                "<tr data-route=\"{n}\"><td data-label=\"route\"><code>{n}</code></td><td data-label=\"intent\">{intent}</td><td data-label=\"breaker\"><span class=\"state {class}\">{label}</span></td><td data-label=\"p50\">{p50}</td><td data-label=\"p99\">{p99}</td><td data-label=\"SLA\">{slap}</td><td data-label=\"answered\">{}</td><td data-label=\"errors\">{}</td><td data-label=\"last error\">{last_error}</td><td>{reset}</td></tr>",
-                state.stats.answered.load(Ordering::Relaxed),
-                state.stats.errors.load(Ordering::Relaxed),
-                n = esc(name),
-                label = esc(&label),
-            );
+            }
         }
         h.push_str("</tbody></table></div></section>");
     }
@@ -263,6 +218,83 @@ const HEAD: &str = concat!(
     page_style!(),
     r#"</style></head><body>"#
 );
+
+/// One route's row (an `also` target's too: its intent cell names its route).
+fn route_row(
+    h: &mut String,
+    state: &crate::runtime::RouteState,
+    now: Instant,
+    sla: std::time::Duration,
+) {
+    let name = &state.route.name;
+    let r = &state.route;
+    let view = state.breaker.state(now);
+    let paused = state.paused_until(now);
+    let (class, label) = match (view.state, paused) {
+        (State::Open, _) => (
+            "open",
+            format!("open · half-open in {}", secs(view.half_open_in)),
+        ),
+        (State::HalfOpen, _) => ("half_open", "half-open".to_string()),
+        (State::Closed, Some(t)) => ("paused", format!("paused (429) · {}", secs(Some(t - now)))),
+        (State::Closed, None) => ("closed", "closed".to_string()),
+    };
+    let lat = state.latency.end_to_end.summary(sla, now);
+    let intent = match (&r.also_of, &r.intent) {
+        (Some(parent), _) => format!("<i>also of</i> <code>{}</code>", esc(parent)),
+        (None, Intent::Exact(i)) => esc(i),
+        (None, Intent::Default) => "<i>* default</i>".to_string(),
+    };
+    // SPEC §9: the outbound token bucket, with the tokens free right now
+    let rate = match &state.outbound {
+        Some(b) => {
+            let l = b.limit();
+            format!(
+                "{}/s · burst {} · {:.0} free",
+                l.per_second(),
+                l.burst(),
+                b.available(now).floor()
+            )
+        }
+        None => "—".to_string(),
+    };
+    let last_error = state
+        .stats
+        .last_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|(at, status, kind)| format!("{status} {} · {} ago", esc(kind), ago(*at)))
+        .unwrap_or_else(|| "—".into());
+    let (p50, p99, slap) = if lat.count == 0 {
+        ("—".to_string(), "—".to_string(), "—".to_string())
+    } else {
+        (
+            ms(lat.p50_ms),
+            ms(lat.p99_ms),
+            format!("{:.1}%", lat.sla_compliance * 100.0),
+        )
+    };
+    let reset = if view.state == State::Closed {
+        String::new()
+    } else {
+        format!(
+            "<form method=\"post\" action=\"/admin/breakers/{}/reset\"><button type=\"submit\" name=\"redirect\" value=\"/\" data-route=\"{}\">Reset</button></form>",
+            // an `also` target's name holds a `/`: one path segment, encoded
+            esc(&name.replace('/', "%2F")),
+            esc(name)
+        )
+    };
+    let _ = write!(
+        h,
+        "<tr data-route=\"{n}\"><td data-label=\"route\"><code>{n}</code></td><td data-label=\"intent\">{intent}</td><td data-label=\"breaker\"><span class=\"state {class}\">{label}</span></td><td data-label=\"p50\">{p50}</td><td data-label=\"p99\">{p99}</td><td data-label=\"SLA\">{slap}</td><td data-label=\"answered\">{}</td><td data-label=\"errors\">{}</td><td data-label=\"last error\">{last_error}</td><td data-label=\"rate limit\">{}</td><td>{reset}</td></tr>",
+        state.stats.answered.load(Ordering::Relaxed),
+        state.stats.errors.load(Ordering::Relaxed),
+        esc(&rate),
+        n = esc(name),
+        label = esc(&label),
+    );
+}
 
 #[cfg(test)]
 mod tests {

@@ -156,7 +156,9 @@ async fn pipeline(
     meta.headers = headers.clone();
     if route.mode == Mode::Async {
         let req = render(route, &ctx, &meta, log)?;
-        return step8_accept(gw, &bot.id, route, &ctx, &req, log).await;
+        // SPEC §9: the route's own delivery and its `also` targets, in one transaction
+        let also = render_also(&bot.id, route, &ctx, &meta, log)?;
+        return step8_accept(gw, &bot.id, route, &ctx, &req, also, log).await;
     }
     // The whole sync call (reading the body, rendering and step 7 included)
     // ends within the route's deadline, counted from the request's arrival.
@@ -167,11 +169,13 @@ async fn pipeline(
         deadline_at: arrived + route.deadline,
     };
     if route.idempotency_key.is_none() {
+        step8_also(gw, &bot.id, route, &ctx, &meta, log).await?;
         return sync_call(gw, &call, ctx, &meta, None, log).await;
     }
     // Step 7 needs the key, so a route with one renders before step 9.
     let req = render(route, &ctx, &meta, log)?;
     let Some(key) = req.idempotency_key.clone() else {
+        step8_also(gw, &bot.id, route, &ctx, &meta, log).await?;
         return sync_call(gw, &call, ctx, &meta, Some(req), log).await;
     };
     let key = ScopedKey::new(&bot.id, &route.name, key);
@@ -179,7 +183,10 @@ async fn pipeline(
         Ok(hold) => hold,
         Err(first) => return Ok(first),
     };
-    let result = sync_call(gw, &call, ctx, &meta, Some(req), log).await;
+    let result = match step8_also(gw, &bot.id, route, &ctx, &meta, log).await {
+        Ok(()) => sync_call(gw, &call, ctx, &meta, Some(req), log).await,
+        Err(e) => Err(e),
+    };
     step7_settle(gw, &hold, result, log.outcome).await
 }
 
@@ -258,7 +265,7 @@ async fn sync_call(
                 Some(r) => r,
                 None => render(route, &ctx, meta, log)?,
             };
-            return step8_accept(gw, bot, route, &ctx, &req, log).await;
+            return step8_accept(gw, bot, route, &ctx, &req, Vec::new(), log).await;
         }
         return step9_unavailable(route, &mut ctx, meta, retry_after, why);
     }
@@ -271,7 +278,7 @@ async fn sync_call(
         Err(_) => {
             log.outcome = Outcome::BulkheadFull;
             if route.on_failure == OnFailure::Queue {
-                return step8_accept(gw, bot, route, &ctx, &req, log).await;
+                return step8_accept(gw, bot, route, &ctx, &req, Vec::new(), log).await;
             }
             return step9_unavailable(
                 route,
@@ -292,7 +299,7 @@ async fn sync_call(
         {
             log.tries = tries;
         }
-        return step8_accept(gw, bot, route, &ctx, &req, log).await;
+        return step8_accept(gw, bot, route, &ctx, &req, Vec::new(), log).await;
     }
     step10_answer(route, result, &mut ctx, meta, log)
 }
@@ -405,22 +412,17 @@ async fn step7_settle(
     Ok(Response::from_parts(parts, Body::from(body)))
 }
 
-/// Step 8 (and `on_failure: queue`): commits the delivery to the store, then answers
-/// 202 with its id. A duplicate (same bot, route and idempotency key within the
-/// window) gets the first delivery's id again and is not stored twice. With
-/// `--max-pending` deliveries pending: 503 `queue_full`, nothing stored.
-async fn step8_accept(
-    gw: &Gateway,
+/// The stored form of a rendered request for `route` (the route's own, or an `also` target's).
+fn new_delivery(
     bot: &str,
     route: &Route,
-    ctx: &Context,
+    payload: String,
     req: &crate::config::render::OutboundRequest,
-    log: &mut Log,
-) -> Result<Response, ApiError> {
-    let delivery = NewDelivery {
+) -> NewDelivery {
+    NewDelivery {
         bot: bot.to_owned(),
         route: route.name.clone(),
-        payload: ctx.data().to_string(),
+        payload,
         // a `${VAR}` value in the URL or body is never stored: masked here,
         // rendered again by the worker at send time (SPEC §7.4)
         request: if route.secret_parts {
@@ -431,42 +433,126 @@ async fn step8_accept(
         idempotency_key: req.idempotency_key.clone(),
         // SPEC §7.3: sent only while the route keeps this origin and auth
         fingerprint: Some(route.downstream.fingerprint()),
-    };
-    let window = req
-        .idempotency_key
-        .as_ref()
-        .map(|_| gw.shared.limits.dedupe_window);
-    match gw
-        .store
-        .accept(delivery, window, std::time::SystemTime::now())
-        .await
+    }
+}
+
+/// The deliveries of the route's `also` targets for this payload (SPEC §9),
+/// each rendered by its own target route; empty without targets. A target
+/// that cannot render fails the request, and nothing is stored.
+fn render_also(
+    bot: &str,
+    route: &Route,
+    ctx: &Context,
+    meta: &RenderMeta,
+    log: &mut Log,
+) -> Result<Vec<NewDelivery>, ApiError> {
+    let mut out = Vec::with_capacity(route.also.len());
+    if route.also.is_empty() {
+        return Ok(out);
+    }
+    let payload = ctx.data().to_string();
+    for target in &route.also {
+        let mut meta = meta.clone();
+        meta.route = target.name.as_str().into();
+        let req = render(target, ctx, &meta, log)?;
+        out.push(new_delivery(bot, target, payload.clone(), &req));
+    }
+    Ok(out)
+}
+
+/// A sync route's `also` targets (SPEC §9): stored before the route's own call,
+/// so the bot's answer stays the route's own and a crash after the call loses
+/// none. Each target is deduped on its own key, so the bot's retry of a failed
+/// call does not store a target twice. Nothing to do without targets.
+async fn step8_also(
+    gw: &Gateway,
+    bot: &str,
+    route: &Route,
+    ctx: &Context,
+    meta: &RenderMeta,
+    log: &mut Log,
+) -> Result<(), ApiError> {
+    let also = render_also(bot, route, ctx, meta, log)?;
+    if also.is_empty() {
+        return Ok(());
+    }
+    let accepted = commit(gw, route, also, log).await?;
+    if accepted
+        .iter()
+        .any(|a| matches!(a, Accept::Accepted { .. }))
     {
-        Ok(accepted) => {
-            let duplicate = matches!(accepted, Accept::Duplicate { .. });
-            log.outcome = if duplicate {
-                Outcome::Duplicate
-            } else {
-                Outcome::Accepted
-            };
-            if !duplicate {
-                gw.delivery_wake.notify_one();
-            }
-            let body = json!({"delivery_id": accepted.id()}).to_string();
-            Ok(json_response(202, Bytes::from(body)))
-        }
-        Err(StoreError::QueueFull { limit }) => {
+        gw.delivery_wake.notify_one();
+    }
+    Ok(())
+}
+
+/// Step 8 (and `on_failure: queue`): commits the delivery (with `also`, the
+/// deliveries of the route's targets, in the same transaction) to the store,
+/// then answers 202 with the route's own delivery id. A duplicate (same bot,
+/// route and idempotency key within the window) gets the first delivery's id
+/// again and is not stored twice. With `--max-pending` deliveries pending: 503
+/// `queue_full`, nothing stored.
+async fn step8_accept(
+    gw: &Gateway,
+    bot: &str,
+    route: &Route,
+    ctx: &Context,
+    req: &crate::config::render::OutboundRequest,
+    also: Vec<NewDelivery>,
+    log: &mut Log,
+) -> Result<Response, ApiError> {
+    let mut deliveries = Vec::with_capacity(1 + also.len());
+    deliveries.push(new_delivery(bot, route, ctx.data().to_string(), req));
+    deliveries.extend(also);
+    let accepted = commit(gw, route, deliveries, log).await?;
+    let own = &accepted[0];
+    let duplicate = matches!(own, Accept::Duplicate { .. });
+    log.outcome = if duplicate {
+        Outcome::Duplicate
+    } else {
+        Outcome::Accepted
+    };
+    if accepted
+        .iter()
+        .any(|a| matches!(a, Accept::Accepted { .. }))
+    {
+        gw.delivery_wake.notify_one();
+    }
+    let body = json!({"delivery_id": own.id()}).to_string();
+    Ok(json_response(202, Bytes::from(body)))
+}
+
+/// Stores `deliveries` in one transaction (one is the common case: a plain
+/// `accept`); the answers in order, or the refusal as the bot gets it.
+async fn commit(
+    gw: &Gateway,
+    route: &Route,
+    mut deliveries: Vec<NewDelivery>,
+    log: &mut Log,
+) -> Result<Vec<Accept>, ApiError> {
+    let window = Some(gw.shared.limits.dedupe_window);
+    let now = SystemTime::now();
+    let result = if deliveries.len() == 1 {
+        let d = deliveries.pop().expect("one delivery");
+        // (the store dedupes only deliveries that carry a key)
+        gw.store.accept(d, window, now).await.map(|a| vec![a])
+    } else {
+        gw.store.accept_all(deliveries, window, now).await
+    };
+    result.map_err(|e| match e {
+        StoreError::QueueFull { limit } => {
             tracing::warn!(route = %route.name, limit, "delivery queue full: accept refused");
             log.outcome = Outcome::QueueFull;
-            Err(ApiError::QueueFull { limit })
+            ApiError::QueueFull { limit }
         }
-        Err(e) => {
+        e => {
             tracing::error!(route = %route.name, error = %e, "delivery store: accept failed");
             log.outcome = Outcome::StoreError;
-            Err(ApiError::StoreUnavailable {
+            ApiError::StoreUnavailable {
                 message: "the delivery could not be stored; nothing was accepted, try again",
-            })
+            }
         }
-    }
+    })
 }
 
 fn step1_bot<'a>(rt: &'a Runtime, id: &str) -> Result<&'a Arc<Bot>, ApiError> {

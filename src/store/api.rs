@@ -588,6 +588,18 @@ pub trait Store: Send + Sync + 'static {
         now: SystemTime,
     ) -> BoxFuture<'_, Result<Accept>>;
 
+    /// Stores several deliveries in one transaction, all or nothing (a route's
+    /// own request and its `also` targets, SPEC §9), each as [`Store::accept`]
+    /// would: deduped on its own (bot, route, key), so one may be a
+    /// [`Accept::Duplicate`] while another is new. The answers are in order.
+    /// When one is refused ([`StoreError::QueueFull`]), none is stored.
+    fn accept_all(
+        &self,
+        deliveries: Vec<NewDelivery>,
+        dedupe_window: Option<Duration>,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<Vec<Accept>>>;
+
     /// Leases up to `limit` deliveries due at `now` (pending and due, or
     /// leased with an expired lease) to `owner` until `now + lease`, oldest
     /// due first. Never hands one delivery to two claims with live leases.

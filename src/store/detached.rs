@@ -52,6 +52,17 @@ impl Store for Detached {
         self.run(move |s| Box::pin(async move { s.accept(delivery, dedupe_window, now).await }))
     }
 
+    fn accept_all(
+        &self,
+        deliveries: Vec<NewDelivery>,
+        dedupe_window: Option<Duration>,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<Vec<Accept>>> {
+        self.run(move |s| {
+            Box::pin(async move { s.accept_all(deliveries, dedupe_window, now).await })
+        })
+    }
+
     fn claim_due<'a>(
         &'a self,
         owner: &'a str,
@@ -182,6 +193,14 @@ mod tests {
             _: Option<Duration>,
             _: SystemTime,
         ) -> BoxFuture<'_, Result<Accept>> {
+            unimplemented!()
+        }
+        fn accept_all(
+            &self,
+            _: Vec<NewDelivery>,
+            _: Option<Duration>,
+            _: SystemTime,
+        ) -> BoxFuture<'_, Result<Vec<Accept>>> {
             unimplemented!()
         }
         fn claim_due<'a>(

@@ -585,6 +585,32 @@ impl Store for PgStore {
         })
     }
 
+    fn accept_all(
+        &self,
+        deliveries: Vec<NewDelivery>,
+        dedupe_window: Option<Duration>,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<Vec<Accept>>> {
+        Box::pin(async move {
+            let err = || StoreError::db("accept deliveries");
+            let mut conn = self.conn().await?;
+            let cutoff = dedupe_window.map(|w| cutoff_ms(now, w));
+            let bound = self.max_pending.map(|limit| Bound {
+                limit,
+                slack: self.slack,
+            });
+            // One transaction; each `accept` runs in a savepoint of it. A
+            // refusal (the queue is full) drops it: nothing is stored.
+            let mut tx = conn.begin().await.map_err(err())?;
+            let mut accepted = Vec::with_capacity(deliveries.len());
+            for d in &deliveries {
+                accepted.push(accept(&mut tx, d, cutoff, bound, to_ms(now)).await?);
+            }
+            tx.commit().await.map_err(err())?;
+            Ok(accepted)
+        })
+    }
+
     fn claim_due<'a>(
         &'a self,
         owner: &'a str,

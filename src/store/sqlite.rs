@@ -341,6 +341,13 @@ enum Op {
         max_pending: Option<u64>,
         now: i64,
     },
+    /// Several deliveries, all or nothing (a route and its `also` targets).
+    AcceptAll {
+        deliveries: Vec<NewDelivery>,
+        cutoff: Option<i64>,
+        max_pending: Option<u64>,
+        now: i64,
+    },
     Claim {
         owner: String,
         now: i64,
@@ -395,6 +402,7 @@ enum Op {
 
 enum Reply {
     Accept(Accept),
+    AcceptAll(Vec<Accept>),
     Claimed(Vec<Claimed>),
     Unit,
     Count(u64),
@@ -529,6 +537,35 @@ async fn run_op(conn: &mut SqliteConnection, op: &Op) -> Result<Reply> {
         } => accept(conn, delivery, *cutoff, *max_pending, *now)
             .await
             .map(Reply::Accept),
+        Op::AcceptAll {
+            deliveries,
+            cutoff,
+            max_pending,
+            now,
+        } => {
+            // A savepoint: a refusal of one (the queue is full) takes back the
+            // others, while the rest of the writer's batch stands.
+            let mut sp = conn
+                .begin()
+                .await
+                .map_err(StoreError::db("begin a savepoint"))?;
+            let mut accepted = Vec::with_capacity(deliveries.len());
+            for d in deliveries {
+                match accept(&mut sp, d, *cutoff, *max_pending, *now).await {
+                    Ok(a) => accepted.push(a),
+                    Err(e) => {
+                        sp.rollback()
+                            .await
+                            .map_err(StoreError::db("roll back a savepoint"))?;
+                        return Err(e);
+                    }
+                }
+            }
+            sp.commit()
+                .await
+                .map_err(StoreError::db("release a savepoint"))?;
+            Ok(Reply::AcceptAll(accepted))
+        }
         Op::Claim {
             owner,
             now,
@@ -985,6 +1022,26 @@ impl Store for SqliteStore {
             match self.write(op).await? {
                 Reply::Accept(a) => Ok(a),
                 _ => unreachable!("accept answers Accept"),
+            }
+        })
+    }
+
+    fn accept_all(
+        &self,
+        deliveries: Vec<NewDelivery>,
+        dedupe_window: Option<Duration>,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<Vec<Accept>>> {
+        Box::pin(async move {
+            let op = Op::AcceptAll {
+                deliveries,
+                cutoff: dedupe_window.map(|w| cutoff_ms(now, w)),
+                max_pending: self.max_pending,
+                now: to_ms(now),
+            };
+            match self.write(op).await? {
+                Reply::AcceptAll(a) => Ok(a),
+                _ => unreachable!("accept_all answers AcceptAll"),
             }
         })
     }

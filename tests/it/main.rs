@@ -24,6 +24,7 @@ mod delivery_crash;
 mod delivery_instances;
 mod downstream_tls;
 mod egress_proxy;
+mod fan_out;
 mod fuzz;
 mod hostile;
 mod listener_tls;

@@ -135,6 +135,7 @@ on_both_backends!(
     sync_keys_are_per_route,
     only_the_holder_finishes_or_frees_a_key,
     a_full_queue_refuses_accepts_and_stores_nothing,
+    a_group_is_stored_all_or_nothing_and_deduped_one_by_one,
     concurrent_accepts_never_go_over_max_pending,
     purge_dead_removes_only_dead_letters_older_than_the_retention,
 );
@@ -306,6 +307,72 @@ async fn only_the_holder_finishes_or_frees_a_key(db: Db) {
 
 /// SPEC §7.3 `--max-pending`: with that many deliveries pending (leased ones
 /// included: they are not delivered yet), an accept stores nothing.
+/// SPEC §9: a route's own delivery and its `also` targets' are stored in one
+/// transaction: all or none (a full queue refuses the whole group), each
+/// deduped on its own (bot, route, key).
+async fn a_group_is_stored_all_or_nothing_and_deduped_one_by_one(db: Db) {
+    let s = db.open(bounded(4)).await;
+    let group = |k: &str| {
+        vec![
+            delivery("r", Some(k)),
+            delivery("r/helpdesk", Some(k)),
+            delivery("r/analytics", Some(k)),
+        ]
+    };
+    let first = s.accept_all(group("k1"), Some(WINDOW), t(0)).await.unwrap();
+    assert!(
+        first.iter().all(|a| matches!(a, Accept::Accepted { .. })),
+        "{first:?}"
+    );
+    let ids: std::collections::HashSet<&str> = first.iter().map(Accept::id).collect();
+    assert_eq!(ids.len(), 3, "three deliveries");
+    // the same call again: each is a duplicate of its own first delivery
+    let again = s.accept_all(group("k1"), Some(WINDOW), t(1)).await.unwrap();
+    for (a, f) in again.iter().zip(&first) {
+        assert_eq!(
+            a,
+            &Accept::Duplicate {
+                id: f.id().to_owned()
+            }
+        );
+    }
+    // a target whose own delivery is new while the others are duplicates
+    let mixed = s
+        .accept_all(
+            vec![delivery("r", Some("k1")), delivery("r/crm2", Some("k1"))],
+            Some(WINDOW),
+            t(1),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(mixed[0], Accept::Duplicate { .. }), "{mixed:?}");
+    assert!(matches!(mixed[1], Accept::Accepted { .. }), "{mixed:?}");
+    // 4 live now: a group of three does not fit, and none of it is stored
+    let full = s
+        .accept_all(group("k2"), Some(WINDOW), t(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(full, StoreError::QueueFull { limit: 4 }),
+        "{full:?}"
+    );
+    assert_eq!(
+        s.list(None, 10).await.unwrap().len(),
+        4,
+        "nothing of the group"
+    );
+    // its keys were not remembered: once there is room, the group is new
+    for _ in 0..3 {
+        let c = s.claim_due("w", t(3), 1, LEASE).await.unwrap();
+        s.complete(&c[0].lease, ok_try(t(3)), t(3)).await.unwrap();
+    }
+    let later = s.accept_all(group("k2"), Some(WINDOW), t(4)).await.unwrap();
+    assert!(
+        later.iter().all(|a| matches!(a, Accept::Accepted { .. })),
+        "{later:?}"
+    );
+}
+
 async fn a_full_queue_refuses_accepts_and_stores_nothing(db: Db) {
     let s = db.open(bounded(2)).await;
     let first = s

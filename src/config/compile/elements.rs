@@ -211,6 +211,12 @@ impl Compiler<'_> {
         for (at, route) in in_file_order {
             if route.bots.is_empty() {
                 route.bots = bot_ids.clone();
+                for target in &mut route.also {
+                    // not shared yet: the config is assembled after the claims
+                    if let Some(t) = Arc::get_mut(target) {
+                        t.bots = bot_ids.clone();
+                    }
+                }
                 // bots that failed to compile are reported already: no warning on top
                 if all_bot_ids.is_empty() {
                     let m = "no bot is defined, so this route serves nothing";
@@ -556,6 +562,26 @@ impl Compiler<'_> {
                 }
             }
         }
+        let also = self.compile_also(
+            at,
+            r.also,
+            &super::also::Parent {
+                name: &r.name,
+                bots: &bots,
+                intent: &intent,
+                schema: &schema,
+                deadline,
+                strict,
+                log_fields: &log_fields,
+                idempotency_key: &idempotency_key,
+                body: &body,
+                body_secret: self.is_from_env(&at.child("body")),
+                retry: retry.as_ref(),
+                breaker: breaker.as_ref(),
+            },
+            d,
+            taint,
+        );
         let examples = self.load_examples(at, r.examples);
         if self.error_count() > errors_before {
             return None;
@@ -582,6 +608,8 @@ impl Compiler<'_> {
             fallback,
             on_failure,
             examples,
+            also,
+            also_of: None,
             source: Source {
                 file,
                 line: pos.line,

@@ -96,40 +96,141 @@ impl Compiler<'_> {
                 (Some(Ok(req)), false) => {
                     let Some(expect) = &ex.expect else { continue };
                     let e_at = ex_at.child("expect");
-                    if let Some(u) = &expect.url
-                        && *u != req.url {
-                            self.error(&e_at.child("url"), format!("example `{name}`: url differs\n  expected: {u}\n    actual: {}", req.url));
-                        }
-                    if let Some(m) = expect.method {
-                        let m = format!("{m:?}");
-                        if m != req.method.as_str() {
-                            self.error(&e_at.child("method"), format!("example `{name}`: method differs: expected {m}, actual {}", req.method));
-                        }
-                    }
-                    for (k, v) in expect.headers.iter().flatten() {
-                        let actual = req.headers.iter().find(|(n, _, _)| n.as_str().eq_ignore_ascii_case(k)).map(|(_, v, secret)| if *secret { "***".to_string() } else { v.to_str().unwrap_or("").to_string() });
-                        if actual.as_deref() != Some(v.as_str()) {
-                            let msg = if crate::config::render::is_sensitive_header(k) {
-                                // either value may be a literal secret
-                                let sent = if actual.is_some() { "differs" } else { "is not sent" };
-                                format!("example `{name}`: header `{k}` {sent} (values of sensitive headers are not shown)")
-                            } else {
-                                let actual = actual.unwrap_or_else(|| "(not sent)".into());
-                                format!("example `{name}`: header `{k}` differs\n  expected: {v}\n    actual: {actual}")
-                            };
-                            self.error(&e_at.child("headers").child(k), msg);
-                        }
-                    }
-                    if let Some(expected) = &expect.body {
-                        let actual: Value = req.body.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or(Value::Null);
-                        if let Some(diff) = subset_mismatch(expected, &actual, "") {
-                            let mut d_at = e_at.child("body");
-                            d_at.pointer.push_str(&diff.0);
-                            self.error(&d_at, format!("example `{name}`: body differs at `{}`\n  expected: {}\n    actual: {}",
-                                if diff.0.is_empty() { "/" } else { &diff.0 }, diff.1, diff.2));
-                        }
+                    self.compare_request(&e_at, name, expect, &req);
+                    for (tname, texpect) in expect.also.iter().flatten() {
+                        let t_at = e_at.child("also").child(tname);
+                        self.check_also_example(&t_at, name, route, tname, texpect, &ex.payload, &ex.headers, bot.map(|b| b.id.as_str()));
                     }
                 }
+            }
+        }
+    }
+
+    /// An example's `expect.also.<name>`: the target's request for the payload.
+    #[allow(clippy::too_many_arguments)]
+    fn check_also_example(
+        &mut self,
+        t_at: &At,
+        name: &str,
+        route: &Route,
+        tname: &str,
+        expect: &raw::Expect,
+        payload: &Value,
+        headers: &[(String, String)],
+        bot: Option<&str>,
+    ) {
+        let full = super::also::target_name(&route.name, tname);
+        let Some(target) = route.also.iter().find(|t| t.name == full) else {
+            let names: Vec<&str> = route
+                .also
+                .iter()
+                .filter_map(|t| t.name.strip_prefix(&format!("{}/", route.name)))
+                .collect();
+            let known = if names.is_empty() {
+                "the route has no `also` targets".to_string()
+            } else {
+                format!("its targets: {}", names.join(", "))
+            };
+            self.error(
+                t_at,
+                format!("example `{name}`: no `also` target named `{tname}`; {known}"),
+            );
+            return;
+        };
+        if expect.error.is_some() || expect.also.is_some() {
+            self.error(t_at, format!("example `{name}`: an `also` target's expectation takes `method`, `url`, `headers` and `body` only"));
+            return;
+        }
+        let ctx = handlebars::Context::from(payload.clone());
+        let mut meta = template::RenderMeta::new(bot.unwrap_or(""), &target.name);
+        meta.set_header_pairs(headers);
+        match crate::config::render::build(target, &ctx, &meta) {
+            Ok(req) => self.compare_request(t_at, name, expect, &req),
+            Err(e) => self.error(t_at, format!("example `{name}`: target `{tname}`: {e}")),
+        }
+    }
+
+    /// Compares a rendered request with an example's expectation at `e_at`.
+    fn compare_request(
+        &mut self,
+        e_at: &At,
+        name: &str,
+        expect: &raw::Expect,
+        req: &crate::config::render::OutboundRequest,
+    ) {
+        if let Some(u) = &expect.url
+            && *u != req.url
+        {
+            self.error(
+                &e_at.child("url"),
+                format!(
+                    "example `{name}`: url differs\n  expected: {u}\n    actual: {}",
+                    req.url
+                ),
+            );
+        }
+        if let Some(m) = expect.method {
+            let m = format!("{m:?}");
+            if m != req.method.as_str() {
+                self.error(
+                    &e_at.child("method"),
+                    format!(
+                        "example `{name}`: method differs: expected {m}, actual {}",
+                        req.method
+                    ),
+                );
+            }
+        }
+        for (k, v) in expect.headers.iter().flatten() {
+            let actual = req
+                .headers
+                .iter()
+                .find(|(n, _, _)| n.as_str().eq_ignore_ascii_case(k))
+                .map(|(_, v, secret)| {
+                    if *secret {
+                        "***".to_string()
+                    } else {
+                        v.to_str().unwrap_or("").to_string()
+                    }
+                });
+            if actual.as_deref() != Some(v.as_str()) {
+                let msg = if crate::config::render::is_sensitive_header(k) {
+                    // either value may be a literal secret
+                    let sent = if actual.is_some() {
+                        "differs"
+                    } else {
+                        "is not sent"
+                    };
+                    format!(
+                        "example `{name}`: header `{k}` {sent} (values of sensitive headers are not shown)"
+                    )
+                } else {
+                    let actual = actual.unwrap_or_else(|| "(not sent)".into());
+                    format!(
+                        "example `{name}`: header `{k}` differs\n  expected: {v}\n    actual: {actual}"
+                    )
+                };
+                self.error(&e_at.child("headers").child(k), msg);
+            }
+        }
+        if let Some(expected) = &expect.body {
+            let actual: Value = req
+                .body
+                .as_deref()
+                .and_then(|b| serde_json::from_str(b).ok())
+                .unwrap_or(Value::Null);
+            if let Some(diff) = subset_mismatch(expected, &actual, "") {
+                let mut d_at = e_at.child("body");
+                d_at.pointer.push_str(&diff.0);
+                self.error(
+                    &d_at,
+                    format!(
+                        "example `{name}`: body differs at `{}`\n  expected: {}\n    actual: {}",
+                        if diff.0.is_empty() { "/" } else { &diff.0 },
+                        diff.1,
+                        diff.2
+                    ),
+                );
             }
         }
     }

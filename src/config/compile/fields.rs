@@ -27,17 +27,26 @@ impl Compiler<'_> {
         &mut self,
         at: &At,
         route: &Route,
+        parent: Option<&Route>,
         schemas: &[Arc<PayloadSchema>],
     ) {
         if schemas.is_empty() {
             return;
         }
+        // an `also` target's body and key taken from its route are checked there
+        let own = |t: &template::Template, p: Option<&template::Template>| {
+            p.is_none_or(|p| p.source() != t.source())
+        };
         let mut templates: Vec<(At, &template::Template)> =
             vec![(at.child("downstream").child("url"), &route.downstream.url)];
-        if let Some(b) = &route.body {
+        if let Some(b) = &route.body
+            && own(b, parent.and_then(|p| p.body.as_ref()))
+        {
             templates.push((at.child("body"), b));
         }
-        if let Some(k) = &route.idempotency_key {
+        if let Some(k) = &route.idempotency_key
+            && own(k, parent.and_then(|p| p.idempotency_key.as_ref()))
+        {
             templates.push((at.child("idempotency_key"), k));
         }
         let headers_at = at.child("downstream").child("headers");

@@ -175,23 +175,33 @@ impl Compiler<'_> {
     /// the compiled schemas); `d` is the `defaults:` block it inherits from.
     pub(super) fn lint_route(&mut self, at: &At, r: &raw::Route, d: &raw::Defaults) {
         self.record_allow(at, r.lint.as_ref(), false);
-        let ds_at = at.child("downstream");
         let dd = d.downstream.as_ref();
-        self.lint_outbound_secrets(
-            at,
-            &ds_at,
-            r.downstream.auth.as_ref(),
-            r.downstream.headers.as_ref(),
-        );
+        self.lint_downstream(at, &at.child("downstream"), &r.downstream, dd);
+        for (i, t) in r.also.iter().flatten().enumerate() {
+            let ds_at = at.child("also").child(&i.to_string()).child("downstream");
+            self.lint_downstream(at, &ds_at, &t.downstream, dd);
+        }
+        self.lint_idempotency_key(at, r, dd);
+    }
+
+    /// `literal-secret` and `http-credentials` of one downstream (a route's or
+    /// an `also` target's, at `ds_at`) of the route at `elem`.
+    fn lint_downstream(
+        &mut self,
+        elem: &At,
+        ds_at: &At,
+        ds: &raw::Downstream,
+        dd: Option<&raw::DownstreamDefaults>,
+    ) {
+        let at = elem;
+        self.lint_outbound_secrets(at, ds_at, ds.auth.as_ref(), ds.headers.as_ref());
 
         // http-credentials
-        let auth = r
-            .downstream
+        let auth = ds
             .auth
             .as_ref()
             .or_else(|| dd.and_then(|d| d.auth.as_ref()));
-        let credential_header = r
-            .downstream
+        let credential_header = ds
             .headers
             .iter()
             .chain(dd.and_then(|d| d.headers.as_ref()))
@@ -205,7 +215,7 @@ impl Compiler<'_> {
         let url_at = ds_at.child("url");
         if let Some(what) = carried
             && !self.unresolved(&url_at)
-            && let Some(host) = plain_http_remote_host(&r.downstream.url)
+            && let Some(host) = plain_http_remote_host(&ds.url)
         {
             let m = format!(
                 "{what} is sent over plain http:// to `{host}`, readable by anyone on the way; \
@@ -213,7 +223,7 @@ impl Compiler<'_> {
             );
             self.lint(at, &url_at, false, LintRule::HttpCredentials, m);
         }
-        if let Some(o) = r.downstream.auth.as_ref().and_then(|a| a.oauth2.as_ref()) {
+        if let Some(o) = ds.auth.as_ref().and_then(|a| a.oauth2.as_ref()) {
             let tu = ds_at.child("auth").child("oauth2").child("token_url");
             if !self.unresolved(&tu)
                 && let Some(host) = plain_http_remote_host(&o.token_url)
@@ -225,8 +235,15 @@ impl Compiler<'_> {
                 self.lint(at, &tu, false, LintRule::HttpCredentials, m);
             }
         }
+    }
 
-        // no-idempotency-key
+    /// `no-idempotency-key` of the route `r` at `at`.
+    fn lint_idempotency_key(
+        &mut self,
+        at: &At,
+        r: &raw::Route,
+        dd: Option<&raw::DownstreamDefaults>,
+    ) {
         if r.idempotency_key.is_none() {
             let method = r
                 .downstream
@@ -238,6 +255,12 @@ impl Compiler<'_> {
                     "an async route without `idempotency_key`: when the bot sends the same \
                      call again (Cognigy's HTTP Request node may retry), it is stored and \
                      delivered twice"
+                        .to_string(),
+                )
+            } else if r.also.iter().flatten().any(|t| t.idempotency_key.is_none()) {
+                Some(
+                    "a route with `also` targets but no `idempotency_key`: when the bot sends \
+                     the same call again, each target stores and delivers it again"
                         .to_string(),
                 )
             } else if matches!(

@@ -15,6 +15,7 @@
 //! - `elements`: the `defaults:` block, bots and routes; unique ids and names,
 //!   bot references, one route per (bot, intent)
 //! - `downstream`: a route's `downstream`, outbound `auth`, `retry` and `breaker`
+//! - `also`: a route's `also:` targets, each compiled into an async route `<route>/<name>`
 //! - `fields`: template fields the payload schemas cannot provide (warnings)
 //! - `examples`: route `examples`, rendered and matched
 //! - `position`: JSON pointers and template line/col → what diagnostics show
@@ -24,6 +25,7 @@
 //! It never does network I/O, never produces a config from a load with errors,
 //! and never lets an environment value reach a diagnostic (they are redacted).
 
+mod also;
 mod downstream;
 mod elements;
 mod examples;
@@ -281,13 +283,25 @@ impl Compiler<'_> {
                         .filter_map(|b| bots.get(b).and_then(|(_, p)| p.schema.clone())),
                 )
                 .collect();
-            self.check_template_fields(at, route, &schemas);
+            self.check_template_fields(at, route, None, &schemas);
             let bot_schemas: Vec<Option<Arc<PayloadSchema>>> = route
                 .bots
                 .iter()
                 .filter_map(|b| bots.get(b).map(|(_, p)| p.schema.clone()))
                 .collect();
             self.check_key_fields(at, route, route.schema.as_ref(), &bot_schemas);
+            // a kept route has every target it wrote, in order
+            for (i, target) in route.also.iter().enumerate() {
+                let t_at = at.child("also").child(&i.to_string());
+                self.check_template_fields(&t_at, target, Some(route), &schemas);
+                let own_key = match (&target.idempotency_key, &route.idempotency_key) {
+                    (Some(t), Some(r)) => t.source() != r.source(),
+                    (t, _) => t.is_some(),
+                };
+                if own_key {
+                    self.check_key_fields(&t_at, target, route.schema.as_ref(), &bot_schemas);
+                }
+            }
             // with values removed from `defaults:`, examples would run on stand-ins
             if self.opts.check_examples && dtaint.is_clean() {
                 self.check_examples(at, route, &bots);
@@ -317,8 +331,12 @@ impl Compiler<'_> {
                     .map(|(k, (_, p))| (k, Arc::new(p.into_bot())))
                     .collect(),
                 routes: routes
-                    .into_iter()
-                    .map(|(k, (_, r))| (k, Arc::new(r)))
+                    .into_values()
+                    .flat_map(|(_, r)| {
+                        let targets: Vec<_> =
+                            r.also.iter().map(|t| (t.name.clone(), t.clone())).collect();
+                        std::iter::once((r.name.clone(), Arc::new(r))).chain(targets)
+                    })
                     .collect(),
                 hash,
                 redactor,

@@ -45,6 +45,25 @@ impl Taint {
         }
     }
 
+    /// The taint as an item of a list inside the element sees it (a route's
+    /// `also` target at `/also/0`): removals inside the item, relative to it,
+    /// and the element's own removals outside any `/also` item (`/deadline`).
+    pub(super) fn for_item(&self, item: &str) -> Taint {
+        let removed = self
+            .removed
+            .iter()
+            .filter_map(|r| match r.strip_prefix(item) {
+                Some(rest) if rest.starts_with('/') => Some(rest.to_owned()),
+                _ if within(r, "/also") => None,
+                _ => Some(r.clone()),
+            })
+            .collect();
+        Taint {
+            removed,
+            errors: self.errors,
+        }
+    }
+
     /// Whether a deserialize error at `rel` is the doing of a removal inside it.
     pub(super) fn explains(&self, rel: &str) -> bool {
         self.removed.iter().any(|r| within(r, rel))
