@@ -532,6 +532,13 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// A failure of the SQLite writer (rusqlite, see `store::sqlite`).
+    #[error("store {op}: {source}")]
+    Sqlite {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
 }
 
 impl StoreError {
@@ -539,11 +546,26 @@ impl StoreError {
         move |source| StoreError::Db { op, source }
     }
 
+    pub(crate) fn sqlite(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+        move |source| StoreError::Sqlite { op, source }
+    }
+
+    /// A database failure (not a business refusal): the operation wrote
+    /// nothing that stands.
+    pub(crate) fn is_db(&self) -> bool {
+        matches!(self, StoreError::Db { .. } | StoreError::Sqlite { .. })
+    }
+
     /// Whether trying the same operation later may succeed (the database
     /// is unreachable, busy or restarting): the HTTP layer answers 503.
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Closed => true,
+            // SQLite: another process holds the file's lock (SQLITE_BUSY, SQLITE_LOCKED)
+            StoreError::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
             StoreError::Db { source, .. } => match source {
                 sqlx::Error::Io(_)
                 | sqlx::Error::PoolTimedOut

@@ -75,13 +75,57 @@ macro_rules! summary_columns {
 }
 pub(crate) use summary_columns;
 
-fn get<'r, R, T>(row: &'r R, col: &'static str) -> Result<T>
-where
-    R: sqlx::Row,
-    &'static str: sqlx::ColumnIndex<R>,
-    T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    row.try_get(col).map_err(StoreError::db("read a row"))
+/// The columns of one row by name, whatever the driver: sqlx rows (SQLite
+/// reads, PostgreSQL) and rusqlite rows (the SQLite writer) read alike, so
+/// one mapping serves every backend.
+pub(crate) trait Cols {
+    fn text(&self, col: &'static str) -> Result<String>;
+    fn opt_text(&self, col: &'static str) -> Result<Option<String>>;
+    fn int(&self, col: &'static str) -> Result<i64>;
+    fn opt_int(&self, col: &'static str) -> Result<Option<i64>>;
+    fn opt_blob(&self, col: &'static str) -> Result<Option<Vec<u8>>>;
+}
+
+macro_rules! sqlx_cols {
+    ($row:ty) => {
+        impl Cols for $row {
+            fn text(&self, col: &'static str) -> Result<String> {
+                sqlx::Row::try_get(self, col).map_err(StoreError::db("read a row"))
+            }
+            fn opt_text(&self, col: &'static str) -> Result<Option<String>> {
+                sqlx::Row::try_get(self, col).map_err(StoreError::db("read a row"))
+            }
+            fn int(&self, col: &'static str) -> Result<i64> {
+                sqlx::Row::try_get(self, col).map_err(StoreError::db("read a row"))
+            }
+            fn opt_int(&self, col: &'static str) -> Result<Option<i64>> {
+                sqlx::Row::try_get(self, col).map_err(StoreError::db("read a row"))
+            }
+            fn opt_blob(&self, col: &'static str) -> Result<Option<Vec<u8>>> {
+                sqlx::Row::try_get(self, col).map_err(StoreError::db("read a row"))
+            }
+        }
+    };
+}
+sqlx_cols!(sqlx::sqlite::SqliteRow);
+sqlx_cols!(sqlx::postgres::PgRow);
+
+impl Cols for rusqlite::Row<'_> {
+    fn text(&self, col: &'static str) -> Result<String> {
+        self.get(col).map_err(StoreError::sqlite("read a row"))
+    }
+    fn opt_text(&self, col: &'static str) -> Result<Option<String>> {
+        self.get(col).map_err(StoreError::sqlite("read a row"))
+    }
+    fn int(&self, col: &'static str) -> Result<i64> {
+        self.get(col).map_err(StoreError::sqlite("read a row"))
+    }
+    fn opt_int(&self, col: &'static str) -> Result<Option<i64>> {
+        self.get(col).map_err(StoreError::sqlite("read a row"))
+    }
+    fn opt_blob(&self, col: &'static str) -> Result<Option<Vec<u8>>> {
+        self.get(col).map_err(StoreError::sqlite("read a row"))
+    }
 }
 
 fn state_of(id: &str, s: &str) -> Result<State> {
@@ -99,62 +143,45 @@ fn count_of(id: &str, n: i64) -> Result<u32> {
 }
 
 /// Reads a row selected with [`delivery_columns!`].
-pub(crate) fn delivery_from_row<'r, R>(row: &'r R) -> Result<(Delivery, i64)>
-where
-    R: sqlx::Row,
-    &'static str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let id: String = get(row, "id")?;
-    let headers: String = get(row, "headers")?;
+pub(crate) fn delivery_from_row(row: &impl Cols) -> Result<(Delivery, i64)> {
+    let id = row.text("id")?;
+    let headers = row.text("headers")?;
     let headers: Vec<(String, String)> =
         serde_json::from_str(&headers).map_err(|_| StoreError::Corrupt {
             id: id.clone(),
             what: "headers are not a JSON list of pairs",
         })?;
-    let state: String = get(row, "state")?;
-    let state = state_of(&id, &state)?;
-    let attempts = count_of(&id, get(row, "attempts")?)?;
-    let seq: i64 = get(row, "lease_seq")?;
+    let state = state_of(&id, &row.text("state")?)?;
+    let attempts = count_of(&id, row.int("attempts")?)?;
+    let seq = row.int("lease_seq")?;
     let d = Delivery {
-        bot: get(row, "bot")?,
-        route: get(row, "route")?,
-        payload: get(row, "payload")?,
+        bot: row.text("bot")?,
+        route: row.text("route")?,
+        payload: row.text("payload")?,
         request: StoredRequest {
-            method: get(row, "method")?,
-            url: get(row, "url")?,
+            method: row.text("method")?,
+            url: row.text("url")?,
             headers,
-            body: get(row, "body")?,
+            body: row.opt_text("body")?,
         },
-        idempotency_key: get(row, "idempotency_key")?,
+        idempotency_key: row.opt_text("idempotency_key")?,
         state,
         attempts,
-        next_attempt_at: from_ms(get(row, "next_attempt_at")?),
-        created_at: from_ms(get(row, "created_at")?),
-        updated_at: from_ms(get(row, "updated_at")?),
-        lease_owner: get(row, "lease_owner")?,
-        leased_until: get::<_, Option<i64>>(row, "leased_until")?.map(from_ms),
-        last_error: get(row, "last_error")?,
-        fingerprint: get(row, "route_fingerprint")?,
-        render_again: get::<_, i64>(row, "render_again")? != 0,
+        next_attempt_at: from_ms(row.int("next_attempt_at")?),
+        created_at: from_ms(row.int("created_at")?),
+        updated_at: from_ms(row.int("updated_at")?),
+        lease_owner: row.opt_text("lease_owner")?,
+        leased_until: row.opt_int("leased_until")?.map(from_ms),
+        last_error: row.opt_text("last_error")?,
+        fingerprint: row.opt_text("route_fingerprint")?,
+        render_again: row.int("render_again")? != 0,
         id,
     };
     Ok((d, seq))
 }
 
 /// A claimed row (selected with [`delivery_columns!`]) with its lease.
-pub(crate) fn claimed_from_row<'r, R>(row: &'r R) -> Result<Claimed>
-where
-    R: sqlx::Row,
-    &'static str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
+pub(crate) fn claimed_from_row(row: &impl Cols) -> Result<Claimed> {
     let (delivery, seq) = delivery_from_row(row)?;
     let (Some(owner), Some(until)) = (delivery.lease_owner.clone(), delivery.leased_until) else {
         return Err(StoreError::Corrupt {
@@ -174,45 +201,31 @@ where
 }
 
 /// Reads a row selected with [`summary_columns!`].
-pub(crate) fn summary_from_row<'r, R>(row: &'r R) -> Result<DeliverySummary>
-where
-    R: sqlx::Row,
-    &'static str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let id: String = get(row, "id")?;
-    let state: String = get(row, "state")?;
+pub(crate) fn summary_from_row(row: &impl Cols) -> Result<DeliverySummary> {
+    let id = row.text("id")?;
+    let state = row.text("state")?;
     Ok(DeliverySummary {
         state: state_of(&id, &state)?,
-        attempts: count_of(&id, get(row, "attempts")?)?,
-        bot: get(row, "bot")?,
-        route: get(row, "route")?,
-        next_attempt_at: from_ms(get(row, "next_attempt_at")?),
-        created_at: from_ms(get(row, "created_at")?),
-        updated_at: from_ms(get(row, "updated_at")?),
-        last_error: get(row, "last_error")?,
+        attempts: count_of(&id, row.int("attempts")?)?,
+        bot: row.text("bot")?,
+        route: row.text("route")?,
+        next_attempt_at: from_ms(row.int("next_attempt_at")?),
+        created_at: from_ms(row.int("created_at")?),
+        updated_at: from_ms(row.int("updated_at")?),
+        last_error: row.opt_text("last_error")?,
         id,
     })
 }
 
 /// Reads an `attempts` row (`number, at, status, latency_ms, error`).
-pub(crate) fn attempt_from_row<'r, R>(id: &str, row: &'r R) -> Result<Attempt>
-where
-    R: sqlx::Row,
-    &'static str: sqlx::ColumnIndex<R>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let status: Option<i64> = get(row, "status")?;
+pub(crate) fn attempt_from_row(id: &str, row: &impl Cols) -> Result<Attempt> {
+    let status = row.opt_int("status")?;
     Ok(Attempt {
-        number: count_of(id, get(row, "number")?)?,
-        at: from_ms(get(row, "at")?),
+        number: count_of(id, row.int("number")?)?,
+        at: from_ms(row.int("at")?),
         status: status.and_then(|s| u16::try_from(s).ok()),
-        latency: Duration::from_millis(get::<_, i64>(row, "latency_ms")?.max(0) as u64),
-        error: get(row, "error")?,
+        latency: Duration::from_millis(row.int("latency_ms")?.max(0) as u64),
+        error: row.opt_text("error")?,
     })
 }
 
@@ -293,25 +306,12 @@ pub(crate) fn not_replayable(id: &str, state: Option<String>) -> StoreError {
     }
 }
 
-pub(crate) fn begin_from_row<'r, R>(row: &'r R) -> Result<Begin>
-where
-    R: sqlx::Row,
-    &'static str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let err = StoreError::db("read an idempotency record");
-    let state: String = row.try_get("state").map_err(err)?;
-    if state != "done" {
+pub(crate) fn begin_from_row(row: &impl Cols) -> Result<Begin> {
+    if row.text("state")? != "done" {
         return Ok(Begin::InProgress);
     }
-    let status: Option<i64> = row
-        .try_get("status")
-        .map_err(StoreError::db("read an idempotency record"))?;
-    let body: Option<Vec<u8>> = row
-        .try_get("body")
-        .map_err(StoreError::db("read an idempotency record"))?;
+    let status = row.opt_int("status")?;
+    let body = row.opt_blob("body")?;
     Ok(Begin::Done(StoredAnswer {
         status: status.and_then(|s| u16::try_from(s).ok()).unwrap_or(200),
         body: body.unwrap_or_default(),
@@ -321,16 +321,9 @@ where
 /// Whether a schema-1 idempotency record (no route; selected with `state`
 /// and `locked_until`) still decides a request's fate at `now`: answered, or
 /// in progress under a live lease. A stale one is forgotten by the caller.
-pub(crate) fn legacy_still_answers<'r, R>(row: &'r R, now: i64) -> Result<bool>
-where
-    R: sqlx::Row,
-    &'static str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let err = || StoreError::db("read an idempotency record");
-    let state: String = row.try_get("state").map_err(err())?;
-    let locked_until: Option<i64> = row.try_get("locked_until").map_err(err())?;
+pub(crate) fn legacy_still_answers(row: &impl Cols, now: i64) -> Result<bool> {
+    let state = row.text("state")?;
+    let locked_until = row.opt_int("locked_until")?;
     Ok(state == "done" || locked_until.is_some_and(|u| u > now))
 }
 
@@ -341,29 +334,18 @@ pub(crate) const STATS_SQL: &str = "SELECT \
     (SELECT MIN(created_at) FROM deliveries WHERE state = 'pending') AS oldest_pending, \
     (SELECT MIN(created_at) FROM deliveries WHERE state = 'leased') AS oldest_leased";
 
-pub(crate) fn stats_from_row<'r, R>(row: &'r R, now: SystemTime) -> Result<Stats>
-where
-    R: sqlx::Row,
-    &'static str: sqlx::ColumnIndex<R>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let get = |c: &'static str| -> Result<i64> {
-        row.try_get::<i64, _>(c)
-            .map_err(StoreError::db("read stats"))
-    };
-    let opt = |c: &'static str| -> Result<Option<i64>> {
-        row.try_get::<Option<i64>, _>(c)
-            .map_err(StoreError::db("read stats"))
-    };
-    let oldest = match (opt("oldest_pending")?, opt("oldest_leased")?) {
+pub(crate) fn stats_from_row(row: &impl Cols, now: SystemTime) -> Result<Stats> {
+    let oldest = match (
+        row.opt_int("oldest_pending")?,
+        row.opt_int("oldest_leased")?,
+    ) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
     Ok(Stats {
-        pending: get("pending")?.max(0) as u64,
-        leased: get("leased")?.max(0) as u64,
-        dead: get("dead")?.max(0) as u64,
+        pending: row.int("pending")?.max(0) as u64,
+        leased: row.int("leased")?.max(0) as u64,
+        dead: row.int("dead")?.max(0) as u64,
         oldest_pending_age: oldest.map(|ms| now.duration_since(from_ms(ms)).unwrap_or_default()),
     })
 }

@@ -224,3 +224,74 @@ routes:
         .redact("/v1/path-secret/x?api_token=query-secret bearer-secret default-header-secret");
     assert_eq!(shown, "/v1/***/x?api_token=*** *** ***");
 }
+
+/// An `also` target compiles into an async route `<route>/<name>` that claims
+/// no intent, takes what it does not set from its route, and keeps its own
+/// breaker settings when it writes them.
+#[test]
+fn also_targets_are_async_routes_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("r.yaml"),
+        r#"bots:
+  - id: b
+    auth: { api_key: { keys: ["${KEY}"] } }
+routes:
+  - name: r
+    intent: Ended
+    idempotency_key: "{{inputId}}"
+    downstream: { url: "https://crm.example.com/c" }
+    body: '{"a": 1}'
+    breaker: { consecutive_failures: 7 }
+    also:
+      - name: desk
+        downstream: { url: "https://desk.example.com/t", method: PUT }
+      - name: stats
+        downstream: { url: "https://stats.example.com/e" }
+        body: '{"b": 2}'
+        idempotency_key: "s-{{inputId}}"
+        breaker: { consecutive_failures: 2 }
+"#,
+    )
+    .unwrap();
+    let loaded = super::load(
+        &[dir.path().to_path_buf()],
+        &super::LoadOptions {
+            env: &|_| Some("k".into()),
+            require_env: true,
+            check_examples: true,
+            cache: None,
+        },
+    );
+    let config = loaded.config.expect("loads");
+    let names: Vec<&str> = config.routes.keys().map(String::as_str).collect();
+    assert_eq!(names, ["r", "r/desk", "r/stats"]);
+    let bot = &config.bots["b"];
+    assert_eq!(bot.routes.len(), 1, "targets claim no intent");
+    let r = &config.routes["r"];
+    assert_eq!(r.also.len(), 2);
+    assert!(std::sync::Arc::ptr_eq(&r.also[0], &config.routes["r/desk"]));
+    let desk = &config.routes["r/desk"];
+    assert_eq!(desk.mode, crate::config::model::Mode::Async);
+    assert_eq!(desk.also_of.as_deref(), Some("r"));
+    assert_eq!(desk.bots, ["b"], "the route's bots (every bot here)");
+    assert_eq!(desk.body.as_ref().unwrap().source(), r#"{"a": 1}"#);
+    assert_eq!(
+        desk.idempotency_key.as_ref().unwrap().source(),
+        "{{inputId}}"
+    );
+    assert_eq!(desk.downstream.method, http::Method::PUT);
+    assert_eq!(desk.breaker.settings().consecutive_failures, 7);
+    let stats = &config.routes["r/stats"];
+    assert_eq!(stats.body.as_ref().unwrap().source(), r#"{"b": 2}"#);
+    assert_eq!(
+        stats.idempotency_key.as_ref().unwrap().source(),
+        "s-{{inputId}}"
+    );
+    assert_eq!(stats.breaker.settings().consecutive_failures, 2);
+    assert_ne!(
+        desk.downstream.fingerprint(),
+        r.downstream.fingerprint(),
+        "each target is stored for its own origin"
+    );
+}
