@@ -1,9 +1,13 @@
 //! The shared store: PostgreSQL (`--store postgres://…`), for several
 //! gateway instances working off one queue.
 //!
-//! Each operation is one transaction on a pooled connection. PostgreSQL
-//! already commits concurrent transactions with shared WAL flushes, so
-//! there is no writer task here.
+//! Each operation is one transaction on a pooled connection, except
+//! accepts: they are grouped (`accept_loop`: whatever queued while the last
+//! group committed, up to 256) into one transaction with one multi-row
+//! `INSERT … SELECT FROM UNNEST(…)`, so a burst of webhooks costs a few
+//! round trips and commits instead of five round trips and a commit each.
+//! Four groups run at once, so one waiting for its commit never stops the
+//! next from gathering.
 //!
 //! Claims take due rows with `SELECT … FOR UPDATE SKIP LOCKED` and mark them
 //! leased in the same statement: two instances claiming at once get
@@ -187,7 +191,23 @@ pub struct PgStore {
     max_pending: Option<u64>,
     /// The server's `max_connections`: the most accepts that can be in flight at once.
     slack: i64,
+    /// Accepts waiting for a group (see [`accept_loop`]).
+    accepts: tokio::sync::mpsc::Sender<AcceptJob>,
 }
+
+/// One accept waiting for its group.
+struct AcceptJob {
+    delivery: NewDelivery,
+    cutoff: Option<i64>,
+    now: i64,
+    reply: tokio::sync::oneshot::Sender<Result<Accept>>,
+}
+
+/// Most accepts in one group (one transaction, one multi-row insert).
+const ACCEPT_GROUP: usize = 256;
+
+/// Groups taking accepts at once: while one commits, the next gathers.
+const ACCEPT_LOOPS: usize = 4;
 
 impl PgStore {
     /// Connects to `url` and brings the schema up to date (tables go in the
@@ -206,10 +226,18 @@ impl PgStore {
             .fetch_one(&pool)
             .await
             .map_err(StoreError::db("read max_connections"))?;
+        let slack = slack.parse().unwrap_or(10_000);
+        let bound = opts.max_pending.map(|limit| Bound { limit, slack });
+        let (accepts, rx) = tokio::sync::mpsc::channel(4096);
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..ACCEPT_LOOPS {
+            tokio::spawn(accept_loop(pool.clone(), rx.clone(), bound));
+        }
         Ok(PgStore {
             pool,
             max_pending: opts.max_pending,
-            slack: slack.parse().unwrap_or(10_000),
+            slack,
+            accepts,
         })
     }
 
@@ -262,6 +290,139 @@ async fn migrate(pool: &PgPool) -> Result<()> {
 struct Bound {
     limit: u64,
     slack: i64,
+}
+
+/// Takes the accepts that queued while the previous group committed (up to
+/// [`ACCEPT_GROUP`]) and stores them in one transaction: one round trip for
+/// the rows instead of one transaction per webhook. Ends when the store is
+/// dropped.
+async fn accept_loop(
+    pool: PgPool,
+    rx: std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<AcceptJob>>>,
+    bound: Option<Bound>,
+) {
+    let mut jobs = Vec::with_capacity(ACCEPT_GROUP);
+    loop {
+        let n = rx.lock().await.recv_many(&mut jobs, ACCEPT_GROUP).await;
+        if n == 0 {
+            return;
+        }
+        let results = accept_group(&pool, &jobs, bound).await;
+        for (job, result) in jobs.drain(..).zip(results) {
+            // the caller may have gone; what was committed stands
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+/// Stores a group of accepts: one `INSERT … SELECT FROM UNNEST(…) ON
+/// CONFLICT DO NOTHING RETURNING id` for all of them in one transaction;
+/// a delivery whose key conflicted (a duplicate, or a key past its window)
+/// then goes the one-by-one way of [`accept`] in the same transaction. Near
+/// the `--max-pending` bound, or when the group's transaction fails, each is
+/// accepted alone, so the bound stays exact and a failure is its own.
+async fn accept_group(
+    pool: &PgPool,
+    jobs: &[AcceptJob],
+    bound: Option<Bound>,
+) -> Vec<Result<Accept>> {
+    let one_by_one = async || {
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            out.push(match pool.acquire().await {
+                Ok(mut conn) => accept(&mut conn, &j.delivery, j.cutoff, bound, j.now).await,
+                Err(e) => Err(StoreError::db("get a connection")(e)),
+            });
+        }
+        out
+    };
+    if jobs.len() == 1 {
+        return one_by_one().await;
+    }
+    match try_group(pool, jobs, bound).await {
+        Ok(Some(results)) => results,
+        Ok(None) | Err(_) => one_by_one().await,
+    }
+}
+
+/// [`accept_group`]'s one transaction; `None` when near the bound.
+async fn try_group(
+    pool: &PgPool,
+    jobs: &[AcceptJob],
+    bound: Option<Bound>,
+) -> Result<Option<Vec<Result<Accept>>>> {
+    let err = || StoreError::db("accept deliveries");
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(StoreError::db("get a connection"))?;
+    let mut tx = conn.begin().await.map_err(err())?;
+    if let Some(Bound { limit, slack }) = bound {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(QUEUE_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(err())?;
+        let room = i64::try_from(limit).unwrap_or(i64::MAX);
+        let n = i64::try_from(jobs.len()).unwrap_or(i64::MAX);
+        if live_count(&mut tx)
+            .await?
+            .saturating_add(slack)
+            .saturating_add(n)
+            >= room
+        {
+            return Ok(None);
+        }
+    }
+    let ids: Vec<String> = jobs.iter().map(|_| new_id()).collect();
+    let col = |f: fn(&AcceptJob) -> &str| jobs.iter().map(f).collect::<Vec<&str>>();
+    let opt = |f: fn(&AcceptJob) -> Option<&str>| jobs.iter().map(f).collect::<Vec<Option<&str>>>();
+    let headers: Vec<String> = jobs
+        .iter()
+        .map(|j| headers_json(&j.delivery.request.headers))
+        .collect();
+    let nows: Vec<i64> = jobs.iter().map(|j| j.now).collect();
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
+         idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
+         updated_at, route_fingerprint) \
+         SELECT id, bot, route, payload, method, url, headers, body, ikey, dkey, 'pending', 0, \
+         now, now, now, now, fp \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::text[]) \
+         AS t(id, bot, route, payload, method, url, headers, body, ikey, dkey, now, fp) \
+         ON CONFLICT (bot, route, dedupe_key) DO NOTHING \
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(col(|j| &j.delivery.bot))
+    .bind(col(|j| &j.delivery.route))
+    .bind(col(|j| &j.delivery.payload))
+    .bind(col(|j| &j.delivery.request.method))
+    .bind(col(|j| &j.delivery.request.url))
+    .bind(&headers)
+    .bind(opt(|j| j.delivery.request.body.as_deref()))
+    .bind(opt(|j| j.delivery.idempotency_key.as_deref()))
+    .bind(opt(|j| j.cutoff.and(j.delivery.idempotency_key.as_deref())))
+    .bind(&nows)
+    .bind(opt(|j| j.delivery.fingerprint.as_deref()))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(err())?;
+    let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+    let mut results = Vec::with_capacity(jobs.len());
+    for (j, id) in jobs.iter().zip(ids) {
+        if inserted.contains(&id) {
+            results.push(Ok(Accept::Accepted { id }));
+        } else {
+            // its key was taken: a duplicate, or a holder past its window (in a savepoint)
+            results.push(Ok(
+                accept(&mut tx, &j.delivery, j.cutoff, None, j.now).await?
+            ));
+        }
+    }
+    tx.commit().await.map_err(err())?;
+    Ok(Some(results))
 }
 
 async fn live_count(tx: &mut PgConnection) -> Result<i64> {
@@ -575,13 +736,18 @@ impl Store for PgStore {
         now: SystemTime,
     ) -> BoxFuture<'_, Result<Accept>> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
-            let cutoff = dedupe_window.map(|w| cutoff_ms(now, w));
-            let bound = self.max_pending.map(|limit| Bound {
-                limit,
-                slack: self.slack,
-            });
-            accept(&mut conn, &delivery, cutoff, bound, to_ms(now)).await
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let job = AcceptJob {
+                delivery,
+                cutoff: dedupe_window.map(|w| cutoff_ms(now, w)),
+                now: to_ms(now),
+                reply,
+            };
+            self.accepts
+                .send(job)
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
         })
     }
 
