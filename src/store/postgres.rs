@@ -2,12 +2,13 @@
 //! gateway instances working off one queue.
 //!
 //! Each operation is one transaction on a pooled connection, except
-//! accepts: they are grouped (`accept_loop`: whatever queued while the last
-//! group committed, up to 256) into one transaction with one multi-row
-//! `INSERT … SELECT FROM UNNEST(…)`, so a burst of webhooks costs a few
-//! round trips and commits instead of five round trips and a commit each.
-//! Four groups run at once, so one waiting for its commit never stops the
-//! next from gathering.
+//! accepts and settles: they are grouped (`group_loop`: whatever queued
+//! while the last group committed, up to 256) into one transaction with one
+//! multi-row statement over `UNNEST(…)` arrays, so a burst of webhooks, or of
+//! deliveries ending, costs a few round trips, one commit and one run of the
+//! live-count trigger instead of a transaction each. Four groups of each kind
+//! run at once, so one waiting for its commit never stops the next from
+//! gathering.
 //!
 //! Claims take due rows with `SELECT … FOR UPDATE SKIP LOCKED` and mark them
 //! leased in the same statement: two instances claiming at once get
@@ -25,8 +26,9 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::api::{
-    Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Hold, Lease, NewDelivery,
-    Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer, StoredRequest,
+    Accept, AttemptRecord, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Hold, Lease,
+    NewDelivery, Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer,
+    StoredRequest,
 };
 use super::rows::{
     STATS_SQL, SettlePlan, attempt_from_row, begin_from_row, claimed_from_row, cutoff_ms,
@@ -191,23 +193,43 @@ pub struct PgStore {
     max_pending: Option<u64>,
     /// The server's `max_connections`: the most accepts that can be in flight at once.
     slack: i64,
-    /// Accepts waiting for a group (see [`accept_loop`]).
-    accepts: tokio::sync::mpsc::Sender<AcceptJob>,
+    /// Accepts waiting for a group (see [`group_loop`] and [`accept_group`]).
+    accepts: GroupSender<AcceptJob, Accept>,
+    /// Settles waiting for a group ([`settle_group`]).
+    settles: GroupSender<SettleJob, ()>,
 }
 
-/// One accept waiting for its group.
+/// One accept, as its group stores it.
 struct AcceptJob {
     delivery: NewDelivery,
     cutoff: Option<i64>,
     now: i64,
-    reply: tokio::sync::oneshot::Sender<Result<Accept>>,
 }
 
-/// Most accepts in one group (one transaction, one multi-row insert).
-const ACCEPT_GROUP: usize = 256;
+/// One settle, as its group writes it.
+struct SettleJob {
+    lease: Lease,
+    outcome: Settle,
+    now: i64,
+}
 
-/// Groups taking accepts at once: while one commits, the next gathers.
-const ACCEPT_LOOPS: usize = 4;
+/// A job waiting for its group, and where its answer goes.
+struct Grouped<I, O> {
+    input: I,
+    reply: tokio::sync::oneshot::Sender<Result<O>>,
+}
+
+type GroupSender<I, O> = tokio::sync::mpsc::Sender<Grouped<I, O>>;
+
+/// What runs one group: every job's answer, in order.
+type GroupFn<I, O> =
+    for<'a> fn(&'a PgPool, &'a [I], Option<Bound>) -> BoxFuture<'a, Vec<Result<O>>>;
+
+/// Most jobs in one group (one transaction, one multi-row statement).
+const GROUP_SIZE: usize = 256;
+
+/// Groups of one kind running at once: while one commits, the next gathers.
+const GROUP_LOOPS: usize = 4;
 
 impl PgStore {
     /// Connects to `url` and brings the schema up to date (tables go in the
@@ -228,16 +250,12 @@ impl PgStore {
             .map_err(StoreError::db("read max_connections"))?;
         let slack = slack.parse().unwrap_or(10_000);
         let bound = opts.max_pending.map(|limit| Bound { limit, slack });
-        let (accepts, rx) = tokio::sync::mpsc::channel(4096);
-        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..ACCEPT_LOOPS {
-            tokio::spawn(accept_loop(pool.clone(), rx.clone(), bound));
-        }
         Ok(PgStore {
+            accepts: start_groups(&pool, bound, |p, j, b| Box::pin(accept_group(p, j, b))),
+            settles: start_groups(&pool, bound, |p, j, _| Box::pin(settle_group(p, j))),
             pool,
             max_pending: opts.max_pending,
             slack,
-            accepts,
         })
     }
 
@@ -292,27 +310,76 @@ struct Bound {
     slack: i64,
 }
 
-/// Takes the accepts that queued while the previous group committed (up to
-/// [`ACCEPT_GROUP`]) and stores them in one transaction: one round trip for
-/// the rows instead of one transaction per webhook. Ends when the store is
-/// dropped.
-async fn accept_loop(
-    pool: PgPool,
-    rx: std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<AcceptJob>>>,
+/// Starts [`GROUP_LOOPS`] loops that run jobs of one kind in groups (see
+/// [`group_loop`]); the sender takes the jobs ([`submit`]).
+fn start_groups<I: Send + Sync + 'static, O: Send + 'static>(
+    pool: &PgPool,
     bound: Option<Bound>,
+    run: GroupFn<I, O>,
+) -> GroupSender<I, O> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+    for _ in 0..GROUP_LOOPS {
+        tokio::spawn(group_loop(pool.clone(), rx.clone(), bound, run));
+    }
+    tx
+}
+
+/// Takes the jobs that queued while the previous group committed (up to
+/// [`GROUP_SIZE`]) and runs them as one group: a few round trips and one
+/// commit for all of them instead of a transaction each. Ends when the store
+/// is dropped.
+async fn group_loop<I, O>(
+    pool: PgPool,
+    rx: std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Grouped<I, O>>>>,
+    bound: Option<Bound>,
+    run: GroupFn<I, O>,
 ) {
-    let mut jobs = Vec::with_capacity(ACCEPT_GROUP);
+    let mut jobs = Vec::with_capacity(GROUP_SIZE);
     loop {
-        let n = rx.lock().await.recv_many(&mut jobs, ACCEPT_GROUP).await;
+        let n = rx.lock().await.recv_many(&mut jobs, GROUP_SIZE).await;
         if n == 0 {
             return;
         }
-        let results = accept_group(&pool, &jobs, bound).await;
-        for (job, result) in jobs.drain(..).zip(results) {
+        let (inputs, replies): (Vec<I>, Vec<_>) =
+            jobs.drain(..).map(|j| (j.input, j.reply)).unzip();
+        let results = run(&pool, &inputs, bound).await;
+        for (reply, result) in replies.into_iter().zip(results) {
             // the caller may have gone; what was committed stands
-            let _ = job.reply.send(result);
+            let _ = reply.send(result);
         }
     }
+}
+
+/// Hands `input` to its group and waits for the group's commit.
+async fn submit<I, O>(groups: &GroupSender<I, O>, input: I) -> Result<O> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    groups
+        .send(Grouped { input, reply })
+        .await
+        .map_err(|_| StoreError::Closed)?;
+    answer.await.map_err(|_| StoreError::Closed)?
+}
+
+/// Runs one job alone, in its own transaction.
+type OneFn<I, O> =
+    for<'a> fn(&'a mut PgConnection, &'a I, Option<Bound>) -> BoxFuture<'a, Result<O>>;
+
+/// Runs `one` for each job on a connection of its own (its own transaction).
+async fn one_by_one<I, O>(
+    pool: &PgPool,
+    jobs: &[I],
+    bound: Option<Bound>,
+    one: OneFn<I, O>,
+) -> Vec<Result<O>> {
+    let mut out = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        out.push(match pool.acquire().await {
+            Ok(mut conn) => one(&mut conn, j, bound).await,
+            Err(e) => Err(StoreError::db("get a connection")(e)),
+        });
+    }
+    out
 }
 
 /// Stores a group of accepts: one `INSERT … SELECT FROM UNNEST(…) ON
@@ -326,27 +393,19 @@ async fn accept_group(
     jobs: &[AcceptJob],
     bound: Option<Bound>,
 ) -> Vec<Result<Accept>> {
-    let one_by_one = async || {
-        let mut out = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            out.push(match pool.acquire().await {
-                Ok(mut conn) => accept(&mut conn, &j.delivery, j.cutoff, bound, j.now).await,
-                Err(e) => Err(StoreError::db("get a connection")(e)),
-            });
-        }
-        out
-    };
-    if jobs.len() == 1 {
-        return one_by_one().await;
+    if jobs.len() > 1
+        && let Ok(Some(results)) = try_accept_group(pool, jobs, bound).await
+    {
+        return results;
     }
-    match try_group(pool, jobs, bound).await {
-        Ok(Some(results)) => results,
-        Ok(None) | Err(_) => one_by_one().await,
-    }
+    one_by_one(pool, jobs, bound, |c, j, b| {
+        Box::pin(accept(c, &j.delivery, j.cutoff, b, j.now))
+    })
+    .await
 }
 
 /// [`accept_group`]'s one transaction; `None` when near the bound.
-async fn try_group(
+async fn try_accept_group(
     pool: &PgPool,
     jobs: &[AcceptJob],
     bound: Option<Bound>,
@@ -423,6 +482,128 @@ async fn try_group(
     }
     tx.commit().await.map_err(err())?;
     Ok(Some(results))
+}
+
+/// Writes a group of settles: one `UPDATE … FROM UNNEST(…)` (each row still
+/// matched on its lease: id, owner and claim sequence), one multi-row insert
+/// of the tries, one commit. A settle whose lease no longer holds is refused
+/// as it would be alone. A group that fails, or names one delivery twice, is
+/// written one by one.
+async fn settle_group(pool: &PgPool, jobs: &[SettleJob]) -> Vec<Result<()>> {
+    let ids: std::collections::HashSet<&str> = jobs.iter().map(|j| j.lease.id.as_str()).collect();
+    if jobs.len() > 1
+        && ids.len() == jobs.len()
+        && let Ok(results) = try_settle_group(pool, jobs).await
+    {
+        return results;
+    }
+    one_by_one(pool, jobs, None, |c, j, _| {
+        Box::pin(settle(c, &j.lease, &j.outcome, j.now))
+    })
+    .await
+}
+
+/// [`settle_group`]'s one transaction.
+async fn try_settle_group(pool: &PgPool, jobs: &[SettleJob]) -> Result<Vec<Result<()>>> {
+    let err = || StoreError::db("settle deliveries");
+    let plans: Vec<SettlePlan> = jobs.iter().map(|j| SettlePlan::of(&j.outcome)).collect();
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(StoreError::db("get a connection"))?;
+    let mut tx = conn.begin().await.map_err(err())?;
+    let settled: Vec<(String, i64)> = sqlx::query_as(
+        "UPDATE deliveries AS d SET state = s.state, attempts = d.attempts + s.inc, \
+         next_attempt_at = COALESCE(s.next_at, d.next_attempt_at), due_at = s.due_at, \
+         last_error = CASE WHEN s.set_error THEN s.err ELSE d.last_error END, \
+         lease_owner = NULL, leased_until = NULL, updated_at = s.now \
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], \
+         $6::bigint[], $7::bigint[], $8::bool[], $9::text[], $10::bigint[]) \
+         AS s(id, owner, seq, state, inc, next_at, due_at, set_error, err, now) \
+         WHERE d.id = s.id AND d.state = 'leased' AND d.lease_owner = s.owner \
+         AND d.lease_seq = s.seq \
+         RETURNING d.id, d.attempts",
+    )
+    .bind(jobs.iter().map(|j| j.lease.id.as_str()).collect::<Vec<_>>())
+    .bind(
+        jobs.iter()
+            .map(|j| j.lease.owner.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(jobs.iter().map(|j| j.lease.seq).collect::<Vec<_>>())
+    .bind(plans.iter().map(|p| p.state.as_str()).collect::<Vec<_>>())
+    .bind(plans.iter().map(|p| p.increment).collect::<Vec<_>>())
+    .bind(plans.iter().map(|p| p.next_attempt_at).collect::<Vec<_>>())
+    .bind(plans.iter().map(|p| p.due_at).collect::<Vec<_>>())
+    .bind(
+        plans
+            .iter()
+            .map(|p| p.last_error.is_some())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        plans
+            .iter()
+            .map(|p| p.last_error.clone().flatten())
+            .collect::<Vec<_>>(),
+    )
+    .bind(jobs.iter().map(|j| j.now).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(err())?;
+    let numbers: std::collections::HashMap<String, i64> = settled.into_iter().collect();
+    // the tries of the settled ones
+    let tried: Vec<(&str, i64, &AttemptRecord)> = jobs
+        .iter()
+        .zip(&plans)
+        .filter_map(|(j, p)| Some((j.lease.id.as_str(), *numbers.get(&j.lease.id)?, p.attempt?)))
+        .collect();
+    if !tried.is_empty() {
+        sqlx::query(
+            "INSERT INTO attempts (delivery_id, number, at, status, latency_ms, error) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], \
+             $5::bigint[], $6::text[])",
+        )
+        .bind(tried.iter().map(|t| t.0).collect::<Vec<_>>())
+        .bind(tried.iter().map(|t| t.1).collect::<Vec<_>>())
+        .bind(tried.iter().map(|t| to_ms(t.2.at)).collect::<Vec<_>>())
+        .bind(
+            tried
+                .iter()
+                .map(|t| t.2.status.map(i64::from))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            tried
+                .iter()
+                .map(|t| dur_ms(t.2.latency))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            tried
+                .iter()
+                .map(|t| t.2.error.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db("record tries"))?;
+    }
+    let mut results = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        if numbers.contains_key(&j.lease.id) {
+            results.push(Ok(()));
+            continue;
+        }
+        let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM deliveries WHERE id = $1")
+            .bind(&j.lease.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err())?;
+        results.push(Err(lease_refusal(&j.lease, exists.is_some())));
+    }
+    tx.commit().await.map_err(err())?;
+    Ok(results)
 }
 
 async fn live_count(tx: &mut PgConnection) -> Result<i64> {
@@ -736,18 +917,12 @@ impl Store for PgStore {
         now: SystemTime,
     ) -> BoxFuture<'_, Result<Accept>> {
         Box::pin(async move {
-            let (reply, answer) = tokio::sync::oneshot::channel();
             let job = AcceptJob {
                 delivery,
                 cutoff: dedupe_window.map(|w| cutoff_ms(now, w)),
                 now: to_ms(now),
-                reply,
             };
-            self.accepts
-                .send(job)
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            answer.await.map_err(|_| StoreError::Closed)?
+            submit(&self.accepts, job).await
         })
     }
 
@@ -820,8 +995,12 @@ impl Store for PgStore {
         now: SystemTime,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
-            settle(&mut conn, lease, &outcome, to_ms(now)).await
+            let job = SettleJob {
+                lease: lease.clone(),
+                outcome,
+                now: to_ms(now),
+            };
+            submit(&self.settles, job).await
         })
     }
 
