@@ -615,7 +615,10 @@ fn step9_unavailable(
         Some(t) => {
             // (the payload moves: nothing after the fallback needs it)
             let payload = std::mem::take(ctx.data_mut());
-            let fctx = Context::from(json!({"request": payload, "retry_after": secs}));
+            let fctx = Context::from(object([
+                ("request", payload),
+                ("retry_after", Value::from(secs)),
+            ]));
             json_or_error(route, "fallback.body", t.render(&fctx, meta))?
         }
         None => Bytes::from_static(b"{}"),
@@ -642,9 +645,10 @@ fn step10_answer(
                     let body = match &spec.body {
                         Some(t) => {
                             let payload = std::mem::take(ctx.data_mut());
-                            let rctx = Context::from(
-                                json!({"downstream": downstream_value(&answer), "request": payload}),
-                            );
+                            let rctx = Context::from(object([
+                                ("downstream", downstream_value(&answer)),
+                                ("request", payload),
+                            ]));
                             json_or_error(route, "response.body", t.render(&rctx, meta))?
                         }
                         None => passthrough_body(&answer),
@@ -705,7 +709,22 @@ fn downstream_value(a: &Answer) -> Value {
         .collect();
     let body = serde_json::from_slice(&a.body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&a.body).into_owned()));
-    json!({"status": a.status, "headers": headers, "body": body})
+    object([
+        ("status", Value::from(a.status)),
+        ("headers", Value::Object(headers)),
+        ("body", body),
+    ])
+}
+
+/// A JSON object of these members, the values moved in (`json!` would copy
+/// each one through `to_value`: a whole payload, per request).
+fn object<const N: usize>(members: [(&str, Value); N]) -> Value {
+    Value::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    )
 }
 
 /// The downstream body if it is JSON; otherwise wrapped as `{"body": "<text>"}`.
