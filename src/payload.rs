@@ -213,6 +213,46 @@ impl jsonschema::Retrieve for LocalRetriever {
     }
 }
 
+/// Why a body is not a payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonError {
+    /// Nested deeper than the limit: the depth reached (the limit + 1).
+    TooDeep(usize),
+    /// Not JSON: serde_json's message.
+    Invalid(String),
+}
+
+/// Parses `body` as JSON nesting no deeper than `limit`: what [`check_depth`]
+/// followed by `serde_json::from_slice` answers (a body too deep is
+/// `TooDeep` whether it parses or not), with less work for a body that
+/// parses: its depth is read from the value, and the scan runs only when
+/// parsing fails. serde_json's own recursion limit (128) bounds the parse.
+/// Valid UTF-8 (checked once, for the whole body) is parsed as `str`, whose
+/// strings need no UTF-8 check each; anything else as bytes, for the same error.
+pub fn parse_json(body: &[u8], limit: usize) -> Result<Value, JsonError> {
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str::<Value>(text),
+        Err(_) => serde_json::from_slice::<Value>(body),
+    };
+    match parsed {
+        Ok(v) if nesting(&v) > limit => Err(JsonError::TooDeep(limit + 1)),
+        Ok(v) => Ok(v),
+        Err(e) => Err(match check_depth(body, limit) {
+            Err(depth) => JsonError::TooDeep(depth),
+            Ok(()) => JsonError::Invalid(e.to_string()),
+        }),
+    }
+}
+
+/// Arrays and objects nested in `v`, `v` included (0 for a scalar).
+fn nesting(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(nesting).max().unwrap_or(0),
+        Value::Object(m) => 1 + m.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Checks that `body` nests no deeper than `limit` arrays/objects, without parsing it.
 /// Returns the depth reached when over the limit.
 pub fn check_depth(body: &[u8], limit: usize) -> Result<(), usize> {
@@ -415,6 +455,56 @@ mod tests {
             limit in 0usize..6,
         ) {
             proptest::prop_assert_eq!(check_depth(&body, limit), depth_reference(&body, limit));
+        }
+    }
+
+    /// What the webhook did before [`parse_json`]: the scan, then the parse.
+    fn parse_reference(body: &[u8], limit: usize) -> Result<Value, JsonError> {
+        check_depth(body, limit).map_err(JsonError::TooDeep)?;
+        serde_json::from_slice(body).map_err(|e| JsonError::Invalid(e.to_string()))
+    }
+
+    #[test]
+    fn parse_json_answers_as_scan_then_parse() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        for (body, limit) in [
+            (br#"{"a": [[1]]}"#.to_vec(), 3),
+            (br#"{"a": [[1]]}"#.to_vec(), 2),
+            (br#"{"a": "[[[[\"[[["}"#.to_vec(), 1),
+            (br#"{"a": [[1]]"#.to_vec(), 2),
+            (br#"{"a": [[1]]"#.to_vec(), 1),
+            (b"{\"a\": \"\xff\"}".to_vec(), 1),
+            (b"{\"a\": [\"\xff\"]}".to_vec(), 0),
+            (b"\"caf\xc3\xa9\" x".to_vec(), 0),
+            (b"".to_vec(), 0),
+            (b" 1 ".to_vec(), 0),
+            (deep(64).into_bytes(), 64),
+            (deep(65).into_bytes(), 64),
+            (deep(129).into_bytes(), 64),
+            (deep(129).into_bytes(), 200),
+            (deep(128).into_bytes(), 200),
+        ] {
+            assert_eq!(
+                parse_json(&body, limit),
+                parse_reference(&body, limit),
+                "{:?} at {limit}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let payload =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/payload.json")).unwrap();
+        assert_eq!(parse_json(&payload, 64), parse_reference(&payload, 64));
+        assert!(parse_json(&payload, 64).is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_json_agrees_with_scan_then_parse(
+            body in proptest::collection::vec(
+                proptest::sample::select(b"{}[]\\\" a:,1\xff".to_vec()), 0..48),
+            limit in 0usize..5,
+        ) {
+            proptest::prop_assert_eq!(parse_json(&body, limit), parse_reference(&body, limit));
         }
     }
 

@@ -19,6 +19,7 @@ use super::RequestId;
 use super::error::{ApiError, retry_after_secs};
 use super::outcome::Outcome;
 use crate::config::model::{Bot, Mode, OnFailure, Route};
+use crate::payload::JsonError;
 use crate::runtime::Gateway;
 use crate::runtime::client::{self, Answer, CallResult};
 use crate::runtime::{RouteState, Runtime};
@@ -532,13 +533,13 @@ fn step4_json(headers: &HeaderMap, bytes: &[u8], max_depth: usize) -> Result<Val
     if let Some(media_type) = crate::payload::form_media_type(content_type) {
         return Err(ApiError::NotJsonMediaType { media_type });
     }
-    if let Err(depth) = crate::payload::check_depth(bytes, max_depth) {
-        return Err(ApiError::InvalidJson {
-            message: format!("JSON nests deeper than {max_depth} levels (reached {depth})"),
-        });
-    }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidJson {
-        message: format!("the body is not JSON: {e}"),
+    crate::payload::parse_json(bytes, max_depth).map_err(|e| ApiError::InvalidJson {
+        message: match e {
+            JsonError::TooDeep(depth) => {
+                format!("JSON nests deeper than {max_depth} levels (reached {depth})")
+            }
+            JsonError::Invalid(e) => format!("the body is not JSON: {e}"),
+        },
     })
 }
 
