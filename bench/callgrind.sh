@@ -18,7 +18,7 @@
 #      each dump's total is N requests and nothing else (start-up, config
 #      load, warm-up and shutdown are outside both). What remains inside is
 #      what the idle gateway does during the run (timer wheel, log thread,
-#      the zero/dump commands themselves): measured with N=0 at about
+#      the dump command itself): measured with N=0 at about
 #      120,000 instructions per dump, i.e. ~60 per request at N=2000 (< 0.1 %).
 #      Two runs of the same binary agree within ~0.5 %;
 #   5. prints instructions per request (Ir / N) for c and d.
@@ -36,6 +36,7 @@
 #   GATEWAY_BIN=$CARGO_TARGET_DIR/profiling/gateway (else target/profiling/gateway)
 #   OUT_DIR=bench/out   the dumps: callgrind-<stamp>.out.<pid>.{1,2} (c, d), for
 #                       callgrind_annotate --inclusive=yes <file> | head -60
+#   KEEP_TMP=0          1 keeps the temp dir (configs, the gateway's log)
 #
 # Build the binary with `cargo build --profile profiling` (release with line
 # tables and symbols). Needs valgrind, nginx, curl and python3 (valgrind and
