@@ -7,7 +7,7 @@ use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -34,9 +34,11 @@ pub async fn handle(
     State(gw): State<Arc<Gateway>>,
     Path(bot_id): Path<String>,
     Extension(RequestId(request_id)): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
+    // the request itself, not `HeaderMap` + `Body`: that extractor clones the headers
+    req: Request,
 ) -> Response {
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
     let started = StdInstant::now();
     // SPEC §7.3: a sync call's deadline counts from here, the request's arrival.
     let arrived = Instant::now();
