@@ -213,6 +213,46 @@ impl jsonschema::Retrieve for LocalRetriever {
     }
 }
 
+/// Why a body is not a payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonError {
+    /// Nested deeper than the limit: the depth reached (the limit + 1).
+    TooDeep(usize),
+    /// Not JSON: serde_json's message.
+    Invalid(String),
+}
+
+/// Parses `body` as JSON nesting no deeper than `limit`: what [`check_depth`]
+/// followed by `serde_json::from_slice` answers (a body too deep is
+/// `TooDeep` whether it parses or not), with less work for a body that
+/// parses: its depth is read from the value, and the scan runs only when
+/// parsing fails. serde_json's own recursion limit (128) bounds the parse.
+/// Valid UTF-8 (checked once, for the whole body) is parsed as `str`, whose
+/// strings need no UTF-8 check each; anything else as bytes, for the same error.
+pub fn parse_json(body: &[u8], limit: usize) -> Result<Value, JsonError> {
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str::<Value>(text),
+        Err(_) => serde_json::from_slice::<Value>(body),
+    };
+    match parsed {
+        Ok(v) if nesting(&v) > limit => Err(JsonError::TooDeep(limit + 1)),
+        Ok(v) => Ok(v),
+        Err(e) => Err(match check_depth(body, limit) {
+            Err(depth) => JsonError::TooDeep(depth),
+            Ok(()) => JsonError::Invalid(e.to_string()),
+        }),
+    }
+}
+
+/// Arrays and objects nested in `v`, `v` included (0 for a scalar).
+fn nesting(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(nesting).max().unwrap_or(0),
+        Value::Object(m) => 1 + m.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Checks that `body` nests no deeper than `limit` arrays/objects, without parsing it.
 /// Returns the depth reached when over the limit.
 pub fn check_depth(body: &[u8], limit: usize) -> Result<(), usize> {
@@ -264,8 +304,7 @@ pub fn form_media_type(content_type: Option<&[u8]>) -> Option<&'static str> {
 
 /// The intent at `pointer`: `None` when null, absent, empty or not a string.
 pub fn intent<'a>(payload: &'a Value, pointer: &str) -> Option<&'a str> {
-    payload
-        .pointer(pointer)
+    lookup(payload, pointer)
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
 }
@@ -274,7 +313,7 @@ pub fn intent<'a>(payload: &'a Value, pointer: &str) -> Option<&'a str> {
 /// `NaN` and `±Infinity` (as strings, or a string too large for an `f64`) are no
 /// score, like a missing one (SPEC §7.1): comparing them with `min_score` means nothing.
 pub fn score(payload: &Value, pointer: &str) -> Option<f64> {
-    let s = match payload.pointer(pointer)? {
+    let s = match lookup(payload, pointer)? {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => s.trim().parse::<f64>().ok(),
         _ => None,
@@ -282,10 +321,75 @@ pub fn score(payload: &Value, pointer: &str) -> Option<f64> {
     s.is_finite().then_some(s)
 }
 
+/// `payload.pointer(pointer)` (RFC 6901) without allocating: `Value::pointer`
+/// makes two `String`s per token, a few thousand instructions per webhook for
+/// the intent and score.
+pub fn lookup<'a>(payload: &'a Value, pointer: &str) -> Option<&'a Value> {
+    if pointer.is_empty() {
+        return Some(payload);
+    }
+    pointer
+        .strip_prefix('/')?
+        .split('/')
+        .try_fold(payload, |target, token| {
+            let token = if token.contains('~') {
+                std::borrow::Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+            } else {
+                std::borrow::Cow::Borrowed(token)
+            };
+            match target {
+                Value::Object(map) => map.get(token.as_ref()),
+                // as serde_json reads an index: no sign, no leading zero
+                Value::Array(list)
+                    if !token.starts_with('+') && (token.len() == 1 || !token.starts_with('0')) =>
+                {
+                    token.parse::<usize>().ok().and_then(|i| list.get(i))
+                }
+                _ => None,
+            }
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn lookup_reads_what_value_pointer_reads() {
+        let v = json!({
+            "a": {"b": [10, {"c": "x"}], "": 1, "d/e": 2, "f~g": 3, "~1": 4},
+            "n": null, "01": 5, "1": 6
+        });
+        for p in [
+            "",
+            "/",
+            "/a",
+            "/a/b",
+            "/a/b/0",
+            "/a/b/1/c",
+            "/a/b/2",
+            "/a/b/01",
+            "/a/b/+1",
+            "/a/b/-1",
+            "/a/b/",
+            "/a/",
+            "/a/d~1e",
+            "/a/f~0g",
+            "/a/~01",
+            "/a/~1",
+            "/n",
+            "/n/x",
+            "/01",
+            "/1",
+            "a",
+            "/a/b/1/c/d",
+            "/a/b/00",
+            "/a/b/18446744073709551616",
+        ] {
+            assert_eq!(lookup(&v, p), v.pointer(p), "{p}");
+        }
+    }
 
     #[test]
     fn form_bodies_are_named_by_their_media_type() {
@@ -351,6 +455,56 @@ mod tests {
             limit in 0usize..6,
         ) {
             proptest::prop_assert_eq!(check_depth(&body, limit), depth_reference(&body, limit));
+        }
+    }
+
+    /// What the webhook did before [`parse_json`]: the scan, then the parse.
+    fn parse_reference(body: &[u8], limit: usize) -> Result<Value, JsonError> {
+        check_depth(body, limit).map_err(JsonError::TooDeep)?;
+        serde_json::from_slice(body).map_err(|e| JsonError::Invalid(e.to_string()))
+    }
+
+    #[test]
+    fn parse_json_answers_as_scan_then_parse() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        for (body, limit) in [
+            (br#"{"a": [[1]]}"#.to_vec(), 3),
+            (br#"{"a": [[1]]}"#.to_vec(), 2),
+            (br#"{"a": "[[[[\"[[["}"#.to_vec(), 1),
+            (br#"{"a": [[1]]"#.to_vec(), 2),
+            (br#"{"a": [[1]]"#.to_vec(), 1),
+            (b"{\"a\": \"\xff\"}".to_vec(), 1),
+            (b"{\"a\": [\"\xff\"]}".to_vec(), 0),
+            (b"\"caf\xc3\xa9\" x".to_vec(), 0),
+            (b"".to_vec(), 0),
+            (b" 1 ".to_vec(), 0),
+            (deep(64).into_bytes(), 64),
+            (deep(65).into_bytes(), 64),
+            (deep(129).into_bytes(), 64),
+            (deep(129).into_bytes(), 200),
+            (deep(128).into_bytes(), 200),
+        ] {
+            assert_eq!(
+                parse_json(&body, limit),
+                parse_reference(&body, limit),
+                "{:?} at {limit}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let payload =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/payload.json")).unwrap();
+        assert_eq!(parse_json(&payload, 64), parse_reference(&payload, 64));
+        assert!(parse_json(&payload, 64).is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_json_agrees_with_scan_then_parse(
+            body in proptest::collection::vec(
+                proptest::sample::select(b"{}[]\\\" a:,1\xff".to_vec()), 0..48),
+            limit in 0usize..5,
+        ) {
+            proptest::prop_assert_eq!(parse_json(&body, limit), parse_reference(&body, limit));
         }
     }
 

@@ -669,6 +669,18 @@ fn build_registry(kind: Kind, strict: bool) -> Handlebars<'static> {
 
 /// Escapes `s` for the inside of a JSON string literal.
 pub fn json_string_escape(s: &str) -> String {
+    // Most values have nothing to escape: copied whole, not char by char
+    // (0xE2 leads U+2028 and U+2029, and other characters that the loop keeps).
+    if !s
+        .bytes()
+        .any(|b| b < 0x20 || b == b'"' || b == b'\\' || b == 0xE2)
+    {
+        return s.to_owned();
+    }
+    escape_chars(s)
+}
+
+fn escape_chars(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     for c in s.chars() {
         match c {
@@ -716,7 +728,13 @@ fn url_value_marked(s: &str) -> String {
     } else {
         'o'
     };
-    format!("\u{1}{verdict}{}\u{2}", url_segment_escape(s))
+    let encoded = url_segment_escape(s);
+    let mut out = String::with_capacity(encoded.len() + 3);
+    out.push('\u{1}');
+    out.push(verdict);
+    out.push_str(&encoded);
+    out.push('\u{2}');
+    out
 }
 
 /// SPEC §7.2: in the path (before the first literal `?` or `#`), a value may not
@@ -877,6 +895,21 @@ mod tests {
         .unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v, json!({"a": "q\"uote\\ \n }, \"evil\": 1"}));
+    }
+
+    #[test]
+    fn json_escaping_copies_only_what_needs_no_escape() {
+        for s in [
+            "",
+            "plain text, ünïcödé ✓ 🎉",
+            "q\"uote",
+            "back\\slash",
+            "tab\t nl\n cr\r nul\0 esc\u{1b} del\u{7f}",
+            "ls\u{2028} ps\u{2029} other E2: \u{2013}\u{20ac}",
+        ] {
+            assert_eq!(json_string_escape(s), escape_chars(s), "{s:?}");
+        }
+        assert_eq!(json_string_escape("a\u{2028}\u{1}"), "a\\u2028\\u0001");
     }
 
     #[test]

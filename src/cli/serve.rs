@@ -232,7 +232,10 @@ fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         // every line masked of `${VAR}` values (SPEC §7.4), on the writer thread
         .with_writer(writer);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        // (the same text as the default field format, cheaper without colours)
+        LogFormat::Text => builder
+            .fmt_fields(crate::telemetry::log_format::PlainFields)
+            .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     guard

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use super::RequestId;
 use super::error::{ApiError, retry_after_secs};
 use super::outcome::Outcome;
 use crate::config::model::{Bot, Mode, OnFailure, Route};
+use crate::payload::JsonError;
 use crate::runtime::Gateway;
 use crate::runtime::client::{self, Answer, CallResult};
 use crate::runtime::{RouteState, Runtime};
@@ -33,9 +34,11 @@ pub async fn handle(
     State(gw): State<Arc<Gateway>>,
     Path(bot_id): Path<String>,
     Extension(RequestId(request_id)): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
+    // the request itself, not `HeaderMap` + `Body`: that extractor clones the headers
+    req: Request,
 ) -> Response {
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
     let started = StdInstant::now();
     // SPEC §7.3: a sync call's deadline counts from here, the request's arrival.
     let arrived = Instant::now();
@@ -618,13 +621,13 @@ fn step4_json(headers: &HeaderMap, bytes: &[u8], max_depth: usize) -> Result<Val
     if let Some(media_type) = crate::payload::form_media_type(content_type) {
         return Err(ApiError::NotJsonMediaType { media_type });
     }
-    if let Err(depth) = crate::payload::check_depth(bytes, max_depth) {
-        return Err(ApiError::InvalidJson {
-            message: format!("JSON nests deeper than {max_depth} levels (reached {depth})"),
-        });
-    }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidJson {
-        message: format!("the body is not JSON: {e}"),
+    crate::payload::parse_json(bytes, max_depth).map_err(|e| ApiError::InvalidJson {
+        message: match e {
+            JsonError::TooDeep(depth) => {
+                format!("JSON nests deeper than {max_depth} levels (reached {depth})")
+            }
+            JsonError::Invalid(e) => format!("the body is not JSON: {e}"),
+        },
     })
 }
 
@@ -701,7 +704,10 @@ fn step9_unavailable(
         Some(t) => {
             // (the payload moves: nothing after the fallback needs it)
             let payload = std::mem::take(ctx.data_mut());
-            let fctx = Context::from(json!({"request": payload, "retry_after": secs}));
+            let fctx = Context::from(object([
+                ("request", payload),
+                ("retry_after", Value::from(secs)),
+            ]));
             json_or_error(route, "fallback.body", t.render(&fctx, meta))?
         }
         None => Bytes::from_static(b"{}"),
@@ -728,9 +734,10 @@ fn step10_answer(
                     let body = match &spec.body {
                         Some(t) => {
                             let payload = std::mem::take(ctx.data_mut());
-                            let rctx = Context::from(
-                                json!({"downstream": downstream_value(&answer), "request": payload}),
-                            );
+                            let rctx = Context::from(object([
+                                ("downstream", downstream_value(&answer)),
+                                ("request", payload),
+                            ]));
                             json_or_error(route, "response.body", t.render(&rctx, meta))?
                         }
                         None => passthrough_body(&answer),
@@ -791,7 +798,22 @@ fn downstream_value(a: &Answer) -> Value {
         .collect();
     let body = serde_json::from_slice(&a.body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&a.body).into_owned()));
-    json!({"status": a.status, "headers": headers, "body": body})
+    object([
+        ("status", Value::from(a.status)),
+        ("headers", Value::Object(headers)),
+        ("body", body),
+    ])
+}
+
+/// A JSON object of these members, the values moved in (`json!` would copy
+/// each one through `to_value`: a whole payload, per request).
+fn object<const N: usize>(members: [(&str, Value); N]) -> Value {
+    Value::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    )
 }
 
 /// The downstream body if it is JSON; otherwise wrapped as `{"body": "<text>"}`.

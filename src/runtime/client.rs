@@ -460,15 +460,14 @@ async fn send(
         }
         (None, None) => {}
     }
-    let mut builder = client
-        .request(req.method.clone(), req.target.clone())
-        .headers(headers);
-    if let Some(b) = body {
-        builder = builder.body(b);
-    }
+    // A `Request` handed to `execute`: a `RequestBuilder` would copy the headers once more.
+    let mut request = reqwest::Request::new(req.method.clone(), req.target.clone());
+    *request.headers_mut() = headers;
+    *request.body_mut() = body.map(reqwest::Body::from);
     let max = shared.limits.max_response;
+    let sent = client.execute(request);
     let fut = async move {
-        let mut resp = match builder.send().await {
+        let mut resp = match sent.await {
             Ok(r) => r,
             Err(e) if e.is_connect() => return Try::ConnectError,
             Err(e) if e.is_timeout() => return Try::Timeout,

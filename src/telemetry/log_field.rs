@@ -21,21 +21,33 @@ impl fmt::Display for Bounded<'_> {
         while !s.is_char_boundary(end) {
             end -= 1;
         }
-        for c in s[..end].chars() {
-            match c {
-                '\n' => f.write_str("\\n")?,
-                '\r' => f.write_str("\\r")?,
-                '\t' => f.write_str("\\t")?,
-                '\\' => f.write_str("\\\\")?,
-                c if c.is_control() => write!(f, "\\u{{{:x}}}", c as u32)?,
-                c => fmt::Write::write_char(f, c)?,
-            }
+        let shown = &s[..end];
+        // Nearly every value has nothing to escape: written whole.
+        if !shown.chars().any(|c| c == '\\' || c.is_control()) {
+            f.write_str(shown)?;
+        } else {
+            escaped(f, shown)?;
         }
         if end < s.len() {
             f.write_str("…")?;
         }
         Ok(())
     }
+}
+
+/// `s` with control characters and backslashes escaped.
+fn escaped(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
+    for c in s.chars() {
+        match c {
+            '\n' => f.write_str("\\n")?,
+            '\r' => f.write_str("\\r")?,
+            '\t' => f.write_str("\\t")?,
+            '\\' => f.write_str("\\\\")?,
+            c if c.is_control() => write!(f, "\\u{{{:x}}}", c as u32)?,
+            c => fmt::Write::write_char(f, c)?,
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Debug for Bounded<'_> {
