@@ -504,8 +504,13 @@ async fn step8_accept(
     also: Vec<NewDelivery>,
     log: &mut Log,
 ) -> Result<Response, ApiError> {
+    // the payload text, serialized once: the targets' deliveries carry it already
+    let payload = match also.first() {
+        Some(d) => d.payload.clone(),
+        None => ctx.data().to_string(),
+    };
     let mut deliveries = Vec::with_capacity(1 + also.len());
-    deliveries.push(new_delivery(bot, route, ctx.data().to_string(), req));
+    deliveries.push(new_delivery(bot, route, payload, req));
     deliveries.extend(also);
     let accepted = commit(gw, route, deliveries, log).await?;
     let own = &accepted[0];

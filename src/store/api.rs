@@ -526,6 +526,9 @@ pub enum StoreError {
     },
     #[error("the store is closed")]
     Closed,
+    /// The SQLite writer's thread could not be started (the process is out of threads).
+    #[error("cannot start the SQLite store's writer thread: {0}")]
+    WriterThread(#[source] std::io::Error),
     #[error("store {op}: {source}")]
     Db {
         op: &'static str,

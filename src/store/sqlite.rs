@@ -247,10 +247,7 @@ impl SqliteStore {
             opts.max_batch.max(1),
             commits.clone(),
         )
-        .map_err(|source| StoreError::CreateDir {
-            path: "(the SQLite writer thread)".into(),
-            source,
-        })?;
+        .map_err(StoreError::WriterThread)?;
         Ok(SqliteStore {
             writer: writer_tx,
             reader,
