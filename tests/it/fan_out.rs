@@ -353,3 +353,105 @@ async fn also_targets_keep_their_state_across_a_reload_of_unrelated_routes() {
     assert_eq!(crm.requests().len(), 2);
     p.stop("-TERM").await;
 }
+
+/// Hostile traffic against a fan-out route: a flood of 40 concurrent webhooks
+/// into a queue bounded at 29 live deliveries (3 per webhook, nothing drains:
+/// every downstream answers 503 and the next try is an hour away). Every
+/// answer is 202 or 503 `queue_full`; the bound (29) is not a multiple of 3,
+/// so the tenth call finds room for two of its three; the store holds the route's delivery and
+/// both targets' for each 202 and nothing of any refused call (no half
+/// group); a target's secret header never reaches the store file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_into_a_full_queue_stores_whole_groups_or_nothing() {
+    let ds = TestDownstream::start().await;
+    ds.set_default(Scripted::status(503));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("routes");
+    std::fs::create_dir(&dir).unwrap();
+    let url = ds.url();
+    write(
+        &dir,
+        &format!(
+            r#"bots:
+  - id: b
+    auth: {{ api_key: {{ keys: ["k"] }} }}
+routes:
+  - name: r
+    bot: b
+    intent: "*"
+    mode: async
+    idempotency_key: "{{{{inputId}}}}"
+    downstream: {{ url: "{url}/crm" }}
+    body: '{{"inputId": {{{{json inputId}}}}}}'
+    retry: {{ schedule: [1h] }}
+    also:
+      - name: desk
+        downstream: {{ url: "{url}/desk", headers: {{ X-Desk-Key: "${{DESK_KEY}}" }} }}
+      - name: stats
+        downstream: {{ url: "{url}/stats" }}
+"#
+        ),
+    );
+    let secret = "desk-secret-7f3a9c";
+    let db = tmp.path().join("gw.db");
+    let store = format!("sqlite://{}", db.display());
+    let p = serve(
+        &dir,
+        &store,
+        &["--max-pending", "29"],
+        &[("DESK_KEY", secret)],
+    );
+    let c = support::client();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (c, listen) = (c.clone(), p.listen.clone());
+        tasks.spawn(async move {
+            let resp = c
+                .post(format!("http://{listen}/webhooks/b"))
+                .header("x-api-key", "k")
+                .body(format!(r#"{{"sessionId":"s","inputId":"in-{i}"}}"#))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+            (status, body)
+        });
+    }
+    let mut accepted = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (status, body) = r.unwrap();
+        match status {
+            202 => accepted += 1,
+            503 => assert_eq!(body["error"], "queue_full", "{body}"),
+            s => panic!("unexpected {s}: {body}"),
+        }
+    }
+    assert_eq!(accepted, 9, "29 live deliveries hold 9 whole groups of 3");
+    let list = admin(&c, &p, "/admin/deliveries?limit=1000").await;
+    let rows = list["deliveries"].as_array().unwrap();
+    for route in ["r", "r/desk", "r/stats"] {
+        let n = rows.iter().filter(|d| d["route"] == route).count();
+        assert_eq!(n, accepted, "{route}: one delivery per accepted webhook");
+    }
+    // the desk target was tried with its secret header, which the store never held
+    let tried = wait_until(Duration::from_secs(10), async || {
+        ds.requests().into_iter().find(|r| r.uri == "/desk")
+    })
+    .await
+    .expect("the desk target was tried");
+    assert_eq!(tried.header("x-desk-key").as_deref(), Some(secret));
+    p.stop("-TERM").await;
+    for f in [db.clone(), tmp.path().join("gw.db-wal")] {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{} holds the secret",
+            f.display()
+        );
+    }
+    eprintln!(
+        "fan-out flood: 40 webhooks at once, {accepted} accepted as whole groups of 3, {} refused",
+        40 - accepted
+    );
+}
