@@ -479,13 +479,8 @@ async fn step8_also(
     if also.is_empty() {
         return Ok(());
     }
-    let accepted = commit(gw, route, also, log).await?;
-    if accepted
-        .iter()
-        .any(|a| matches!(a, Accept::Accepted { .. }))
-    {
-        gw.delivery_wake.notify_one();
-    }
+    // the store hands the new deliveries to the worker, or wakes it
+    commit(gw, route, also, log).await?;
     Ok(())
 }
 
@@ -520,12 +515,7 @@ async fn step8_accept(
     } else {
         Outcome::Accepted
     };
-    if accepted
-        .iter()
-        .any(|a| matches!(a, Accept::Accepted { .. }))
-    {
-        gw.delivery_wake.notify_one();
-    }
+    // the store hands the new deliveries to the worker, or wakes it
     let body = json!({"delivery_id": own.id()}).to_string();
     Ok(json_response(202, Bytes::from(body)))
 }
