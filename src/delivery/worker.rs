@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use handlebars::Context;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::model::{Downstream, Route, origin_of};
@@ -25,7 +25,6 @@ use crate::config::render::{IDEMPOTENCY_KEY, OutboundRequest, header_value};
 use crate::downstream::retry::TryOutcome;
 use crate::runtime::Gateway;
 use crate::runtime::client::{self, Attempt};
-use crate::store::handoff::{HandOff, HandedOff};
 use crate::store::{AttemptRecord, Claimed, Delivery, Settle, StoredRequest};
 use crate::template::RenderMeta;
 
@@ -112,33 +111,13 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
                 Err(e) => tracing::warn!(error = %e, "delivery store: release at start failed"),
             }
         }
-        let batch = opts.batch.max(1) as usize;
-        // Up to `batch` tries in flight, one slot each, claimed or handed off
-        // by an accept; more are claimed as slots free up (a quarter of the
-        // batch at least, so a fast drain is not one claim per delivery), so
-        // one hanging downstream never holds up the rest. Accepts leave that
-        // quarter to the claims (see `store::handoff`).
-        let refill = (batch / 4).max(1);
-        let slots = Arc::new(Semaphore::new(batch));
-        let (handed_tx, mut handed) = mpsc::unbounded_channel();
-        let handoff = Arc::new(HandOff::new(
-            opts.owner.clone(),
-            opts.lease,
-            slots.clone(),
-            refill,
-            handed_tx,
-            gw.delivery_wake.clone(),
-        ));
-        gw.store.hand_off_to(Some(handoff.clone()));
         let mut next_purge = tokio::time::Instant::now();
+        // Up to `batch` tries in flight; more are claimed as slots free up (a
+        // quarter of the batch at least, so a fast drain is not one claim per
+        // delivery), so one hanging downstream never holds up the rest.
+        let refill = (opts.batch / 4).max(1) as usize;
         let margin = lease_margin(opts.lease);
         let mut tries = tokio::task::JoinSet::new();
-        // Claim on the next pass: at the start, when woken (a delivery stored
-        // pending, a replay), every `poll`, and after a full claim. Not after
-        // each try: under load the accepts hand their deliveries over, and
-        // a claim would find nothing.
-        let mut look = true;
-        let mut next_look = Instant::now() + opts.poll;
         let by = loop {
             if let Run::Stop { by } = *stopped.borrow() {
                 break by;
@@ -147,62 +126,37 @@ pub fn spawn(gw: Arc<Gateway>, mut opts: WorkerOptions) -> WorkerHandle {
                 next_purge += PURGE_EVERY;
                 purge(&gw).await;
             }
-            let free = slots.available_permits();
-            if look
-                && free > 0
-                && (free >= refill || tries.is_empty())
-                && let Ok(mut permits) = slots.clone().try_acquire_many_owned(free as u32)
-            {
-                look = false;
-                next_look = Instant::now() + opts.poll;
-                let now = SystemTime::now();
+            let free = opts.batch as usize - tries.len();
+            let mut got = 0;
+            if free >= refill.min(opts.batch as usize) || tries.is_empty() {
                 match gw
                     .store
-                    .claim_due(&opts.owner, now, free as u32, opts.lease)
+                    .claim_due(&opts.owner, SystemTime::now(), free as u32, opts.lease)
                     .await
                 {
                     Ok(claimed) => {
-                        let full = claimed.len() == free;
+                        got = claimed.len();
                         for c in claimed {
-                            let slot = permits.split(1).expect("a permit per claimed delivery");
                             let gw = gw.clone();
-                            tries.spawn(async move { deliver(&gw, c, margin, slot).await });
-                        }
-                        drop(permits);
-                        handoff.set_backlog(full);
-                        if full {
-                            look = true;
-                            continue; // a full claim: more may be due
+                            tries.spawn(async move { deliver(&gw, c, margin).await });
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "delivery store: claim failed"),
                 }
+                if got == free {
+                    continue; // a full claim: more may be due
+                }
             }
+            let slots_left = tries.len() < opts.batch as usize;
             tokio::select! {
                 Some(_) = tries.join_next(), if !tries.is_empty() => {
                     while tries.try_join_next().is_some() {}
                 }
-                Some(h) = handed.recv() => {
-                    let HandedOff { claimed, slot } = h;
-                    let gw = gw.clone();
-                    tries.spawn(async move { deliver(&gw, claimed, margin, slot).await });
-                }
-                _ = gw.delivery_wake.notified() => look = true,
-                _ = tokio::time::sleep_until(next_look) => {
-                    look = true;
-                    next_look = Instant::now() + opts.poll;
-                }
+                _ = gw.delivery_wake.notified(), if slots_left => {}
+                _ = tokio::time::sleep(opts.poll), if slots_left => {}
                 _ = stopped.changed() => {}
             }
         };
-        // No more hand-offs; what is still on its way (an accept committing
-        // now) stays leased and is returned below with the rest, or, when it
-        // commits after that, once its lease runs out.
-        gw.store.hand_off_to(None);
-        drop(handoff);
-        while let Ok(h) = handed.try_recv() {
-            drop(h);
-        }
         let drain = async { while tries.join_next().await.is_some() {} };
         let drained = match by {
             Some(by) => tokio::time::timeout_at(by, drain).await.is_ok(),
@@ -326,9 +280,7 @@ pub fn warn_about_short_lease(config: &crate::config::model::Config, lease: Dura
 const BULKHEAD_WAIT: Duration = Duration::from_secs(1);
 
 /// One try of one claimed delivery, and its settlement.
-async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration, slot: OwnedSemaphorePermit) {
-    // the try's worker slot, given back when the try has been settled
-    let _slot = slot;
+async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
     let Claimed { delivery: d, lease } = claimed;
     let lease_until = lease.until;
     let rt = gw.runtime.load_full();

@@ -479,8 +479,13 @@ async fn step8_also(
     if also.is_empty() {
         return Ok(());
     }
-    // the store hands the new deliveries to the worker, or wakes it
-    commit(gw, route, also, log).await?;
+    let accepted = commit(gw, route, also, log).await?;
+    if accepted
+        .iter()
+        .any(|a| matches!(a, Accept::Accepted { .. }))
+    {
+        gw.delivery_wake.notify_one();
+    }
     Ok(())
 }
 
@@ -515,7 +520,12 @@ async fn step8_accept(
     } else {
         Outcome::Accepted
     };
-    // the store hands the new deliveries to the worker, or wakes it
+    if accepted
+        .iter()
+        .any(|a| matches!(a, Accept::Accepted { .. }))
+    {
+        gw.delivery_wake.notify_one();
+    }
     let body = json!({"delivery_id": own.id()}).to_string();
     Ok(json_response(202, Bytes::from(body)))
 }

@@ -43,9 +43,8 @@ pub struct Gateway {
     pub parse_cache: ParseCache,
     /// Durable deliveries (async routes, `on_failure: queue`).
     pub store: Arc<dyn Store>,
-    /// Wakes the delivery worker to claim: a delivery was stored `pending`
-    /// (the store wakes it, see `store::handoff`) or replayed.
-    pub delivery_wake: Arc<tokio::sync::Notify>,
+    /// Wakes the delivery worker when a delivery is accepted.
+    pub delivery_wake: tokio::sync::Notify,
     /// Held for the whole of a reload (load, build, swap, report), so reloads
     /// from the watcher, SIGHUP, the admin API and start-up run one at a time
     /// and can never store out of order.
@@ -99,7 +98,7 @@ impl Gateway {
             env,
             parse_cache: ParseCache::default(),
             store,
-            delivery_wake: Arc::new(tokio::sync::Notify::new()),
+            delivery_wake: tokio::sync::Notify::new(),
             reload_lock: Mutex::new(()),
             readiness: tokio::sync::Mutex::new(None),
         })

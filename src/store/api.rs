@@ -613,12 +613,6 @@ pub trait Store: Send + Sync + 'static {
         now: SystemTime,
     ) -> BoxFuture<'_, Result<Accept>>;
 
-    /// From now on, an accept may store its delivery already leased to this
-    /// process's worker and hand it over after the commit, without a claim
-    /// (see [`super::handoff`]); `None` stops that. A store that cannot do it
-    /// ignores the call.
-    fn hand_off_to(&self, _to: Option<Arc<super::handoff::HandOff>>) {}
-
     /// Stores several deliveries in one transaction, all or nothing (a route's
     /// own request and its `also` targets, SPEC §9), each as [`Store::accept`]
     /// would: deduped on its own (bot, route, key), so one may be a

@@ -43,10 +43,6 @@ impl Store for Detached {
         self.0.backend()
     }
 
-    fn hand_off_to(&self, to: Option<Arc<super::handoff::HandOff>>) {
-        self.0.hand_off_to(to)
-    }
-
     fn accept(
         &self,
         delivery: NewDelivery,

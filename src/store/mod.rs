@@ -9,8 +9,7 @@
 //! [`RetryPolicy::next_async`](crate::downstream::retry::RetryPolicy::next_async)
 //! and tells the store the result with [`Store::settle`].
 //!
-//! The lifecycle of one delivery (an accept with a worker slot free stores it
-//! `leased` to the worker straight away: [`handoff`]):
+//! The lifecycle of one delivery:
 //!
 //! ```text
 //!   accept ──► pending ──claim_due──► leased ──settle(Delivered)──► delivered
@@ -23,7 +22,6 @@
 
 mod api;
 pub mod detached;
-pub mod handoff;
 pub mod postgres;
 pub mod rows;
 pub mod sqlite;

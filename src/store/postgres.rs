@@ -20,7 +20,6 @@
 //! expired (set to NULL) in the accepting transaction itself.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sqlx::Connection;
@@ -31,7 +30,6 @@ use super::api::{
     NewDelivery, Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer,
     StoredRequest,
 };
-use super::handoff::{HandOff, Slot};
 use super::rows::{
     STATS_SQL, SettlePlan, attempt_from_row, begin_from_row, claimed_from_row, cutoff_ms,
     delivery_columns, delivery_from_row, dur_ms, headers_json, lease_refusal, legacy_still_answers,
@@ -199,8 +197,6 @@ pub struct PgStore {
     accepts: GroupSender<AcceptJob, Accept>,
     /// Settles waiting for a group ([`settle_group`]).
     settles: GroupSender<SettleJob, ()>,
-    /// Set while this instance's worker runs (see [`super::handoff`]).
-    handoff: arc_swap::ArcSwapOption<HandOff>,
 }
 
 /// One accept, as its group stores it.
@@ -208,8 +204,6 @@ struct AcceptJob {
     delivery: NewDelivery,
     cutoff: Option<i64>,
     now: i64,
-    /// Stored leased to this worker: (owner, lease end).
-    lease: Option<(String, i64)>,
 }
 
 /// One settle, as its group writes it.
@@ -262,7 +256,6 @@ impl PgStore {
             pool,
             max_pending: opts.max_pending,
             slack,
-            handoff: Default::default(),
         })
     }
 
@@ -406,7 +399,7 @@ async fn accept_group(
         return results;
     }
     one_by_one(pool, jobs, bound, |c, j, b| {
-        Box::pin(accept(c, &j.delivery, j.cutoff, b, j.now, j.lease.as_ref()))
+        Box::pin(accept(c, &j.delivery, j.cutoff, b, j.now))
     })
     .await
 }
@@ -448,20 +441,15 @@ async fn try_accept_group(
         .map(|j| headers_json(&j.delivery.request.headers))
         .collect();
     let nows: Vec<i64> = jobs.iter().map(|j| j.now).collect();
-    let untils: Vec<Option<i64>> = jobs.iter().map(|j| j.lease.as_ref().map(|l| l.1)).collect();
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
          idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
-         updated_at, route_fingerprint, lease_owner, leased_until, lease_seq) \
-         SELECT id, bot, route, payload, method, url, headers, body, ikey, dkey, \
-         CASE WHEN owner IS NULL THEN 'pending' ELSE 'leased' END, 0, \
-         now, COALESCE(until, now), now, now, fp, owner, until, \
-         CASE WHEN owner IS NULL THEN 0 ELSE 1 END \
+         updated_at, route_fingerprint) \
+         SELECT id, bot, route, payload, method, url, headers, body, ikey, dkey, 'pending', 0, \
+         now, now, now, now, fp \
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-         $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::text[], \
-         $13::text[], $14::bigint[]) \
-         AS t(id, bot, route, payload, method, url, headers, body, ikey, dkey, now, fp, owner, \
-         until) \
+         $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::text[]) \
+         AS t(id, bot, route, payload, method, url, headers, body, ikey, dkey, now, fp) \
          ON CONFLICT (bot, route, dedupe_key) DO NOTHING \
          RETURNING id",
     )
@@ -477,8 +465,6 @@ async fn try_accept_group(
     .bind(opt(|j| j.cutoff.and(j.delivery.idempotency_key.as_deref())))
     .bind(&nows)
     .bind(opt(|j| j.delivery.fingerprint.as_deref()))
-    .bind(opt(|j| j.lease.as_ref().map(|l| l.0.as_str())))
-    .bind(&untils)
     .fetch_all(&mut *tx)
     .await
     .map_err(err())?;
@@ -489,15 +475,9 @@ async fn try_accept_group(
             results.push(Ok(Accept::Accepted { id }));
         } else {
             // its key was taken: a duplicate, or a holder past its window (in a savepoint)
-            results.push(Ok(accept(
-                &mut tx,
-                &j.delivery,
-                j.cutoff,
-                None,
-                j.now,
-                j.lease.as_ref(),
-            )
-            .await?));
+            results.push(Ok(
+                accept(&mut tx, &j.delivery, j.cutoff, None, j.now).await?
+            ));
         }
     }
     tx.commit().await.map_err(err())?;
@@ -639,7 +619,6 @@ async fn accept(
     cutoff: Option<i64>,
     bound: Option<Bound>,
     now: i64,
-    lease: Option<&(String, i64)>,
 ) -> Result<Accept> {
     let err = || StoreError::db("accept a delivery");
     let dedupe_key = cutoff.and(d.idempotency_key.as_deref());
@@ -693,11 +672,8 @@ async fn accept(
         let r = sqlx::query(
             "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
              idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, created_at, \
-             updated_at, route_fingerprint, lease_owner, leased_until, lease_seq) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-             CASE WHEN $13::text IS NULL THEN 'pending' ELSE 'leased' END, 0, $11, \
-             COALESCE($14, $11), $11, $11, $12, $13, $14, \
-             CASE WHEN $13::text IS NULL THEN 0 ELSE 1 END) \
+             updated_at, route_fingerprint) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending', 0, $11, $11, $11, $11, $12) \
              ON CONFLICT (bot, route, dedupe_key) DO NOTHING",
         )
         .bind(&id)
@@ -712,8 +688,6 @@ async fn accept(
         .bind(dedupe_key)
         .bind(now)
         .bind(&d.fingerprint)
-        .bind(lease.map(|l| l.0.as_str()))
-        .bind(lease.map(|l| l.1))
         .execute(&mut *tx)
         .await
         .map_err(err())?;
@@ -923,18 +897,6 @@ async fn begin(
 }
 
 impl PgStore {
-    /// A worker slot for a delivery accepted at `now`, when the worker has one free.
-    fn slot(&self, now: SystemTime) -> Option<Slot> {
-        self.handoff.load().as_ref()?.reserve(now)
-    }
-
-    /// Wakes the worker for a delivery stored `pending`.
-    fn wake_worker(&self) {
-        if let Some(h) = self.handoff.load().as_ref() {
-            h.wake();
-        }
-    }
-
     async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
         self.pool
             .acquire()
@@ -948,12 +910,6 @@ impl Store for PgStore {
         "postgres"
     }
 
-    fn hand_off_to(&self, to: Option<Arc<HandOff>>) {
-        self.handoff.store(to);
-    }
-
-    // Runs to completion (the store is always `Detached`), so a slot is sent
-    // or dropped, never lost with a cancelled caller.
     fn accept(
         &self,
         delivery: NewDelivery,
@@ -961,22 +917,12 @@ impl Store for PgStore {
         now: SystemTime,
     ) -> BoxFuture<'_, Result<Accept>> {
         Box::pin(async move {
-            let slot = self.slot(now);
-            // the copy the worker gets (the job's goes into the statement)
-            let handed = slot.as_ref().map(|_| delivery.clone());
             let job = AcceptJob {
                 delivery,
                 cutoff: dedupe_window.map(|w| cutoff_ms(now, w)),
                 now: to_ms(now),
-                lease: slot.as_ref().map(|s| (s.owner().to_owned(), s.until())),
             };
-            let answer = submit(&self.accepts, job).await;
-            match (slot, handed, &answer) {
-                (Some(slot), Some(d), Ok(Accept::Accepted { id })) => slot.send(id.clone(), d),
-                (None, _, Ok(Accept::Accepted { .. })) => self.wake_worker(),
-                _ => {}
-            }
-            answer
+            submit(&self.accepts, job).await
         })
     }
 
@@ -997,24 +943,11 @@ impl Store for PgStore {
             // One transaction; each `accept` runs in a savepoint of it. A
             // refusal (the queue is full) drops it: nothing is stored.
             let mut tx = conn.begin().await.map_err(err())?;
-            let slots: Vec<Option<Slot>> = deliveries.iter().map(|_| self.slot(now)).collect();
             let mut accepted = Vec::with_capacity(deliveries.len());
-            for (d, slot) in deliveries.iter().zip(&slots) {
-                let lease = slot.as_ref().map(|s| (s.owner().to_owned(), s.until()));
-                accepted.push(accept(&mut tx, d, cutoff, bound, to_ms(now), lease.as_ref()).await?);
+            for d in &deliveries {
+                accepted.push(accept(&mut tx, d, cutoff, bound, to_ms(now)).await?);
             }
             tx.commit().await.map_err(err())?;
-            let mut pending = false;
-            for ((d, slot), answer) in deliveries.into_iter().zip(slots).zip(&accepted) {
-                match (slot, answer) {
-                    (Some(slot), Accept::Accepted { id }) => slot.send(id.clone(), d),
-                    (None, Accept::Accepted { .. }) => pending = true,
-                    _ => {}
-                }
-            }
-            if pending {
-                self.wake_worker();
-            }
             Ok(accepted)
         })
     }

@@ -37,8 +37,6 @@ use sqlx::sqlite::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::handoff::{HandOff, Slot};
-
 mod writer;
 use writer::{Job, Msg, Op, Reply};
 
@@ -195,8 +193,6 @@ pub struct SqliteStore {
     commits: Arc<AtomicU64>,
     path: PathBuf,
     max_pending: Option<u64>,
-    /// Set while this process's worker runs (see [`super::handoff`]).
-    handoff: arc_swap::ArcSwapOption<HandOff>,
 }
 
 impl SqliteStore {
@@ -258,7 +254,6 @@ impl SqliteStore {
             commits,
             path,
             max_pending: opts.max_pending,
-            handoff: Default::default(),
         })
     }
 
@@ -270,19 +265,6 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// A worker slot for a delivery accepted at `now`, when the worker has one free.
-    fn slot(&self, now: SystemTime) -> Option<Slot> {
-        self.handoff.load().as_ref()?.reserve(now)
-    }
-
-    /// Wakes the worker for a delivery stored `pending` (a cancelled caller
-    /// skips this; the worker's poll finds the delivery then).
-    fn wake_worker(&self) {
-        if let Some(h) = self.handoff.load().as_ref() {
-            h.wake();
-        }
     }
 
     async fn write(&self, op: Op) -> Result<Reply> {
@@ -352,10 +334,6 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
-    fn hand_off_to(&self, to: Option<Arc<HandOff>>) {
-        self.handoff.store(to);
-    }
-
     fn accept(
         &self,
         delivery: NewDelivery,
@@ -368,16 +346,9 @@ impl Store for SqliteStore {
                 cutoff: dedupe_window.map(|w| cutoff_ms(now, w)),
                 max_pending: self.max_pending,
                 now: to_ms(now),
-                slot: self.slot(now),
             };
-            let handed = matches!(op, Op::Accept { slot: Some(_), .. });
             match self.write(op).await? {
-                Reply::Accept(a) => {
-                    if !handed && matches!(a, Accept::Accepted { .. }) {
-                        self.wake_worker();
-                    }
-                    Ok(a)
-                }
+                Reply::Accept(a) => Ok(a),
                 _ => unreachable!("accept answers Accept"),
             }
         })
@@ -391,27 +362,13 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Vec<Accept>>> {
         Box::pin(async move {
             let op = Op::AcceptAll {
-                slots: deliveries.iter().map(|_| self.slot(now)).collect(),
                 deliveries,
                 cutoff: dedupe_window.map(|w| cutoff_ms(now, w)),
                 max_pending: self.max_pending,
                 now: to_ms(now),
             };
-            let handed: Vec<bool> = match &op {
-                Op::AcceptAll { slots, .. } => slots.iter().map(Option::is_some).collect(),
-                _ => unreachable!(),
-            };
             match self.write(op).await? {
-                Reply::AcceptAll(a) => {
-                    let pending = a
-                        .iter()
-                        .zip(handed)
-                        .any(|(a, handed)| !handed && matches!(a, Accept::Accepted { .. }));
-                    if pending {
-                        self.wake_worker();
-                    }
-                    Ok(a)
-                }
+                Reply::AcceptAll(a) => Ok(a),
                 _ => unreachable!("accept_all answers AcceptAll"),
             }
         })

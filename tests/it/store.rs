@@ -145,7 +145,6 @@ on_both_backends!(
     concurrent_begins_of_one_key_start_once,
     purge_removes_old_delivered_and_keys,
     reopening_keeps_data_and_schema,
-    a_handed_off_delivery_is_stored_leased_and_settled_with_its_lease,
 );
 
 async fn accept_claim_complete_round_trip(f: Fixture) {
@@ -201,109 +200,6 @@ async fn accept_claim_complete_round_trip(f: Fixture) {
             .is_empty()
     );
     assert!(s.get("no-such-id").await.unwrap().is_none());
-}
-
-/// `store::handoff`: with the worker's hand-off registered, an accept that
-/// gets a slot stores its delivery leased to the worker and sends it over
-/// once committed; no claim hands it out again while the lease lives; the
-/// sent lease settles it. A duplicate sends nothing and frees its slot; an
-/// accept without a slot stores `pending` and wakes the worker; after
-/// `hand_off_to(None)` nothing is handed over.
-async fn a_handed_off_delivery_is_stored_leased_and_settled_with_its_lease(f: Fixture) {
-    use cognigy_gateway::store::handoff::HandOff;
-    use tokio::sync::{Notify, Semaphore};
-    let s = &f.store;
-    let slots = Arc::new(Semaphore::new(3));
-    let wake = Arc::new(Notify::new());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let h = Arc::new(HandOff::new(
-        "w1".into(),
-        LEASE,
-        slots.clone(),
-        1,
-        tx,
-        wake.clone(),
-    ));
-    s.hand_off_to(Some(h.clone()));
-    h.set_backlog(false);
-
-    let d = delivery(1);
-    let id = s.accept(d.clone(), Some(WINDOW), t(0)).await.unwrap();
-    let Accept::Accepted { id } = id else {
-        panic!("{id:?}")
-    };
-    let handed = rx.try_recv().expect("handed over after the commit");
-    assert_eq!(slots.available_permits(), 2, "the try holds its slot");
-    let c = &handed.claimed;
-    assert_eq!(c.lease.id, id);
-    assert_eq!((c.lease.owner.as_str(), c.lease.seq), ("w1", 1));
-    assert_eq!(c.lease.until, t(0) + LEASE);
-    assert_eq!(c.delivery.request, d.request);
-    assert_eq!(c.delivery.payload, d.payload);
-    // what the worker got is what is stored
-    let stored = s.get(&id).await.unwrap().unwrap().delivery;
-    assert_eq!(stored, c.delivery);
-    assert_eq!(stored.state, State::Leased);
-    assert!(s.claim_due("w2", t(1), 10, LEASE).await.unwrap().is_empty());
-    assert_eq!(s.stats(t(1)).await.unwrap().leased, 1);
-
-    // a duplicate: nothing sent, the slot comes back
-    let dup = s.accept(d.clone(), Some(WINDOW), t(1)).await.unwrap();
-    assert_eq!(dup, Accept::Duplicate { id: id.clone() });
-    assert!(rx.try_recv().is_err());
-    assert_eq!(slots.available_permits(), 2);
-
-    s.complete(&c.lease, ok_try(t(1)), t(2)).await.unwrap();
-    assert_eq!(
-        s.get(&id).await.unwrap().unwrap().delivery.state,
-        State::Delivered
-    );
-    drop(handed);
-
-    // a group: each of its deliveries handed over (2 of 3 slots; 1 is kept for claims)
-    let group = s
-        .accept_all(vec![delivery(2), delivery(3)], Some(WINDOW), t(3))
-        .await
-        .unwrap();
-    let a = rx.try_recv().unwrap();
-    let b = rx.try_recv().unwrap();
-    assert_eq!(
-        vec![a.claimed.lease.id.as_str(), b.claimed.lease.id.as_str()],
-        group.iter().map(Accept::id).collect::<Vec<_>>()
-    );
-    // no slot left beyond the kept one: stored pending, the worker woken
-    let waiting = wake.notified();
-    let p = s.accept(delivery(4), Some(WINDOW), t(3)).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("woken to claim");
-    assert!(rx.try_recv().is_err());
-    assert_eq!(
-        s.get(p.id()).await.unwrap().unwrap().delivery.state,
-        State::Pending
-    );
-
-    // an unsettled hand-off is claimed again once its lease runs out, and its old lease refused
-    drop(b);
-    let late = t(3) + LEASE + Duration::from_secs(1);
-    let again = s.claim_due("w2", late, 10, LEASE).await.unwrap();
-    let ids: HashSet<_> = again.iter().map(|c| c.delivery.id.clone()).collect();
-    assert!(
-        ids.contains(&a.claimed.lease.id) && ids.contains(p.id()),
-        "{ids:?}"
-    );
-    let old = s.complete(&a.claimed.lease, ok_try(late), late).await;
-    assert!(matches!(old, Err(StoreError::LeaseLost { .. })), "{old:?}");
-
-    // switched off: pending again, nothing handed over
-    s.hand_off_to(None);
-    drop(a);
-    let off = s.accept(delivery(5), Some(WINDOW), late).await.unwrap();
-    assert!(rx.try_recv().is_err());
-    assert_eq!(
-        s.get(off.id()).await.unwrap().unwrap().delivery.state,
-        State::Pending
-    );
 }
 
 async fn nothing_is_claimed_before_it_is_due(f: Fixture) {

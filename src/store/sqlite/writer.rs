@@ -36,7 +36,6 @@ use super::super::api::{
     Accept, Begin, Claimed, Hold, Lease, NewDelivery, Result, Settle, StoreError, StoredAnswer,
     StoredRequest,
 };
-use super::super::handoff::Slot;
 use super::super::rows::{
     SettlePlan, begin_from_row, claimed_from_row, delivery_columns, dur_ms, headers_json,
     lease_refusal, legacy_still_answers, new_id, not_replayable, to_ms,
@@ -62,8 +61,6 @@ pub(super) enum Op {
         cutoff: Option<i64>,
         max_pending: Option<u64>,
         now: i64,
-        /// Stored leased to the worker and handed to it after the commit.
-        slot: Option<Slot>,
     },
     /// Several deliveries, all or nothing (a route and its `also` targets).
     AcceptAll {
@@ -71,8 +68,6 @@ pub(super) enum Op {
         cutoff: Option<i64>,
         max_pending: Option<u64>,
         now: i64,
-        /// One per delivery.
-        slots: Vec<Option<Slot>>,
     },
     Claim {
         owner: String,
@@ -256,9 +251,6 @@ fn write_loop(
                 .collect(),
             Err(e) => vec![Err(e)],
         };
-        // Before the answers: the worker may start on a delivery while its
-        // webhook's 202 is still being written.
-        hand_off(ops, &results);
         for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have gone (its request was cancelled); the write stands.
             let _ = reply.send(result);
@@ -269,36 +261,6 @@ fn write_loop(
     drop(writer);
     if let Some(done) = closing {
         let _ = done.send(());
-    }
-}
-
-/// Gives the worker each delivery committed with a [`Slot`] (unused slots
-/// are dropped, which frees them).
-fn hand_off(ops: Vec<Op>, results: &[Result<Reply>]) {
-    for (op, result) in ops.into_iter().zip(results) {
-        match (op, result) {
-            (
-                Op::Accept {
-                    delivery,
-                    slot: Some(slot),
-                    ..
-                },
-                Ok(Reply::Accept(Accept::Accepted { id })),
-            ) => slot.send(id.clone(), delivery),
-            (
-                Op::AcceptAll {
-                    deliveries, slots, ..
-                },
-                Ok(Reply::AcceptAll(answers)),
-            ) => {
-                for ((d, slot), answer) in deliveries.into_iter().zip(slots).zip(answers) {
-                    if let (Some(slot), Accept::Accepted { id }) = (slot, answer) {
-                        slot.send(id.clone(), d);
-                    }
-                }
-            }
-            _ => {}
-        }
     }
 }
 
@@ -328,22 +290,20 @@ fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
             cutoff,
             max_pending,
             now,
-            slot,
-        } => accept(tx, delivery, *cutoff, *max_pending, *now, slot.as_ref()).map(Reply::Accept),
+        } => accept(tx, delivery, *cutoff, *max_pending, *now).map(Reply::Accept),
         Op::AcceptAll {
             deliveries,
             cutoff,
             max_pending,
             now,
-            slots,
         } => {
             // A savepoint: a refusal of one (the queue is full) takes back the
             // others, while the rest of the batch stands.
             let sp = tx.savepoint().map_err(db("begin a savepoint"))?;
             let mut accepted = Vec::with_capacity(deliveries.len());
-            for (d, slot) in deliveries.iter().zip(slots) {
+            for d in deliveries {
                 // an error drops `sp`, which rolls the group back
-                accepted.push(accept(&sp, d, *cutoff, *max_pending, *now, slot.as_ref())?);
+                accepted.push(accept(&sp, d, *cutoff, *max_pending, *now)?);
             }
             sp.commit().map_err(db("release a savepoint"))?;
             Ok(Reply::AcceptAll(accepted))
@@ -553,7 +513,6 @@ fn accept(
     cutoff: Option<i64>,
     max_pending: Option<u64>,
     now: i64,
-    slot: Option<&Slot>,
 ) -> Result<Accept> {
     let err = || StoreError::sqlite("accept a delivery");
     let dedupe_key = cutoff.and(d.idempotency_key.as_deref());
@@ -583,12 +542,9 @@ fn accept(
             .prepare_cached(
                 "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
                  idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, \
-                 created_at, updated_at, route_fingerprint, lease_owner, leased_until, \
-                 lease_seq) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
-                 CASE WHEN ?13 IS NULL THEN 'pending' ELSE 'leased' END, 0, ?11, \
-                 COALESCE(?14, ?11), ?11, ?11, ?12, ?13, ?14, \
-                 CASE WHEN ?13 IS NULL THEN 0 ELSE 1 END) \
+                 created_at, updated_at, route_fingerprint) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', 0, ?11, ?11, ?11, \
+                 ?11, ?12) \
                  ON CONFLICT (bot, route, dedupe_key) DO NOTHING",
             )
             .and_then(|mut s| {
@@ -604,9 +560,7 @@ fn accept(
                     d.idempotency_key,
                     dedupe_key,
                     now,
-                    d.fingerprint,
-                    slot.map(Slot::owner),
-                    slot.map(Slot::until)
+                    d.fingerprint
                 ])
             })
             .map_err(err())?;
