@@ -45,6 +45,26 @@ pub struct Template {
     /// `Kind::Url`: the payload fields written as whole path values (a missing
     /// one would render an empty path segment, which handlebars does not escape).
     url_path_fields: std::sync::Arc<[Vec<String>]>,
+    /// The template as [`Piece`]s, when every element is one (see [`fast_pieces`]).
+    fast: Option<std::sync::Arc<[Piece]>>,
+}
+
+/// One element of a template simple enough to render without handlebars'
+/// machinery: what nearly every route template is made of. See [`fast_pieces`].
+#[derive(Debug)]
+enum Piece {
+    /// Literal text.
+    Text(String),
+    /// `{{a.b.0.c}}`: the value, escaped for the template's kind.
+    Field(Vec<String>),
+    /// `{{json a.b}}`: the value as JSON (escaped outside JSON templates).
+    Json(Vec<String>),
+    /// `{{default a.b <literal>}}`.
+    Default(Vec<String>, Value),
+    /// `{{now}}`, `{{bot}}`, `{{route}}`.
+    Meta(MetaHelper),
+    /// `{{header "<name>"}}`.
+    Header(String),
 }
 
 /// A template that does not compile, with its 1-based line and column inside the template text.
@@ -130,12 +150,14 @@ pub fn compile(source: &str, kind: Kind, strict: bool) -> Result<Template, Compi
     } else {
         std::sync::Arc::from([])
     };
+    let fast = fast_pieces(&inner).map(Into::into);
     let t = Template {
         kind,
         strict,
         source: source.into(),
         inner: std::sync::Arc::new(inner),
         url_path_fields,
+        fast,
     };
     if kind != Kind::Text
         && let Some((line, col)) = t.find_raw_expression()
@@ -185,6 +207,20 @@ impl Template {
 
     /// Renders with `data` as the root. For `Kind::Json` the caller parses the result.
     pub fn render(&self, data: &Context, meta: &RenderMeta) -> Result<String, String> {
+        let fast = self
+            .fast
+            .as_ref()
+            .and_then(|p| render_pieces(p, self.kind, data.data(), meta));
+        let out = match fast {
+            Some(out) => out,
+            None => self.render_handlebars(data, meta)?,
+        };
+        self.finish(out, data)
+    }
+
+    /// Handlebars' own render: for templates with blocks or other helpers, and
+    /// whenever [`render_pieces`] meets a value it leaves to handlebars.
+    fn render_handlebars(&self, data: &Context, meta: &RenderMeta) -> Result<String, String> {
         let reg = registry(self.kind, self.strict);
         META.with(|m| *m.borrow_mut() = Some(meta.clone()));
         let mut rc = RenderContext::new(None);
@@ -192,7 +228,11 @@ impl Template {
         let result = self.inner.render(reg, data, &mut rc, &mut out);
         META.with(|m| *m.borrow_mut() = None);
         result.map_err(|e| render_error_message(&e))?;
-        let out = out.into_string().map_err(|e| e.to_string())?;
+        out.into_string().map_err(|e| e.to_string())
+    }
+
+    /// What follows either render: the URL checks of SPEC §7.2.
+    fn finish(&self, out: String, data: &Context) -> Result<String, String> {
         if self.kind == Kind::Url {
             if let Some(f) = self
                 .url_path_fields
@@ -260,6 +300,109 @@ impl Template {
             )
         })
     }
+}
+
+/// The pieces of `t` when every element is literal text, a comment, or an
+/// expression of a plain field path (`a.b.0.c`, no `this`, `..` or `@`), of
+/// `json` on one, of `default` on one and a literal, of `now`, `bot`, `route`,
+/// or of `header` with a literal name. Anything else (blocks, other helpers,
+/// subexpressions, hashes): `None`, and handlebars renders it.
+fn fast_pieces(t: &handlebars::Template) -> Option<Vec<Piece>> {
+    let path = |p: &Parameter| match p {
+        Parameter::Path(handlebars::Path::Relative((segs, raw))) if !is_helper_raw(raw) => segs
+            .iter()
+            .map(|s| match s {
+                handlebars::PathSeg::Named(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect::<Option<Vec<String>>>()
+            .filter(|segs| !segs.is_empty()),
+        _ => None,
+    };
+    let mut pieces = Vec::with_capacity(t.elements.len());
+    for e in &t.elements {
+        let piece = match e {
+            TemplateElement::RawString(text) => Piece::Text(text.clone()),
+            TemplateElement::Comment(_) => continue,
+            TemplateElement::Expression(h) if h.hash.is_empty() && !h.block => {
+                let name = helper_name(&h.name)?;
+                match (name, h.params.as_slice()) {
+                    ("now", []) => Piece::Meta(MetaHelper::Now),
+                    ("bot", []) => Piece::Meta(MetaHelper::Bot),
+                    ("route", []) => Piece::Meta(MetaHelper::Route),
+                    ("header", [Parameter::Literal(Value::String(n))]) => Piece::Header(n.clone()),
+                    ("json", [p]) => Piece::Json(path(p)?),
+                    ("default", [a, Parameter::Literal(b)]) => Piece::Default(path(a)?, b.clone()),
+                    (_, []) => Piece::Field(path(&h.name)?),
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        };
+        pieces.push(piece);
+    }
+    Some(pieces)
+}
+
+fn is_helper_raw(raw: &str) -> bool {
+    BUILTIN_HELPERS.contains(&raw)
+}
+
+/// Renders `pieces` exactly as handlebars renders the template they came
+/// from (same value text, same escaping), or `None` when a value is missing,
+/// or an array or object where text is written: handlebars then renders it
+/// (strict mode's error, `[object]`, …), so there is one behaviour.
+fn render_pieces(pieces: &[Piece], kind: Kind, root: &Value, meta: &RenderMeta) -> Option<String> {
+    let mut out = String::with_capacity(
+        pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.len(),
+                _ => 16,
+            })
+            .sum(),
+    );
+    let escape = |out: &mut String, text: &str| match kind {
+        Kind::Json => out.push_str(&json_string_escape(text)),
+        Kind::Url => out.push_str(&url_value_marked(text)),
+        Kind::Text => out.push_str(text),
+    };
+    // the text handlebars writes for a value (`JsonRender`), when it is a scalar
+    let scalar = |v: &Value| -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Null => Some(String::new()),
+            Value::Array(_) | Value::Object(_) => None,
+        }
+    };
+    for p in pieces {
+        match p {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Field(path) => escape(&mut out, &scalar(lookup(root, path)?)?),
+            Piece::Json(path) => {
+                let text = lookup(root, path)?.to_string();
+                if kind == Kind::Json {
+                    out.push_str(&text);
+                } else {
+                    escape(&mut out, &text);
+                }
+            }
+            Piece::Default(path, b) => {
+                let a = lookup(root, path)?;
+                let v = if a.is_null() || a.as_str() == Some("") {
+                    b
+                } else {
+                    a
+                };
+                escape(&mut out, &scalar(v)?);
+            }
+            Piece::Meta(m) => escape(&mut out, &m.text(meta)),
+            Piece::Header(name) => escape(&mut out, header_text(meta, name)),
+        }
+    }
+    Some(out)
 }
 
 fn find_element(
@@ -802,12 +945,34 @@ impl HelperDef for JsonHelper {
     }
 }
 
+/// The inbound header `name`'s value, or `""` (absent, or not visible ASCII).
+fn header_text<'a>(meta: &'a RenderMeta, name: &str) -> &'a str {
+    meta.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+#[derive(Debug)]
 enum MetaHelper {
     Now,
     Uuid,
     Bot,
     Route,
     Header,
+}
+
+impl MetaHelper {
+    /// The text of `now`, `uuid`, `bot` and `route` (`header` reads its parameter).
+    fn text(&self, meta: &RenderMeta) -> String {
+        match self {
+            MetaHelper::Now => humantime::format_rfc3339_millis(meta.now).to_string(),
+            MetaHelper::Uuid => uuid::Uuid::new_v4().to_string(),
+            MetaHelper::Bot => meta.bot.to_string(),
+            MetaHelper::Route => meta.route.to_string(),
+            MetaHelper::Header => String::new(),
+        }
+    }
 }
 
 impl HelperDef for MetaHelper {
@@ -820,25 +985,18 @@ impl HelperDef for MetaHelper {
     ) -> Result<ScopedJson<'rc>, RenderError> {
         let s = META.with(|m| {
             let m = m.borrow();
-            let meta = m.as_ref();
+            let Some(meta) = m.as_ref() else {
+                return self.text(&RenderMeta::new("", ""));
+            };
             match self {
-                MetaHelper::Now => humantime::format_rfc3339_millis(
-                    meta.map(|m| m.now).unwrap_or_else(SystemTime::now),
-                )
-                .to_string(),
-                MetaHelper::Uuid => uuid::Uuid::new_v4().to_string(),
-                MetaHelper::Bot => meta.map(|m| m.bot.to_string()).unwrap_or_default(),
-                MetaHelper::Route => meta.map(|m| m.route.to_string()).unwrap_or_default(),
                 MetaHelper::Header => {
                     let name = h
                         .param(0)
                         .and_then(|p| p.value().as_str())
                         .unwrap_or_default();
-                    meta.and_then(|m| m.headers.get(name))
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
-                        .unwrap_or_default()
+                    header_text(meta, name).to_owned()
                 }
+                _ => self.text(meta),
             }
         });
         Ok(ScopedJson::Derived(Value::String(s)))
@@ -1198,5 +1356,144 @@ mod tests {
             .map(|r| r.path.join("."))
             .collect();
         assert_eq!(names, ["a"]);
+    }
+
+    // ---- the fast path renders what handlebars renders ----
+
+    /// Templates of every piece kind (and some that must go to handlebars).
+    const DIFF_TEMPLATES: &[(&str, Kind)] = &[
+        (
+            r#"{"id": "{{slots.customerId.0.keyphrase}}", "e": "{{context.email}}", "s": "{{default context.status "active"}}", "n": {{json context.notes}}, "c": "{{channel}}", "t": "{{now}}", "b": "{{bot}}/{{route}}", "h": "{{header "x-trace"}}"}"#,
+            Kind::Json,
+        ),
+        (
+            r#"{"n": {{json context}}, "d": "{{default x 7}}"}"#,
+            Kind::Json,
+        ),
+        (
+            "http://h/api/{{slots.customerId.0.keyphrase}}/x?e={{context.email}}&s={{default context.status \"a b\"}}&j={{json context.notes}}",
+            Kind::Url,
+        ),
+        (
+            "Bearer {{context.email}}-{{channel}}{{!-- c --}}",
+            Kind::Text,
+        ),
+        ("{{x}}|{{json x}}|{{default x \"d\"}}", Kind::Text),
+        ("{{#if x}}{{x}}{{/if}}", Kind::Text),
+        ("{{this.x}}|{{./x}}|{{[x]}}", Kind::Text),
+    ];
+
+    fn meta() -> RenderMeta {
+        let mut meta = RenderMeta::new("support-bot", "crm-upsert");
+        meta.set_header_pairs(&[("x-trace".into(), "abc\"d\\ef".into())]);
+        meta.now = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        meta
+    }
+
+    #[test]
+    fn plain_templates_take_the_fast_path_and_blocks_do_not() {
+        for (src, kind) in &DIFF_TEMPLATES[..5] {
+            assert!(compile(src, *kind, false).unwrap().fast.is_some(), "{src}");
+        }
+        // with every value present, no piece leaves the render to handlebars
+        let (src, kind) = DIFF_TEMPLATES[0];
+        let full = json!({"slots": {"customerId": [{"keyphrase": "C-1"}]}, "channel": "web",
+            "context": {"email": "a@b", "status": null, "notes": {"n": [1, "x"]}}});
+        let t = compile(src, kind, true).unwrap();
+        let fast = render_pieces(t.fast.as_ref().unwrap(), kind, &full, &meta()).unwrap();
+        assert!(
+            fast.contains(r#""s": "active""#) && fast.contains(r#""n": {"n":[1,"x"]}"#),
+            "{fast}"
+        );
+        assert!(
+            fast.contains("2023-11-14T22:13:20.123Z") && fast.contains(r#"abc\"d\\ef"#),
+            "{fast}"
+        );
+        for src in [
+            "{{#if x}}{{x}}{{/if}}",
+            "{{lookup a b}}",
+            "{{../x}}",
+            "{{@root.x}}",
+            "{{default a b}}",
+            "{{header x}}",
+            "{{json (default a \"b\")}}",
+            "{{uuid}}",
+        ] {
+            assert!(
+                compile(src, Kind::Text, false).unwrap().fast.is_none(),
+                "{src}"
+            );
+        }
+    }
+
+    /// A payload value of any JSON kind, with text that needs escaping.
+    fn any_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let text = proptest::sample::select(vec![
+            "",
+            "a b",
+            "q\"uote",
+            "back\\slash",
+            "line\nbreak",
+            "\u{2028}",
+            "ümlaut/é",
+            ".",
+            "..",
+            "a/../b",
+            "50%",
+            "?x=1#f",
+            "\u{1}",
+        ]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            (-1e9f64..1e9).prop_map(Value::from),
+            text.prop_map(|s| Value::String(s.to_owned())),
+        ];
+        leaf.prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-c]", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_fast_path_renders_what_handlebars_renders(
+            keyphrase in proptest::option::of(any_value()),
+            email in proptest::option::of(any_value()),
+            status in proptest::option::of(any_value()),
+            notes in proptest::option::of(any_value()),
+            channel in proptest::option::of(any_value()),
+            x in proptest::option::of(any_value()),
+            strict in proptest::prelude::any::<bool>(),
+        ) {
+            let mut context = serde_json::Map::new();
+            for (k, v) in [("email", email), ("status", status), ("notes", notes)] {
+                if let Some(v) = v {
+                    context.insert(k.into(), v);
+                }
+            }
+            let mut root = serde_json::Map::new();
+            root.insert("context".into(), Value::Object(context));
+            if let Some(k) = keyphrase {
+                root.insert("slots".into(), json!({"customerId": [{"keyphrase": k}]}));
+            }
+            for (k, v) in [("channel", channel), ("x", x)] {
+                if let Some(v) = v {
+                    root.insert(k.into(), v);
+                }
+            }
+            let data = Context::from(Value::Object(root));
+            let meta = meta();
+            for (src, kind) in DIFF_TEMPLATES {
+                let t = compile(src, *kind, strict).unwrap();
+                let slow = t.render_handlebars(&data, &meta).and_then(|o| t.finish(o, &data));
+                proptest::prop_assert_eq!(t.render(&data, &meta), slow, "{} strict={}", src, strict);
+            }
+        }
     }
 }
