@@ -363,30 +363,22 @@ fn render_pieces(pieces: &[Piece], kind: Kind, root: &Value, meta: &RenderMeta) 
             .sum(),
     );
     let escape = |out: &mut String, text: &str| match kind {
-        Kind::Json => out.push_str(&json_string_escape(text)),
+        Kind::Json => json_string_escape_into(out, text),
         Kind::Url => out.push_str(&url_value_marked(text)),
         Kind::Text => out.push_str(text),
-    };
-    // the text handlebars writes for a value (`JsonRender`), when it is a scalar
-    let scalar = |v: &Value| -> Option<String> {
-        match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
-            Value::Null => Some(String::new()),
-            Value::Array(_) | Value::Object(_) => None,
-        }
     };
     for p in pieces {
         match p {
             Piece::Text(t) => out.push_str(t),
             Piece::Field(path) => escape(&mut out, &scalar(lookup(root, path)?)?),
             Piece::Json(path) => {
-                let text = lookup(root, path)?.to_string();
+                let v = lookup(root, path)?;
                 if kind == Kind::Json {
-                    out.push_str(&text);
+                    use std::fmt::Write as _;
+                    // `Value`'s `Display` is its compact JSON text, written in place
+                    write!(out, "{v}").ok()?;
                 } else {
-                    escape(&mut out, &text);
+                    escape(&mut out, &v.to_string());
                 }
             }
             Piece::Default(path, b) => {
@@ -403,6 +395,17 @@ fn render_pieces(pieces: &[Piece], kind: Kind, root: &Value, meta: &RenderMeta) 
         }
     }
     Some(out)
+}
+
+/// The text handlebars writes for a value (`JsonRender`), when it is a scalar.
+fn scalar(v: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match v {
+        Value::String(s) => Some(s.as_str().into()),
+        Value::Number(n) => Some(n.to_string().into()),
+        Value::Bool(b) => Some(if *b { "true" } else { "false" }.into()),
+        Value::Null => Some("".into()),
+        Value::Array(_) | Value::Object(_) => None,
+    }
 }
 
 fn find_element(
@@ -812,19 +815,27 @@ fn build_registry(kind: Kind, strict: bool) -> Handlebars<'static> {
 
 /// Escapes `s` for the inside of a JSON string literal.
 pub fn json_string_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    json_string_escape_into(&mut out, s);
+    out
+}
+
+/// [`json_string_escape`], appended to `out`.
+fn json_string_escape_into(out: &mut String, s: &str) {
     // Most values have nothing to escape: copied whole, not char by char
     // (0xE2 leads U+2028 and U+2029, and other characters that the loop keeps).
     if !s
         .bytes()
         .any(|b| b < 0x20 || b == b'"' || b == b'\\' || b == 0xE2)
     {
-        return s.to_owned();
+        out.push_str(s);
+        return;
     }
-    escape_chars(s)
+    escape_chars(out, s)
 }
 
-fn escape_chars(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
+fn escape_chars(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -838,7 +849,6 @@ fn escape_chars(s: &str) -> String {
             c => out.push(c),
         }
     }
-    out
 }
 
 /// Everything but RFC 3986 unreserved characters is encoded, so a value can
@@ -1065,7 +1075,9 @@ mod tests {
             "tab\t nl\n cr\r nul\0 esc\u{1b} del\u{7f}",
             "ls\u{2028} ps\u{2029} other E2: \u{2013}\u{20ac}",
         ] {
-            assert_eq!(json_string_escape(s), escape_chars(s), "{s:?}");
+            let mut slow = String::new();
+            escape_chars(&mut slow, s);
+            assert_eq!(json_string_escape(s), slow, "{s:?}");
         }
         assert_eq!(json_string_escape("a\u{2028}\u{1}"), "a\\u2028\\u0001");
     }
