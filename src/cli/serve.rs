@@ -234,6 +234,7 @@ fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal()) // no colour codes in files and pipes
+        .with_timer(crate::telemetry::log_format::CachedSecondTime)
         // every line masked of `${VAR}` values (SPEC §7.4), on the writer thread
         .with_writer(writer);
     let _ = match format {
