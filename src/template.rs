@@ -1393,6 +1393,8 @@ mod tests {
         ("{{x}}|{{json x}}|{{default x \"d\"}}", Kind::Text),
         ("{{#if x}}{{x}}{{/if}}", Kind::Text),
         ("{{this.x}}|{{./x}}|{{[x]}}", Kind::Text),
+        // whitespace control and standalone comment lines: trimmed at compile time, the same text
+        ("a  {{~x~}}  b\n  {{!-- c --}}\n  {{~channel}} \n{{! d }}\n{{x}}", Kind::Text),
     ];
 
     fn meta() -> RenderMeta {
