@@ -1394,7 +1394,10 @@ mod tests {
         ("{{#if x}}{{x}}{{/if}}", Kind::Text),
         ("{{this.x}}|{{./x}}|{{[x]}}", Kind::Text),
         // whitespace control and standalone comment lines: trimmed at compile time, the same text
-        ("a  {{~x~}}  b\n  {{!-- c --}}\n  {{~channel}} \n{{! d }}\n{{x}}", Kind::Text),
+        (
+            "a  {{~x~}}  b\n  {{!-- c --}}\n  {{~channel}} \n{{! d }}\n{{x}}",
+            Kind::Text,
+        ),
     ];
 
     fn meta() -> RenderMeta {
