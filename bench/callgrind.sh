@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # bench/callgrind.sh — instructions per request of the gateway's sync path
-# (load.sh scenario c) and of its open-breaker rejection (scenario d), counted
-# by callgrind: a figure that does not move with other work on the machine,
-# unlike load.sh's wall-clock and CPU numbers.
+# (load.sh scenario c), of its open-breaker rejection (scenario d) and of an
+# async webhook accepted on SQLite and delivered by the worker (scenario e),
+# counted by callgrind: a figure that does not move with other work on the
+# machine, unlike load.sh's wall-clock and CPU numbers. (e counts user-space
+# instructions only: SQLite's own code is in, the kernel's WAL writes and
+# fsyncs are not.)
 #
 # What it does:
 #   1. starts nginx as the downstream, exactly as bench/load.sh does (its
@@ -21,7 +24,15 @@
 #      the dump command itself): measured with N=0 at about
 #      120,000 instructions per dump, i.e. ~60 per request at N=2000 (< 0.1 %).
 #      Two runs of the same binary agree within ~0.5 %;
-#   5. prints instructions per request (Ir / N) for c and d.
+#   5. prints instructions per request (Ir / N) for c and d;
+#   6. e (unless E=0): a second gateway under callgrind, with load.sh's async
+#      route file (write_async_routes: idempotency key `{{inputId}}`) and its
+#      own SQLite store; WARM webhooks (each with a unique inputId) and the
+#      wait until the worker has delivered them all, `--zero`, N webhooks
+#      (each must get 202), the wait until all N are delivered (read from the
+#      SQLite file by this script, not through the gateway), `--dump=e`. So
+#      e's figure is one webhook accepted, committed, claimed, sent to nginx
+#      and settled.
 #
 # The requests come from a small Python http.client loop: CONNS keep-alive
 # connections (threads), each sending N / CONNS requests one after another,
@@ -32,6 +43,7 @@
 #
 # Environment (all optional):
 #   N=2000 requests per measured scenario    WARM=300 warm-up requests per scenario
+#   E=1 (0 skips scenario e)
 #   CONNS=4 keep-alive connections            GATEWAY_LOG=warn (info: one log line per webhook)
 #   GATEWAY_BIN=$CARGO_TARGET_DIR/profiling/gateway (else target/profiling/gateway)
 #   OUT_DIR=bench/out   the dumps: callgrind-<stamp>.out.<pid>.{1,2} (c, d), for
@@ -86,13 +98,13 @@ trap 'exit 130' INT TERM
 # The helpers and config writers of load.sh, read from it (one definition).
 # (a function ends at the first `}` in column 0 outside a here-document)
 eval "$(awk '
-  /^(alive|pick_port|nginx_temp_paths|start_nginx|write_schema|write_routes)\(\) \{/ { on = 1 }
+  /^(alive|pick_port|nginx_temp_paths|start_nginx|write_schema|write_routes|write_async_routes)\(\) \{/ { on = 1 }
   on { print }
   on && /<<.?EOF/ { hd = 1; next }
   on && hd && /^EOF$/ { hd = 0; next }
   on && !hd && /^}/ { on = 0 }
 ' "$HERE/load.sh")"
-for f in alive pick_port nginx_temp_paths start_nginx write_schema write_routes; do
+for f in alive pick_port nginx_temp_paths start_nginx write_schema write_routes write_async_routes; do
   declare -F "$f" >/dev/null || die "could not read $f from bench/load.sh"
 done
 USED_PORTS=" "
@@ -131,20 +143,27 @@ log "gateway (valgrind pid $GW_PID) on 127.0.0.1:$GW_PORT, GATEWAY_LOG=$GATEWAY_
 
 # send SCENARIO COUNT [ALLOW_ERRORS]: COUNT requests over CONNS connections; checks every answer.
 send() {
-  python3 - "$GW_PORT" "$1" "$2" "$CONNS" "${3:-0}" "$PAYLOAD" "$PAYLOAD_OPEN" "$API_KEY" <<'PY'
+  python3 - "${PORT:-$GW_PORT}" "$1" "$2" "$CONNS" "${3:-0}" "$PAYLOAD" "$PAYLOAD_OPEN" "$API_KEY" <<'PY'
 import http.client, sys, threading
 port, scen, count, conns, allow = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
-body = open(sys.argv[6] if scen == "c" else sys.argv[7], "rb").read()
+body = open(sys.argv[6] if scen in "ce" else sys.argv[7], "rb").read()
 headers = {"Content-Type": "application/json", "X-API-Key": sys.argv[8]}
-want = b'"crmId"' if scen == "c" else b'"fallback"'
+want = {"c": b'"crmId"', "d": b'"fallback"', "e": b'"delivery_id"'}[scen]
+status = 202 if scen == "e" else 200
+import json, uuid
 bad = []
 def run(n):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     for _ in range(n):
-        c.request("POST", "/webhooks/bench-bot", body, headers)
+        b = body
+        if scen == "e":  # a unique inputId: the route's idempotency key, no dedupe hit
+            p = json.loads(body)
+            p["inputId"] = str(uuid.uuid4())
+            b = json.dumps(p, separators=(",", ":")).encode()
+        c.request("POST", "/webhooks/bench-bot", b, headers)
         r = c.getresponse()
         data = r.read()
-        if r.status != 200 or want not in data:
+        if r.status != status or want not in data:
             bad.append((r.status, data[:200]))
     c.close()
 per = [count // conns + (1 if i < count % conns else 0) for i in range(conns)]
@@ -186,10 +205,73 @@ PIDS=("${PIDS[@]/$GW_PID/}")
 ERRS=$(grep -cE ' (WARN|ERROR) ' "$dir/gateway.log" || true)
 [[ $GATEWAY_LOG == info ]] && log "info lines in the gateway log: $(grep -c ' INFO ' "$dir/gateway.log" || true)"
 
+# ---- e: one async webhook, accepted on SQLite and delivered (see the header)
+ir_e=
+if [[ ${E:-1} != 0 ]]; then
+  ASYNC_ROUTE=bench-async ASYNC_KEY=unique
+  edir=$TMP/gw-e
+  write_async_routes "$edir"
+  "$GATEWAY_BIN" validate "$edir/routes" >"$edir/validate.log" 2>&1 ||
+    { cat "$edir/validate.log" >&2; die "gateway validate refused the async route file"; }
+  pick_port E_PORT
+  pick_port E_ADMIN_PORT
+  E_DB=$edir/gateway.db
+  E_OUT=$OUT_DIR/callgrind-$STAMP-e.out
+  (cd "$edir" && GATEWAY_LOG=$GATEWAY_LOG exec valgrind --tool=callgrind --callgrind-out-file="$E_OUT.%p" \
+    "$GATEWAY_BIN" serve --routes "$edir/routes" --listen "127.0.0.1:$E_PORT" \
+    --admin-listen "127.0.0.1:$E_ADMIN_PORT" --store "sqlite://$E_DB") >"$edir/gateway.log" 2>&1 &
+  E_PID=$!
+  PIDS+=("$E_PID")
+  deadline=$((SECONDS + 180))
+  until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$E_PORT/readyz" 2>/dev/null) == 200 ]]; do
+    alive "$E_PID" || { tail -n 20 "$edir/gateway.log" >&2; die "the async gateway exited"; }
+    ((SECONDS < deadline)) || die "the async gateway was not ready within 180 s"
+    sleep 0.5
+  done
+  # drained WANT: until WANT deliveries are delivered and none is pending or
+  # leased, read from the SQLite file (WAL: a reader beside the writer), so
+  # the wait adds nothing to the gateway's count
+  drained() {
+    python3 - "$E_DB" "$1" <<'PY'
+import sqlite3, sys, time
+db, want = sys.argv[1], int(sys.argv[2])
+deadline = time.time() + 600
+while True:
+    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    live, done = c.execute("SELECT SUM(state IN ('pending','leased')), SUM(state = 'delivered') FROM deliveries").fetchone()
+    c.close()
+    if (live or 0) == 0 and (done or 0) >= want:
+        sys.exit(0)
+    if time.time() > deadline:
+        print(f"not drained: {live} live, {done} of {want} delivered", file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.5)
+PY
+  }
+  log "e: warm-up $WARM async webhooks (async gateway, valgrind pid $E_PID)"
+  PORT=$E_PORT send e "$WARM"
+  drained "$WARM" || die "the warm-up deliveries were not all delivered"
+  callgrind_control --zero "$E_PID" >/dev/null 2>&1
+  log "e: $N async webhooks, then the wait until all are delivered"
+  PORT=$E_PORT send e "$N"
+  drained "$((WARM + N))" || die "the measured deliveries were not all delivered"
+  callgrind_control --dump=e "$E_PID" >/dev/null 2>&1
+  sleep 1
+  e_file=$(ls "$E_OUT.$E_PID".* 2>/dev/null | grep -E '\.[0-9]+$' | head -1 || true)
+  [[ -n $e_file ]] || die "no callgrind dump of e"
+  ir_e=$(total_ir "$e_file")
+  kill -TERM "$E_PID" 2>/dev/null || true
+  wait "$E_PID" 2>/dev/null || true
+  PIDS=("${PIDS[@]/$E_PID/}")
+  E_ERRS=$(grep -cE ' (WARN|ERROR) ' "$edir/gateway.log" || true)
+  ((E_ERRS == 0)) || log "$E_ERRS WARN/ERROR lines in the async gateway's log (its route file's lint warnings are expected)"
+fi
+
 echo "gateway: $GATEWAY_BIN (commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')), GATEWAY_LOG=$GATEWAY_LOG, N=$N, CONNS=$CONNS"
-awk -v c="$ir_c" -v d="$ir_d" -v n="$((N > 0 ? N : 1))" 'BEGIN {
+awk -v c="$ir_c" -v d="$ir_d" -v e="$ir_e" -v n="$((N > 0 ? N : 1))" 'BEGIN {
   printf "c  sync pipeline       %12d Ir  %8.0f instr/req\n", c, c / n
   printf "d  open-breaker reject %12d Ir  %8.0f instr/req\n", d, d / n
+  if (e != "") printf "e  async, SQLite       %12d Ir  %8.0f instr/webhook (accepted and delivered)\n", e, e / n
 }'
-echo "dumps: ${files[0]} (c), ${files[1]} (d)"
+echo "dumps: ${files[0]} (c), ${files[1]} (d)${e_file:+, $e_file (e)}"
 ((ERRS == 0)) || log "$ERRS WARN/ERROR lines in the gateway log (the 4 lint warnings of the route file and the breaker opening in the warm-up are expected)"

@@ -314,21 +314,47 @@ fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
             until,
             limit,
         } => {
-            let mut stmt = tx
-                .prepare_cached(concat!(
+            // Point statements only: the rows due (read from the `due_at`
+            // index in its own order, oldest due first and then the first
+            // stored, no sort), then each leased and read by rowid. The one
+            // `UPDATE … WHERE id IN (SELECT … ORDER BY due_at, id) RETURNING …`
+            // this replaces built temporary b-trees on every claim (the IN
+            // list, the tie-break sort, RETURNING's buffer). The writer is
+            // alone, so nothing changes between these statements.
+            let err = || db("claim deliveries");
+            let due: Vec<i64> = tx
+                .prepare_cached(
+                    "SELECT rowid FROM deliveries WHERE due_at <= ?1 \
+                     ORDER BY due_at, rowid LIMIT ?2",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![now, limit], |r| r.get(0))?
+                        .collect::<rusqlite::Result<_>>()
+                })
+                .map_err(err())?;
+            let mut lease = tx
+                .prepare_cached(
                     "UPDATE deliveries SET state = 'leased', lease_owner = ?1, leased_until = ?2, \
-                     due_at = ?2, lease_seq = lease_seq + 1, updated_at = ?3 \
-                     WHERE id IN (SELECT id FROM deliveries WHERE due_at <= ?3 \
-                                  ORDER BY due_at, id LIMIT ?4 + 0) \
-                     RETURNING ",
-                    delivery_columns!()
+                     due_at = ?2, lease_seq = lease_seq + 1, updated_at = ?3 WHERE rowid = ?4",
+                )
+                .map_err(err())?;
+            let mut read = tx
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    delivery_columns!(),
+                    " FROM deliveries WHERE rowid = ?1"
                 ))
-                .map_err(db("claim deliveries"))?;
-            let mut rows = stmt
-                .query(params![owner, until, now, limit])
-                .map_err(db("claim deliveries"))?;
-            let mut claimed = Vec::new();
-            while let Some(row) = rows.next().map_err(db("claim deliveries"))? {
+                .map_err(err())?;
+            let mut claimed = Vec::with_capacity(due.len());
+            for rowid in due {
+                lease
+                    .execute(params![owner, until, now, rowid])
+                    .map_err(err())?;
+                let mut rows = read.query(params![rowid]).map_err(err())?;
+                let row = rows.next().map_err(err())?.ok_or(StoreError::Corrupt {
+                    id: rowid.to_string(),
+                    what: "a claimed row vanished",
+                })?;
                 claimed.push(claimed_from_row(row)?);
             }
             claimed.sort_by(|a, b| {
@@ -588,40 +614,41 @@ fn accept(
 fn settle(conn: &Connection, lease: &Lease, outcome: &Settle, now: i64) -> Result<()> {
     let err = || StoreError::sqlite("settle a delivery");
     let plan = SettlePlan::of(outcome);
-    let attempts: Option<i64> = conn
+    // Without RETURNING (which buffers its rows in a temporary b-tree): the
+    // update, then the try count read by id.
+    let n = conn
         .prepare_cached(
             "UPDATE deliveries SET state = ?1, attempts = attempts + ?2, \
              next_attempt_at = COALESCE(?3, next_attempt_at), due_at = ?4, \
              last_error = CASE WHEN ?5 THEN ?6 ELSE last_error END, \
              lease_owner = NULL, leased_until = NULL, updated_at = ?7 \
-             WHERE id = ?8 AND state = 'leased' AND lease_owner = ?9 AND lease_seq = ?10 \
-             RETURNING attempts",
+             WHERE id = ?8 AND state = 'leased' AND lease_owner = ?9 AND lease_seq = ?10",
         )
         .and_then(|mut s| {
-            s.query_row(
-                params![
-                    plan.state.as_str(),
-                    plan.increment,
-                    plan.next_attempt_at,
-                    plan.due_at,
-                    plan.last_error.is_some(),
-                    plan.last_error.clone().flatten(),
-                    now,
-                    lease.id,
-                    lease.owner,
-                    lease.seq
-                ],
-                |r| r.get(0),
-            )
-            .optional()
+            s.execute(params![
+                plan.state.as_str(),
+                plan.increment,
+                plan.next_attempt_at,
+                plan.due_at,
+                plan.last_error.is_some(),
+                plan.last_error.clone().flatten(),
+                now,
+                lease.id,
+                lease.owner,
+                lease.seq
+            ])
         })
         .map_err(err())?;
-    let Some(number) = attempts else {
+    if n == 0 {
         return Err(lease_refusal(
             lease,
             exists(conn, &lease.id).map_err(err())?,
         ));
-    };
+    }
+    let number: i64 = conn
+        .prepare_cached("SELECT attempts FROM deliveries WHERE id = ?1")
+        .and_then(|mut s| s.query_row(params![lease.id], |r| r.get(0)))
+        .map_err(err())?;
     if let Some(a) = plan.attempt {
         conn.prepare_cached(
             "INSERT INTO attempts (delivery_id, number, at, status, latency_ms, error) \
