@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::super::api::{
@@ -266,45 +266,23 @@ fn write_loop(
 
 /// Runs `ops` in one transaction. `Err` when a statement failed (all rolled
 /// back); otherwise one result per op, business refusals included.
-///
-/// `BEGIN`, `COMMIT` and savepoints are cached statements like the rest:
-/// rusqlite's `Transaction` prepares its `BEGIN` and `COMMIT` again on every
-/// transaction (bench/callgrind.sh e: ~11k instructions per transaction, and
-/// a lightly loaded gateway commits nearly every operation on its own).
 fn run_batch(conn: &mut Connection, ops: &[Op], commits: &AtomicU64) -> Result<Vec<Result<Reply>>> {
-    exec_cached(conn, "BEGIN IMMEDIATE").map_err(StoreError::sqlite("begin a transaction"))?;
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(StoreError::sqlite("begin a transaction"))?;
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
-        match run_op(conn, op) {
-            Err(e) if e.is_db() => {
-                rollback(conn);
-                return Err(e);
-            }
+        match run_op(&mut tx, op) {
+            Err(e) if e.is_db() => return Err(e), // dropping tx rolls back
             r => results.push(r),
         }
     }
-    if let Err(e) = exec_cached(conn, "COMMIT") {
-        rollback(conn);
-        return Err(StoreError::sqlite("commit")(e));
-    }
+    tx.commit().map_err(StoreError::sqlite("commit"))?;
     commits.fetch_add(1, Ordering::Relaxed);
     Ok(results)
 }
 
-/// Runs a parameterless statement from the cache.
-fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(sql)?.execute([]).map(drop)
-}
-
-/// Ends a failed transaction, if SQLite has not already (the writer opens its
-/// connection again after a failure either way, see [`Writer::run`]).
-fn rollback(conn: &Connection) {
-    if !conn.is_autocommit() {
-        let _ = exec_cached(conn, "ROLLBACK");
-    }
-}
-
-fn run_op(tx: &Connection, op: &Op) -> Result<Reply> {
+fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
     let db = StoreError::sqlite;
     match op {
         Op::Accept {
@@ -321,23 +299,14 @@ fn run_op(tx: &Connection, op: &Op) -> Result<Reply> {
         } => {
             // A savepoint: a refusal of one (the queue is full) takes back the
             // others, while the rest of the batch stands.
-            exec_cached(tx, "SAVEPOINT accept_all").map_err(db("begin a savepoint"))?;
-            let group = deliveries
-                .iter()
-                .map(|d| accept(tx, d, *cutoff, *max_pending, *now))
-                .collect::<Result<Vec<_>>>();
-            match group {
-                Ok(accepted) => {
-                    exec_cached(tx, "RELEASE accept_all").map_err(db("release a savepoint"))?;
-                    Ok(Reply::AcceptAll(accepted))
-                }
-                Err(e) => {
-                    exec_cached(tx, "ROLLBACK TO accept_all")
-                        .and_then(|()| exec_cached(tx, "RELEASE accept_all"))
-                        .map_err(db("roll a savepoint back"))?;
-                    Err(e)
-                }
+            let sp = tx.savepoint().map_err(db("begin a savepoint"))?;
+            let mut accepted = Vec::with_capacity(deliveries.len());
+            for d in deliveries {
+                // an error drops `sp`, which rolls the group back
+                accepted.push(accept(&sp, d, *cutoff, *max_pending, *now)?);
             }
+            sp.commit().map_err(db("release a savepoint"))?;
+            Ok(Reply::AcceptAll(accepted))
         }
         Op::Claim {
             owner,
