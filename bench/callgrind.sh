@@ -127,18 +127,27 @@ dir=$TMP/gw
 
 mkdir -p "$OUT_DIR"
 STAMP=$(date +%Y%m%d-%H%M%S)
+
+# serve_cg DIR PORT ADMIN_PORT OUT: `gateway serve` on DIR/routes and
+# DIR/gateway.db under callgrind (dumps OUT.<pid>.N), log in DIR/gateway.log;
+# waits for /readyz and sets SERVED_PID.
+serve_cg() {
+  local dir=$1 port=$2 admin=$3 out=$4 deadline=$((SECONDS + 180))
+  (cd "$dir" && GATEWAY_LOG=$GATEWAY_LOG exec valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
+    "$GATEWAY_BIN" serve --routes "$dir/routes" --listen "127.0.0.1:$port" \
+    --admin-listen "127.0.0.1:$admin" --store "sqlite://$dir/gateway.db") >"$dir/gateway.log" 2>&1 &
+  SERVED_PID=$!
+  PIDS+=("$SERVED_PID")
+  until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$port/readyz" 2>/dev/null) == 200 ]]; do
+    alive "$SERVED_PID" || { tail -n 20 "$dir/gateway.log" >&2; die "the gateway in $dir exited"; }
+    ((SECONDS < deadline)) || die "the gateway in $dir was not ready within 180 s"
+    sleep 0.5
+  done
+}
+
 CG_OUT=$OUT_DIR/callgrind-$STAMP.out
-(cd "$dir" && GATEWAY_LOG=$GATEWAY_LOG exec valgrind --tool=callgrind --callgrind-out-file="$CG_OUT.%p" \
-  "$GATEWAY_BIN" serve --routes "$dir/routes" --listen "127.0.0.1:$GW_PORT" \
-  --admin-listen "127.0.0.1:$GW_ADMIN_PORT" --store "sqlite://$dir/gateway.db") >"$dir/gateway.log" 2>&1 &
-GW_PID=$!
-PIDS+=("$GW_PID")
-deadline=$((SECONDS + 180))
-until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$GW_PORT/readyz" 2>/dev/null) == 200 ]]; do
-  alive "$GW_PID" || { tail -n 20 "$dir/gateway.log" >&2; die "the gateway exited"; }
-  ((SECONDS < deadline)) || die "the gateway was not ready within 180 s"
-  sleep 0.5
-done
+serve_cg "$dir" "$GW_PORT" "$GW_ADMIN_PORT" "$CG_OUT"
+GW_PID=$SERVED_PID
 log "gateway (valgrind pid $GW_PID) on 127.0.0.1:$GW_PORT, GATEWAY_LOG=$GATEWAY_LOG"
 
 # send SCENARIO COUNT [ALLOW_ERRORS]: COUNT requests over CONNS connections; checks every answer.
@@ -217,17 +226,8 @@ if [[ ${E:-1} != 0 ]]; then
   pick_port E_ADMIN_PORT
   E_DB=$edir/gateway.db
   E_OUT=$OUT_DIR/callgrind-$STAMP-e.out
-  (cd "$edir" && GATEWAY_LOG=$GATEWAY_LOG exec valgrind --tool=callgrind --callgrind-out-file="$E_OUT.%p" \
-    "$GATEWAY_BIN" serve --routes "$edir/routes" --listen "127.0.0.1:$E_PORT" \
-    --admin-listen "127.0.0.1:$E_ADMIN_PORT" --store "sqlite://$E_DB") >"$edir/gateway.log" 2>&1 &
-  E_PID=$!
-  PIDS+=("$E_PID")
-  deadline=$((SECONDS + 180))
-  until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$E_PORT/readyz" 2>/dev/null) == 200 ]]; do
-    alive "$E_PID" || { tail -n 20 "$edir/gateway.log" >&2; die "the async gateway exited"; }
-    ((SECONDS < deadline)) || die "the async gateway was not ready within 180 s"
-    sleep 0.5
-  done
+  serve_cg "$edir" "$E_PORT" "$E_ADMIN_PORT" "$E_OUT"
+  E_PID=$SERVED_PID
   # drained WANT: until WANT deliveries are delivered and none is pending or
   # leased, read from the SQLite file (WAL: a reader beside the writer), so
   # the wait adds nothing to the gateway's count

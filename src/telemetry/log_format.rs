@@ -66,16 +66,9 @@ impl Visit for PlainVisitor<'_> {
             .bytes()
             .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
         {
-            let sep = if std::mem::replace(&mut self.is_empty, false) {
-                ""
-            } else {
-                " "
-            };
             self.result = self
-                .writer
-                .write_str(sep)
-                .and_then(|_| self.writer.write_str(field.name()))
-                .and_then(|_| self.writer.write_str("=\""))
+                .start_field(field.name())
+                .and_then(|_| self.writer.write_char('"'))
                 .and_then(|_| self.writer.write_str(value))
                 .and_then(|_| self.writer.write_char('"'));
             return;
@@ -84,10 +77,22 @@ impl Visit for PlainVisitor<'_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.result.is_err() {
+            return;
+        }
+        if Self::special(field.name()) {
+            return self.delegate(|v| v.record_u64(field, value));
+        }
         self.record_number(field, value, false)
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.result.is_err() {
+            return;
+        }
+        if Self::special(field.name()) {
+            return self.delegate(|v| v.record_i64(field, value));
+        }
         self.record_number(field, value.unsigned_abs(), value < 0)
     }
 
@@ -106,33 +111,25 @@ impl Visit for PlainVisitor<'_> {
         if Self::special(name) {
             return self.delegate(|v| v.record_debug(field, value));
         }
-        if self.is_empty {
-            self.is_empty = false;
-        } else if let Err(e) = self.writer.write_char(' ') {
-            self.result = Err(e);
-            return;
-        }
         self.result = self
-            .writer
-            .write_str(name)
-            .and_then(|_| self.writer.write_char('='))
+            .start_field(name)
             .and_then(|_| write!(self.writer, "{value:?}"));
     }
 }
 
 impl PlainVisitor<'_> {
-    /// `name=<digits>`, as `{:?}` writes an integer, without the formatting machinery.
+    /// ` name=` (no space before the first field).
+    fn start_field(&mut self, name: &str) -> fmt::Result {
+        if !std::mem::replace(&mut self.is_empty, false) {
+            self.writer.write_char(' ')?;
+        }
+        self.writer.write_str(name)?;
+        self.writer.write_char('=')
+    }
+
+    /// `name=<digits>`, as `{:?}` writes an integer, without the formatting
+    /// machinery (a field that is not special).
     fn record_number(&mut self, field: &Field, magnitude: u64, negative: bool) {
-        if self.result.is_err() {
-            return;
-        }
-        if Self::special(field.name()) {
-            return if negative {
-                self.delegate(|v| v.record_i64(field, -(magnitude as i128) as i64))
-            } else {
-                self.delegate(|v| v.record_u64(field, magnitude))
-            };
-        }
         let mut digits = [0u8; 21];
         let mut at = digits.len();
         let mut n = magnitude;
@@ -149,16 +146,8 @@ impl PlainVisitor<'_> {
             digits[at] = b'-';
         }
         let text = std::str::from_utf8(&digits[at..]).expect("ASCII digits");
-        let sep = if std::mem::replace(&mut self.is_empty, false) {
-            ""
-        } else {
-            " "
-        };
         self.result = self
-            .writer
-            .write_str(sep)
-            .and_then(|_| self.writer.write_str(field.name()))
-            .and_then(|_| self.writer.write_char('='))
+            .start_field(field.name())
             .and_then(|_| self.writer.write_str(text));
     }
 }
