@@ -963,5 +963,5 @@ async fn a_v2_store_is_migrated_and_its_deliveries_keep_to_their_origin() {
         .await
         .unwrap();
     assert_eq!(version, cognigy_gateway::store::sqlite::SCHEMA_VERSION);
-    assert_eq!(version, 3);
+    assert!(version >= 3, "v3 (the route fingerprint) applied");
 }

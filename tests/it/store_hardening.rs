@@ -651,7 +651,24 @@ async fn sqlite_store_of_schema_v1_is_migrated_and_keeps_working() {
         .unwrap();
     let latest = cognigy_gateway::store::sqlite::SCHEMA_VERSION;
     assert_eq!(versions, (1..=latest).collect::<Vec<_>>());
-    assert!(latest >= 2);
+    assert!(latest >= 4);
+    // v4: the state CHECK as comparisons, and it still refuses an unknown state
+    let table: String =
+        sqlx::query_scalar("SELECT sql FROM sqlite_schema WHERE name = 'deliveries'")
+            .fetch_one(&raw)
+            .await
+            .unwrap();
+    assert!(
+        table.contains(
+            "CHECK (state = 'pending' OR state = 'leased' OR state = 'delivered' OR state = 'dead')"
+        ),
+        "{table}"
+    );
+    let bad = sqlx::query("UPDATE deliveries SET state = 'lost'")
+        .execute(&raw)
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("CHECK constraint failed"), "{bad}");
 }
 
 /// The schema version 1 of the PostgreSQL store, as that release created it.

@@ -37,8 +37,8 @@ use super::super::api::{
     StoredRequest,
 };
 use super::super::rows::{
-    SettlePlan, begin_from_row, claimed_from_row, delivery_columns, dur_ms, headers_json,
-    lease_refusal, legacy_still_answers, new_id, not_replayable, to_ms,
+    SettlePlan, begin_from_row, claimed_from_row, dur_ms, headers_json, lease_refusal,
+    legacy_still_answers, new_id, not_replayable, to_ms,
 };
 
 // Nearly every message is a `Job`: boxing it would add an allocation per write for nothing.
@@ -129,6 +129,56 @@ pub(super) enum Reply {
     Count(u64),
     Begin(Begin),
     Bool(bool),
+}
+
+/// The statements every accepted and delivered webhook runs (accept, claim,
+/// settle), by name: a test holds each to the rules of `super` (no statement
+/// prepared again on every run, no temporary b-tree).
+pub(super) mod sql {
+    use crate::store::rows::delivery_columns;
+
+    pub const ACCEPT: &str = "INSERT INTO deliveries (id, bot, route, payload, method, url, \
+        headers, body, idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, \
+        created_at, updated_at, route_fingerprint) \
+        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', 0, ?11, ?11, ?11, ?11, ?12) \
+        ON CONFLICT (bot, route, dedupe_key) DO NOTHING";
+    /// The rows due, read from the `due_at` index in its own order (oldest due
+    /// first, then the first stored: no sort). `LIMIT ?2 + 0`, see `super`.
+    pub const DUE: &str = "SELECT rowid FROM deliveries WHERE due_at <= ?1 \
+        ORDER BY due_at, rowid LIMIT ?2 + 0";
+    pub const LEASE: &str = "UPDATE deliveries SET state = 'leased', lease_owner = ?1, \
+        leased_until = ?2, due_at = ?2, lease_seq = lease_seq + 1, updated_at = ?3 \
+        WHERE rowid = ?4";
+    pub const READ_CLAIMED: &str = concat!(
+        "SELECT ",
+        delivery_columns!(),
+        " FROM deliveries WHERE rowid = ?1"
+    );
+    pub const SETTLE: &str = "UPDATE deliveries SET state = ?1, attempts = attempts + ?2, \
+        next_attempt_at = COALESCE(?3, next_attempt_at), due_at = ?4, \
+        last_error = CASE WHEN ?5 THEN ?6 ELSE last_error END, \
+        lease_owner = NULL, leased_until = NULL, updated_at = ?7 \
+        WHERE id = ?8 AND state = 'leased' AND lease_owner = ?9 AND lease_seq = ?10";
+    pub const ATTEMPTS: &str = "SELECT attempts FROM deliveries WHERE id = ?1";
+    pub const RECORD_TRY: &str = "INSERT INTO attempts \
+        (delivery_id, number, at, status, latency_ms, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+    pub const LIVE: &str = "SELECT live FROM live_count";
+    pub const KEY_HOLDER: &str = "SELECT id, created_at FROM deliveries \
+        WHERE bot = ?1 AND route = ?2 AND dedupe_key = ?3";
+
+    /// Every statement above.
+    #[cfg(test)]
+    pub const ALL: &[&str] = &[
+        ACCEPT,
+        DUE,
+        LEASE,
+        READ_CLAIMED,
+        SETTLE,
+        ATTEMPTS,
+        RECORD_TRY,
+        LIVE,
+        KEY_HOLDER,
+    ];
 }
 
 /// How the writer's connection is opened (again, after a failed transaction).
@@ -323,28 +373,14 @@ fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
             // alone, so nothing changes between these statements.
             let err = || db("claim deliveries");
             let due: Vec<i64> = tx
-                .prepare_cached(
-                    "SELECT rowid FROM deliveries WHERE due_at <= ?1 \
-                     ORDER BY due_at, rowid LIMIT ?2",
-                )
+                .prepare_cached(sql::DUE)
                 .and_then(|mut s| {
                     s.query_map(params![now, limit], |r| r.get(0))?
                         .collect::<rusqlite::Result<_>>()
                 })
                 .map_err(err())?;
-            let mut lease = tx
-                .prepare_cached(
-                    "UPDATE deliveries SET state = 'leased', lease_owner = ?1, leased_until = ?2, \
-                     due_at = ?2, lease_seq = lease_seq + 1, updated_at = ?3 WHERE rowid = ?4",
-                )
-                .map_err(err())?;
-            let mut read = tx
-                .prepare_cached(concat!(
-                    "SELECT ",
-                    delivery_columns!(),
-                    " FROM deliveries WHERE rowid = ?1"
-                ))
-                .map_err(err())?;
+            let mut lease = tx.prepare_cached(sql::LEASE).map_err(err())?;
+            let mut read = tx.prepare_cached(sql::READ_CLAIMED).map_err(err())?;
             let mut claimed = Vec::with_capacity(due.len());
             for rowid in due {
                 lease
@@ -524,13 +560,11 @@ fn key_holder(
     d: &NewDelivery,
     dedupe_key: Option<&str>,
 ) -> rusqlite::Result<Option<(String, i64)>> {
-    conn.prepare_cached(
-        "SELECT id, created_at FROM deliveries WHERE bot = ?1 AND route = ?2 AND dedupe_key = ?3",
-    )?
-    .query_row(params![d.bot, d.route, dedupe_key], |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })
-    .optional()
+    conn.prepare_cached(sql::KEY_HOLDER)?
+        .query_row(params![d.bot, d.route, dedupe_key], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
 }
 
 fn accept(
@@ -545,7 +579,7 @@ fn accept(
     if let Some(limit) = max_pending {
         // Read inside the writer's transaction: exact.
         let live: i64 = conn
-            .prepare_cached("SELECT live FROM live_count")
+            .prepare_cached(sql::LIVE)
             .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(err())?;
         if live >= i64::try_from(limit).unwrap_or(i64::MAX) {
@@ -565,14 +599,7 @@ fn accept(
     // (the writer is alone, so at most twice).
     for _ in 0..2 {
         let n = conn
-            .prepare_cached(
-                "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, \
-                 idempotency_key, dedupe_key, state, attempts, next_attempt_at, due_at, \
-                 created_at, updated_at, route_fingerprint) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', 0, ?11, ?11, ?11, \
-                 ?11, ?12) \
-                 ON CONFLICT (bot, route, dedupe_key) DO NOTHING",
-            )
+            .prepare_cached(sql::ACCEPT)
             .and_then(|mut s| {
                 s.execute(params![
                     id,
@@ -617,13 +644,7 @@ fn settle(conn: &Connection, lease: &Lease, outcome: &Settle, now: i64) -> Resul
     // Without RETURNING (which buffers its rows in a temporary b-tree): the
     // update, then the try count read by id.
     let n = conn
-        .prepare_cached(
-            "UPDATE deliveries SET state = ?1, attempts = attempts + ?2, \
-             next_attempt_at = COALESCE(?3, next_attempt_at), due_at = ?4, \
-             last_error = CASE WHEN ?5 THEN ?6 ELSE last_error END, \
-             lease_owner = NULL, leased_until = NULL, updated_at = ?7 \
-             WHERE id = ?8 AND state = 'leased' AND lease_owner = ?9 AND lease_seq = ?10",
-        )
+        .prepare_cached(sql::SETTLE)
         .and_then(|mut s| {
             s.execute(params![
                 plan.state.as_str(),
@@ -646,25 +667,22 @@ fn settle(conn: &Connection, lease: &Lease, outcome: &Settle, now: i64) -> Resul
         ));
     }
     let number: i64 = conn
-        .prepare_cached("SELECT attempts FROM deliveries WHERE id = ?1")
+        .prepare_cached(sql::ATTEMPTS)
         .and_then(|mut s| s.query_row(params![lease.id], |r| r.get(0)))
         .map_err(err())?;
     if let Some(a) = plan.attempt {
-        conn.prepare_cached(
-            "INSERT INTO attempts (delivery_id, number, at, status, latency_ms, error) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                lease.id,
-                number,
-                to_ms(a.at),
-                a.status.map(i64::from),
-                dur_ms(a.latency),
-                a.error
-            ])
-        })
-        .map_err(StoreError::sqlite("record a try"))?;
+        conn.prepare_cached(sql::RECORD_TRY)
+            .and_then(|mut s| {
+                s.execute(params![
+                    lease.id,
+                    number,
+                    to_ms(a.at),
+                    a.status.map(i64::from),
+                    dur_ms(a.latency),
+                    a.error
+                ])
+            })
+            .map_err(StoreError::sqlite("record a try"))?;
     }
     Ok(())
 }
@@ -740,5 +758,143 @@ fn begin(conn: &Connection, hold: &Hold, cutoff: i64, until: i64, now: i64) -> R
             id: format!("idempotency record of {}/{}", k.bot, k.route),
             what: "an idempotency insert conflicted with no row",
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use rusqlite::StatementStatus;
+
+    use super::super::super::api::{AttemptRecord, Store};
+    use super::super::{SqliteOptions, SqliteStore};
+    use super::*;
+
+    /// A migrated store file, and the writer's own kind of connection to it.
+    async fn writer_conn(dir: &tempfile::TempDir) -> Connection {
+        let path = dir.path().join("gateway.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default())
+            .await
+            .unwrap();
+        store.close().await;
+        Connect {
+            path,
+            busy_timeout: Duration::from_secs(1),
+        }
+        .open()
+        .unwrap()
+    }
+
+    fn delivery(key: &str) -> NewDelivery {
+        NewDelivery {
+            bot: "bot".into(),
+            route: "route".into(),
+            payload: r#"{"intent":"x"}"#.into(),
+            request: StoredRequest {
+                method: "POST".into(),
+                url: "http://127.0.0.1:9/x".into(),
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: Some("{}".into()),
+            },
+            idempotency_key: Some(key.into()),
+            fingerprint: Some("f".into()),
+        }
+    }
+
+    fn run(conn: &mut Connection, ops: &[Op]) -> Vec<Result<Reply>> {
+        run_batch(conn, ops, &AtomicU64::new(0)).unwrap()
+    }
+
+    /// SQLite builds a temporary b-tree for an `IN` list of more than two
+    /// values (the `state` CHECK before migration 4), a sort the index does
+    /// not give, or RETURNING: on every run of the statement. None of the
+    /// statements each webhook runs may need one (their triggers included:
+    /// EXPLAIN lists their programs too).
+    #[tokio::test]
+    async fn statements_of_every_webhook_build_no_temporary_btree() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = writer_conn(&dir).await;
+        for sql in sql::ALL {
+            let mut stmt = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+            let nulls = std::iter::repeat_n(rusqlite::types::Null, stmt.parameter_count());
+            let ops: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(1))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            for op in ["OpenEphemeral", "SorterOpen", "OpenAutoindex"] {
+                assert!(!ops.iter().any(|o| o == op), "{op} in {sql}");
+            }
+        }
+        // the CHECK still refuses what it refused
+        let bad = conn.execute(
+            "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, state, \
+             next_attempt_at, created_at, updated_at) \
+             VALUES ('x', 'b', 'r', '{}', 'POST', 'u', '[]', 'lost', 0, 0, 0)",
+            [],
+        );
+        assert!(
+            bad.unwrap_err()
+                .to_string()
+                .contains("CHECK constraint failed"),
+            "a state outside the four is refused"
+        );
+    }
+
+    /// A statement whose plan reads a bound parameter (a bare `LIMIT ?n`) is
+    /// prepared again, parsed and planned, every time that parameter is bound.
+    #[tokio::test]
+    async fn accept_claim_and_settle_are_never_prepared_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = writer_conn(&dir).await;
+        let now = 1_000_000;
+        for (i, limit) in [1, 2, 3, 1].into_iter().enumerate() {
+            let i = i as i64;
+            let accepts: Vec<Op> = (0..limit)
+                .map(|n| Op::Accept {
+                    delivery: delivery(&format!("k{i}-{n}")),
+                    cutoff: Some(now - 1),
+                    max_pending: Some(1000),
+                    now: now + i,
+                })
+                .collect();
+            run(&mut conn, &accepts);
+            let claimed = match run(
+                &mut conn,
+                &[Op::Claim {
+                    owner: "w".into(),
+                    now: now + i,
+                    until: now + i + 30_000,
+                    limit,
+                }],
+            )
+            .pop()
+            {
+                Some(Ok(Reply::Claimed(c))) => c,
+                other => panic!("{:?}", other.map(|r| r.map(|_| ()))),
+            };
+            assert_eq!(claimed.len(), limit as usize);
+            let settles: Vec<Op> = claimed
+                .into_iter()
+                .map(|c| Op::Settle {
+                    lease: c.lease,
+                    outcome: Settle::Delivered(AttemptRecord {
+                        at: SystemTime::UNIX_EPOCH,
+                        status: Some(200),
+                        latency: Duration::from_millis(3),
+                        error: None,
+                    }),
+                    now: now + i,
+                })
+                .collect();
+            for r in run(&mut conn, &settles) {
+                r.unwrap();
+            }
+        }
+        for sql in sql::ALL {
+            let stmt = conn.prepare_cached(sql).unwrap();
+            assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "{sql}");
+        }
     }
 }
