@@ -148,6 +148,9 @@ pub struct Downstream {
     pub rate_limit: Option<crate::ratelimit::RateLimit>,
     /// `tls`: a private CA, a client certificate; `None`: the system's roots.
     pub tls: Option<Arc<DownstreamTls>>,
+    /// [`Downstream::fingerprint`], computed once by [`Downstream::fingerprint_of`]
+    /// when the route is compiled (every accept and every delivery reads it).
+    pub fingerprint: String,
 }
 
 /// A downstream's `tls` block, read and checked at load (the certificates parse,
@@ -182,13 +185,19 @@ impl Downstream {
     /// origin (scheme, host, port), the auth kind and, for OAuth2, the token
     /// endpoint (without its query) and client id. Never a secret value: a
     /// rotated bearer token or client secret keeps the fingerprint.
-    pub fn fingerprint(&self) -> String {
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The [`fingerprint`](Self::fingerprint) of a downstream at `base`
+    /// (`origin` when `base` is unresolved) called with `auth`.
+    pub fn fingerprint_of(base: Option<&url::Url>, origin: &str, auth: &OutboundAuth) -> String {
         use sha2::{Digest, Sha256};
-        let origin = match &self.base {
+        let origin = match base {
             Some(base) => origin_of(base),
-            None => self.origin.clone(),
+            None => origin.to_owned(),
         };
-        let auth = match &self.auth {
+        let auth = match auth {
             OutboundAuth::None => "none".to_owned(),
             OutboundAuth::Bearer(_) => "bearer".to_owned(),
             // the user name: another account is another destination; a new password is not

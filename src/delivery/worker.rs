@@ -309,7 +309,12 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
                 // kept before it is sent: every later try sends the same request
                 let set = gw
                     .store
-                    .set_request(lease, stored.clone(), fingerprint, SystemTime::now())
+                    .set_request(
+                        lease,
+                        stored.clone(),
+                        fingerprint.to_owned(),
+                        SystemTime::now(),
+                    )
                     .await;
                 if let Err(e) = set {
                     // not sent; the lease runs out and the delivery is claimed again
@@ -327,7 +332,7 @@ async fn deliver(gw: &Gateway, claimed: Claimed, margin: Duration) {
                 .await;
             }
         }
-    } else if !still_pinned(&d, &route.downstream, &fingerprint) {
+    } else if !still_pinned(&d, &route.downstream, fingerprint) {
         tracing::warn!(delivery = %d.id, route = %d.route, "the route's origin or auth changed; the delivery is a dead letter (replay renders it for the route as it is now)");
         return settle(Settle::Dead {
             attempt: None,

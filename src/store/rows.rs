@@ -67,6 +67,30 @@ macro_rules! delivery_columns {
 }
 pub(crate) use delivery_columns;
 
+/// The columns of [`delivery_columns!`], in order (a test keeps the two equal).
+pub(crate) const DELIVERY_COLUMNS: &[&str] = &[
+    "id",
+    "bot",
+    "route",
+    "payload",
+    "method",
+    "url",
+    "headers",
+    "body",
+    "idempotency_key",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "created_at",
+    "updated_at",
+    "lease_owner",
+    "leased_until",
+    "lease_seq",
+    "last_error",
+    "route_fingerprint",
+    "render_again",
+];
+
 /// Columns of [`DeliverySummary`].
 macro_rules! summary_columns {
     () => {
@@ -125,6 +149,53 @@ impl Cols for rusqlite::Row<'_> {
     }
     fn opt_blob(&self, col: &'static str) -> Result<Option<Vec<u8>>> {
         self.get(col).map_err(StoreError::sqlite("read a row"))
+    }
+}
+
+/// A rusqlite row of a statement that selects `columns`, in that order, read
+/// by position. rusqlite finds a column by name by asking SQLite for each
+/// column's name in turn and comparing it without case: for a claimed row of
+/// 20 columns that was ~23k instructions per delivery (callgrind), more than
+/// the claim's own statements.
+pub(crate) struct ByPosition<'a, 'r> {
+    row: &'a rusqlite::Row<'r>,
+    columns: &'static [&'static str],
+}
+
+impl<'a, 'r> ByPosition<'a, 'r> {
+    pub(crate) fn new(row: &'a rusqlite::Row<'r>, columns: &'static [&'static str]) -> Self {
+        ByPosition { row, columns }
+    }
+
+    fn get<T: rusqlite::types::FromSql>(&self, col: &'static str) -> Result<T> {
+        let read = StoreError::sqlite("read a row");
+        let Some(i) = self.columns.iter().position(|c| *c == col) else {
+            return Err(read(rusqlite::Error::InvalidColumnName(col.to_owned())));
+        };
+        debug_assert_eq!(
+            self.row.as_ref().column_name(i).ok(),
+            Some(col),
+            "the statement selects these columns in this order"
+        );
+        self.row.get(i).map_err(read)
+    }
+}
+
+impl Cols for ByPosition<'_, '_> {
+    fn text(&self, col: &'static str) -> Result<String> {
+        self.get(col)
+    }
+    fn opt_text(&self, col: &'static str) -> Result<Option<String>> {
+        self.get(col)
+    }
+    fn int(&self, col: &'static str) -> Result<i64> {
+        self.get(col)
+    }
+    fn opt_int(&self, col: &'static str) -> Result<Option<i64>> {
+        self.get(col)
+    }
+    fn opt_blob(&self, col: &'static str) -> Result<Option<Vec<u8>>> {
+        self.get(col)
     }
 }
 
@@ -362,6 +433,34 @@ mod tests {
         assert_eq!(
             cutoff_ms(UNIX_EPOCH + Duration::from_secs(10), Duration::from_secs(4)),
             6000
+        );
+    }
+
+    #[test]
+    fn the_delivery_column_list_is_the_selected_one() {
+        assert_eq!(DELIVERY_COLUMNS.join(", "), delivery_columns!());
+    }
+
+    /// By position, as by name: every column, and a name the list lacks is an error.
+    #[test]
+    fn a_row_reads_the_same_by_position_as_by_name() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT 'text' AS t, 7 AS i, NULL AS n, x'0102' AS b")
+            .unwrap();
+        let mut rows = stmt.query([]).unwrap();
+        let row = rows.next().unwrap().unwrap();
+        const COLS: &[&str] = &["t", "i", "n", "b"];
+        let by_pos = ByPosition::new(row, COLS);
+        assert_eq!(by_pos.text("t").unwrap(), row.text("t").unwrap());
+        assert_eq!(by_pos.int("i").unwrap(), 7);
+        assert_eq!(by_pos.opt_int("n").unwrap(), None);
+        assert_eq!(by_pos.opt_text("n").unwrap(), row.opt_text("n").unwrap());
+        assert_eq!(by_pos.opt_blob("b").unwrap(), Some(vec![1, 2]));
+        assert!(by_pos.text("missing").is_err());
+        assert!(
+            by_pos.int("t").is_err(),
+            "a type mismatch is an error, as by name"
         );
     }
 }

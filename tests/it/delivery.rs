@@ -349,3 +349,56 @@ async fn the_worker_keeps_to_the_route_s_max_in_flight() {
         .expect("all delivered");
     assert_eq!(ds.max_in_flight(), 2, "two at a time, never more");
 }
+
+/// A delivery stores the body as the bot sent it (spacing, key order, escapes),
+/// not the parsed value written out again, and a replay renders from that text
+/// the request the first try sent.
+#[tokio::test]
+async fn the_payload_is_stored_as_received_and_a_replay_renders_the_same_request() {
+    let ds = TestDownstream::start().await;
+    let gw = TestGateway::builder()
+        .file("r.yaml", &files(&ds, ""))
+        .start()
+        .await;
+    let body = "{ \"sessionId\" : \"s\\u00e9-\\\"1\\\"\",\n  \"intent\": \"a\",\t\"inputId\": \"raw-1\", \"n\": 1.50e2 }";
+    let resp = gw.post("b", &[("x-api-key", "test-key")], body).await;
+    assert_eq!(resp.status(), 202);
+    let id = support::json(resp).await["delivery_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until(WITHIN, async || crm_calls(&ds).len() == 1)
+        .await
+        .expect("delivered");
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        gw.dir.path().join("gateway.db").display()
+    ))
+    .await
+    .unwrap();
+    let stored: String = sqlx::query_scalar("SELECT payload FROM deliveries WHERE id = ?1")
+        .bind(&id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(stored, body);
+    wait_until(WITHIN, async || {
+        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
+    })
+    .await
+    .expect("marked delivered");
+    let resp = gw
+        .client
+        .post(gw.admin_url(&format!("/admin/deliveries/{id}/replay")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    wait_until(WITHIN, async || crm_calls(&ds).len() == 2)
+        .await
+        .expect("sent again after the replay");
+    let (first, again) = (&crm_calls(&ds)[0], &crm_calls(&ds)[1]);
+    assert_eq!(first.uri, "/crm/s%C3%A9-%221%22");
+    assert_eq!((&again.uri, again.json()), (&first.uri, first.json()));
+    assert_eq!(first.json(), json!({"session": "sé-\"1\""}));
+}

@@ -154,6 +154,7 @@ impl Compiler<'_> {
         )?;
         let origin = origin?;
         let base = url::Url::parse(&format!("{origin}/")).ok();
+        let fingerprint = Downstream::fingerprint_of(base.as_ref(), &origin, &auth);
         Some(Downstream {
             method,
             url: url?,
@@ -167,6 +168,7 @@ impl Compiler<'_> {
             max_in_flight,
             rate_limit,
             tls,
+            fingerprint,
         })
     }
 

@@ -37,8 +37,8 @@ use super::super::api::{
     StoredRequest,
 };
 use super::super::rows::{
-    SettlePlan, begin_from_row, claimed_from_row, dur_ms, headers_json, lease_refusal,
-    legacy_still_answers, new_id, not_replayable, to_ms,
+    ByPosition, DELIVERY_COLUMNS, SettlePlan, begin_from_row, claimed_from_row, dur_ms,
+    headers_json, lease_refusal, legacy_still_answers, new_id, not_replayable, to_ms,
 };
 
 // Nearly every message is a `Job`: boxing it would add an allocation per write for nothing.
@@ -391,7 +391,7 @@ fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
                     id: rowid.to_string(),
                     what: "a claimed row vanished",
                 })?;
-                claimed.push(claimed_from_row(row)?);
+                claimed.push(claimed_from_row(&ByPosition::new(row, DELIVERY_COLUMNS))?);
             }
             claimed.sort_by(|a, b| {
                 (a.delivery.next_attempt_at, &a.delivery.id)
