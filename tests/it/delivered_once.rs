@@ -508,16 +508,6 @@ async fn reload(gw: &TestGateway, routes: &str) {
     );
 }
 
-async fn replay(gw: &TestGateway, id: &str) {
-    let resp = gw
-        .client
-        .post(gw.admin_url(&format!("/admin/deliveries/{id}/replay")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-}
-
 /// Accepts a webhook for route `p`; waits until its first try failed (the
 /// delivery is pending, tried again every 100 ms); returns its id.
 async fn pending(gw: &TestGateway, input_id: &str) -> String {
@@ -551,7 +541,7 @@ async fn a_route_removed_while_deliveries_are_pending_makes_them_dead_letters() 
     }
     let sent = old.requests().len();
     // a replay while the route is still gone: dead again, nothing sent
-    replay(&gw, &first).await;
+    gw.replay(&first).await;
     support::wait_until(Duration::from_secs(10), async || {
         let d = delivery(&gw, &first).await;
         (d["state"] == "dead").then_some(())
@@ -571,7 +561,7 @@ async fn a_route_removed_while_deliveries_are_pending_makes_them_dead_letters() 
     )
     .await;
     assert!(new.requests().is_empty(), "nothing sent until replay");
-    replay(&gw, &first).await;
+    gw.replay(&first).await;
     until_state(&gw, &first, "delivered").await;
     let store = format!("sqlite://{}", gw.dir.path().join("gateway.db").display());
     // (the CLI writes beside the running serve; under a loaded machine SQLite
@@ -635,7 +625,7 @@ async fn a_route_whose_origin_changed_dead_letters_its_pending_deliveries_until_
     })
     .await
     .expect("the new delivery is sent");
-    replay(&gw, &id).await;
+    gw.replay(&id).await;
     until_state(&gw, &id, "delivered").await;
     let keys: Vec<_> = new
         .requests()

@@ -41,6 +41,14 @@ async fn admin(gw: &TestGateway, path: &str) -> Value {
     support::json(gw.client.get(gw.admin_url(path)).send().await.unwrap()).await
 }
 
+/// Waits (bounded) until the delivery `id` is `delivered`.
+async fn wait_delivered(gw: &TestGateway, id: &str) -> Option<()> {
+    wait_until(WITHIN, async || {
+        (admin(gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered").then_some(())
+    })
+    .await
+}
+
 fn crm_calls(ds: &TestDownstream) -> Vec<support::Recorded> {
     ds.requests()
         .into_iter()
@@ -72,11 +80,7 @@ async fn accepted_with_202_then_delivered_by_the_worker() {
         ("/crm/s1", Some("in-1"))
     );
     assert_eq!(r.json(), json!({"session": "s1"}));
-    wait_until(WITHIN, async || {
-        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
-    })
-    .await
-    .expect("marked delivered");
+    wait_delivered(&gw, &id).await.expect("marked delivered");
 }
 
 #[tokio::test]
@@ -122,11 +126,9 @@ async fn retries_follow_the_schedule_with_the_same_idempotency_key() {
         )
         .await;
     let id = body["delivery_id"].as_str().unwrap().to_string();
-    wait_until(WITHIN, async || {
-        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
-    })
-    .await
-    .expect("delivered on the third try");
+    wait_delivered(&gw, &id)
+        .await
+        .expect("delivered on the third try");
     let calls = crm_calls(&ds);
     assert_eq!(calls.len(), 3);
     assert!(
@@ -172,18 +174,10 @@ async fn dead_letter_and_replay_round_trip() {
     );
     // the CRM recovers; replay it
     ds.set_default(Scripted::status(200));
-    let resp = gw
-        .client
-        .post(gw.admin_url(&format!("/admin/deliveries/{id}/replay")))
-        .send()
+    gw.replay(&id).await;
+    wait_delivered(&gw, &id)
         .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    wait_until(WITHIN, async || {
-        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
-    })
-    .await
-    .expect("delivered after replay");
+        .expect("delivered after replay");
     assert_eq!(crm_calls(&ds).len(), 5);
     assert_eq!(admin(&gw, "/admin/deliveries?state=dead").await["dead"], 0);
 }
@@ -271,11 +265,7 @@ async fn on_failure_queue_turns_a_failed_sync_call_into_a_delivery() {
         .await;
     assert_eq!(status, 202, "{body}");
     let id = body["delivery_id"].as_str().unwrap().to_string();
-    wait_until(WITHIN, async || {
-        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
-    })
-    .await
-    .expect("delivered later");
+    wait_delivered(&gw, &id).await.expect("delivered later");
     let sync_calls: Vec<_> = ds
         .requests()
         .into_iter()
@@ -382,18 +372,8 @@ async fn the_payload_is_stored_as_received_and_a_replay_renders_the_same_request
         .await
         .unwrap();
     assert_eq!(stored, body);
-    wait_until(WITHIN, async || {
-        admin(&gw, &format!("/admin/deliveries/{id}")).await["state"] == "delivered"
-    })
-    .await
-    .expect("marked delivered");
-    let resp = gw
-        .client
-        .post(gw.admin_url(&format!("/admin/deliveries/{id}/replay")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    wait_delivered(&gw, &id).await.expect("marked delivered");
+    gw.replay(&id).await;
     wait_until(WITHIN, async || crm_calls(&ds).len() == 2)
         .await
         .expect("sent again after the replay");

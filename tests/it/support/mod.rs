@@ -406,6 +406,17 @@ impl TestGateway {
         (status, headers, body)
     }
 
+    /// `POST /admin/deliveries/{id}/replay`, which must answer 200.
+    pub async fn replay(&self, id: &str) {
+        let resp = self
+            .client
+            .post(self.admin_url(&format!("/admin/deliveries/{id}/replay")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
