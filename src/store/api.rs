@@ -65,10 +65,11 @@
 //! With [`StoreOptions::max_pending`], an accept that would make more than
 //! that many deliveries *live* (pending or leased: accepted, not yet
 //! delivered nor dead) is refused with [`StoreError::QueueFull`] and stores
-//! nothing. The count is kept by the database itself (a counter maintained by
-//! triggers, so other processes' writes — `gateway deliveries replay` — are
-//! counted too) and read inside the accepting transaction, so the bound is
-//! exact. A duplicate is still answered with its first delivery's id when the
+//! nothing. The count is a counter in the database, kept by every writing
+//! transaction (PostgreSQL: triggers; SQLite: each writer transaction adds what
+//! its operations moved, so other processes' writes — `gateway deliveries
+//! replay` — are counted too) and read inside the accepting transaction, so the
+//! bound is exact. A duplicate is still answered with its first delivery's id when the
 //! queue is full: it stores nothing. Replays are not refused: replaying is
 //! the operator's decision.
 
@@ -116,6 +117,11 @@ impl State {
             State::Delivered => "delivered",
             State::Dead => "dead",
         }
+    }
+
+    /// Pending or leased: counted against `--max-pending`.
+    pub fn is_live(self) -> bool {
+        matches!(self, State::Pending | State::Leased)
     }
 
     pub fn parse(s: &str) -> Option<State> {

@@ -174,6 +174,17 @@ UPDATE sqlite_schema SET sql = replace(sql,
 WHERE type = 'table' AND name = 'deliveries';
 PRAGMA writable_schema = RESET;
 "#,
+    r#"
+-- v5: the live count is kept by the writer, once per transaction (see
+-- `writer::Live`), not by triggers: a statement that fires a trigger keeps a
+-- statement journal and runs the trigger's program, on every accept, claim and
+-- settle. Counted again here, from the rows.
+DROP TRIGGER deliveries_live_insert;
+DROP TRIGGER deliveries_live_delete;
+DROP TRIGGER deliveries_live_update;
+UPDATE live_count SET live =
+    (SELECT COUNT(*) FROM deliveries WHERE state IN ('pending', 'leased'));
+"#,
 ];
 
 /// What the `deliveries` table's `state` CHECK reads once migrated (v4).

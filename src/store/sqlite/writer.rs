@@ -163,6 +163,7 @@ pub(super) mod sql {
     pub const RECORD_TRY: &str = "INSERT INTO attempts \
         (delivery_id, number, at, status, latency_ms, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
     pub const LIVE: &str = "SELECT live FROM live_count";
+    pub const ADD_LIVE: &str = "UPDATE live_count SET live = live + ?1";
     pub const KEY_HOLDER: &str = "SELECT id, created_at FROM deliveries \
         WHERE bot = ?1 AND route = ?2 AND dedupe_key = ?3";
 
@@ -177,6 +178,7 @@ pub(super) mod sql {
         ATTEMPTS,
         RECORD_TRY,
         LIVE,
+        ADD_LIVE,
         KEY_HOLDER,
     ];
 }
@@ -314,6 +316,48 @@ fn write_loop(
     }
 }
 
+/// The count of live (pending or leased) deliveries behind `--max-pending`,
+/// as a batch changes it: `live_count` is read at most once per transaction
+/// and written once, before the commit.
+///
+/// Why not the triggers that kept it per row until migration 5: a statement
+/// that fires a trigger may fail halfway, so SQLite keeps a statement journal
+/// (a copy of every page it changes) for it, and runs the trigger's program:
+/// on every accept, claim and settle. Every write to `deliveries` is an
+/// operation of this writer (in whichever process runs it), so each operation
+/// counts what it moves in or out of the live states.
+#[derive(Default)]
+struct Live {
+    /// `live_count.live` as this transaction found it, once read.
+    stored: Option<i64>,
+    /// What this transaction's operations added (or took away) so far.
+    delta: i64,
+}
+
+impl Live {
+    /// The live deliveries now, this transaction's writes included.
+    fn current(&mut self, conn: &Connection) -> rusqlite::Result<i64> {
+        let stored = match self.stored {
+            Some(n) => n,
+            None => *self.stored.insert(
+                conn.prepare_cached(sql::LIVE)?
+                    .query_row([], |r| r.get(0))?,
+            ),
+        };
+        Ok(stored + self.delta)
+    }
+
+    /// Writes the batch's change (before its commit).
+    fn write(&self, conn: &Connection) -> Result<()> {
+        if self.delta != 0 {
+            conn.prepare_cached(sql::ADD_LIVE)
+                .and_then(|mut s| s.execute(params![self.delta]))
+                .map_err(StoreError::sqlite("count live deliveries"))?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs `ops` in one transaction. `Err` when a statement failed (all rolled
 /// back); otherwise one result per op, business refusals included.
 fn run_batch(conn: &mut Connection, ops: &[Op], commits: &AtomicU64) -> Result<Vec<Result<Reply>>> {
@@ -321,18 +365,21 @@ fn run_batch(conn: &mut Connection, ops: &[Op], commits: &AtomicU64) -> Result<V
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(StoreError::sqlite("begin a transaction"))?;
     let mut results = Vec::with_capacity(ops.len());
+    let mut live = Live::default();
     for op in ops {
-        match run_op(&mut tx, op) {
+        match run_op(&mut tx, op, &mut live) {
             Err(e) if e.is_db() => return Err(e), // dropping tx rolls back
             r => results.push(r),
         }
     }
+    live.write(&tx)?;
     tx.commit().map_err(StoreError::sqlite("commit"))?;
     commits.fetch_add(1, Ordering::Relaxed);
     Ok(results)
 }
 
-fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
+/// Runs one operation; `live` counts what it moves in or out of the live states.
+fn run_op(tx: &mut Transaction<'_>, op: &Op, live: &mut Live) -> Result<Reply> {
     let db = StoreError::sqlite;
     match op {
         Op::Accept {
@@ -340,7 +387,7 @@ fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
             cutoff,
             max_pending,
             now,
-        } => accept(tx, delivery, *cutoff, *max_pending, *now).map(Reply::Accept),
+        } => accept(tx, delivery, *cutoff, *max_pending, *now, live).map(Reply::Accept),
         Op::AcceptAll {
             deliveries,
             cutoff,
@@ -351,9 +398,16 @@ fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
             // others, while the rest of the batch stands.
             let sp = tx.savepoint().map_err(db("begin a savepoint"))?;
             let mut accepted = Vec::with_capacity(deliveries.len());
+            let before = live.delta;
             for d in deliveries {
-                // an error drops `sp`, which rolls the group back
-                accepted.push(accept(&sp, d, *cutoff, *max_pending, *now)?);
+                match accept(&sp, d, *cutoff, *max_pending, *now, live) {
+                    Ok(a) => accepted.push(a),
+                    Err(e) => {
+                        // dropping `sp` rolls the group back: its count too
+                        live.delta = before;
+                        return Err(e);
+                    }
+                }
             }
             sp.commit().map_err(db("release a savepoint"))?;
             Ok(Reply::AcceptAll(accepted))
@@ -403,7 +457,7 @@ fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
             lease,
             outcome,
             now,
-        } => settle(tx, lease, outcome, *now).map(|()| Reply::Unit),
+        } => settle(tx, lease, outcome, *now, live).map(|()| Reply::Unit),
         Op::SetRequest {
             lease,
             request,
@@ -459,6 +513,7 @@ fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
                 .and_then(|mut s| s.execute(params![id, now]))
                 .map_err(err())?;
             if n == 1 {
+                live.delta += 1; // dead or delivered -> pending
                 return Ok(Reply::Unit);
             }
             let state: Option<String> = tx
@@ -476,6 +531,7 @@ fn run_op(tx: &mut Transaction<'_>, op: &Op) -> Result<Reply> {
                 )
                 .and_then(|mut s| s.execute(params![now]))
                 .map_err(db("replay dead deliveries"))?;
+            live.delta += n as i64; // dead -> pending
             Ok(Reply::Count(n as u64))
         }
         Op::Begin {
@@ -573,16 +629,13 @@ fn accept(
     cutoff: Option<i64>,
     max_pending: Option<u64>,
     now: i64,
+    live: &mut Live,
 ) -> Result<Accept> {
     let err = || StoreError::sqlite("accept a delivery");
     let dedupe_key = cutoff.and(d.idempotency_key.as_deref());
     if let Some(limit) = max_pending {
         // Read inside the writer's transaction: exact.
-        let live: i64 = conn
-            .prepare_cached(sql::LIVE)
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-            .map_err(err())?;
-        if live >= i64::try_from(limit).unwrap_or(i64::MAX) {
+        if live.current(conn).map_err(err())? >= i64::try_from(limit).unwrap_or(i64::MAX) {
             // A duplicate stores nothing: it still gets the first answer.
             return match key_holder(conn, d, dedupe_key).map_err(err())? {
                 Some((id, created_at)) if cutoff.is_some_and(|c| created_at > c) => {
@@ -618,6 +671,7 @@ fn accept(
             })
             .map_err(err())?;
         if n == 1 {
+            live.delta += 1; // stored pending
             return Ok(Accept::Accepted { id });
         }
         let (first, created_at) =
@@ -638,7 +692,13 @@ fn accept(
     unreachable!("the single writer's second insert cannot conflict")
 }
 
-fn settle(conn: &Connection, lease: &Lease, outcome: &Settle, now: i64) -> Result<()> {
+fn settle(
+    conn: &Connection,
+    lease: &Lease,
+    outcome: &Settle,
+    now: i64,
+    live: &mut Live,
+) -> Result<()> {
     let err = || StoreError::sqlite("settle a delivery");
     let plan = SettlePlan::of(outcome);
     // Without RETURNING (which buffers its rows in a temporary b-tree): the
@@ -665,6 +725,9 @@ fn settle(conn: &Connection, lease: &Lease, outcome: &Settle, now: i64) -> Resul
             lease,
             exists(conn, &lease.id).map_err(err())?,
         ));
+    }
+    if !plan.state.is_live() {
+        live.delta -= 1; // leased -> delivered or dead
     }
     let number: i64 = conn
         .prepare_cached(sql::ATTEMPTS)
@@ -839,6 +902,135 @@ mod tests {
                 .to_string()
                 .contains("CHECK constraint failed"),
             "a state outside the four is refused"
+        );
+    }
+
+    fn try_record() -> AttemptRecord {
+        AttemptRecord {
+            at: SystemTime::UNIX_EPOCH,
+            status: Some(503),
+            latency: Duration::from_millis(1),
+            error: Some("status 503".into()),
+        }
+    }
+
+    /// `live_count`, and the live rows counted.
+    fn live_counts(conn: &Connection) -> (i64, i64) {
+        conn.query_row(
+            "SELECT (SELECT live FROM live_count), (SELECT COUNT(*) FROM deliveries \
+             WHERE state IN ('pending', 'leased'))",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    /// `live_count` (kept by the writer since migration 5) against the rows,
+    /// after every batch of a pseudo-random run of every operation that moves
+    /// deliveries between states: accepts alone and in groups (some refused
+    /// whole by `--max-pending`, some duplicates), claims, the four settles,
+    /// releases, replays, purges.
+    #[tokio::test]
+    async fn the_live_count_follows_every_operation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = writer_conn(&dir).await;
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut leases: Vec<Lease> = Vec::new();
+        let (mut refused, mut moved) = (0, 0);
+        for round in 0..300i64 {
+            let now = 1_000_000 + round * 10;
+            let mut ops = Vec::new();
+            for _ in 0..=next(4) {
+                let key = format!("k{}", next(200)); // repeats: duplicates
+                let max_pending = Some(next(3) * 10 + 5);
+                ops.push(match next(9) {
+                    0 | 1 => Op::Accept {
+                        delivery: delivery(&key),
+                        cutoff: Some(now - 50),
+                        max_pending,
+                        now,
+                    },
+                    2 => Op::AcceptAll {
+                        deliveries: vec![delivery(&key), delivery(&format!("{key}-also"))],
+                        cutoff: Some(now - 50),
+                        max_pending,
+                        now,
+                    },
+                    3 => Op::Claim {
+                        owner: "w".into(),
+                        now,
+                        until: now + 15,
+                        limit: next(5) as i64 + 1,
+                    },
+                    4 | 5 if !leases.is_empty() => {
+                        let lease = leases.swap_remove(next(leases.len() as u64) as usize);
+                        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(now as u64 + 5);
+                        let outcome = match next(4) {
+                            0 => Settle::Delivered(try_record()),
+                            1 => Settle::RetryAt {
+                                attempt: try_record(),
+                                next_at: at,
+                            },
+                            2 => Settle::Dead {
+                                attempt: Some(try_record()),
+                                reason: None,
+                            },
+                            _ => Settle::Postpone { until: at },
+                        };
+                        Op::Settle {
+                            lease,
+                            outcome,
+                            now,
+                        }
+                    }
+                    6 => Op::Release {
+                        owner: "w".into(),
+                        now,
+                    },
+                    7 => Op::ReplayDead { now },
+                    _ => Op::Purge {
+                        before: now - 100,
+                        limit: 3,
+                    },
+                });
+            }
+            for r in run(&mut conn, &ops) {
+                match r {
+                    Ok(Reply::Claimed(c)) => leases.extend(c.into_iter().map(|c| c.lease)),
+                    Ok(Reply::Count(n)) => moved += n,
+                    Err(StoreError::QueueFull { .. }) => refused += 1,
+                    // a lease lost to a release or an expiry, claimed again
+                    // (and the delivery since settled, perhaps purged)
+                    Err(StoreError::LeaseLost { .. } | StoreError::NotFound { .. }) => {}
+                    Ok(_) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let (stored, counted) = live_counts(&conn);
+            assert_eq!(stored, counted, "after round {round}");
+        }
+        // a group whose second delivery finds the queue full takes its first back
+        let (_, counted) = live_counts(&conn);
+        let r = run(
+            &mut conn,
+            &[Op::AcceptAll {
+                deliveries: vec![delivery("edge-1"), delivery("edge-2")],
+                cutoff: None,
+                max_pending: Some(counted as u64 + 1),
+                now: 9_000_000,
+            }],
+        );
+        assert!(matches!(r[..], [Err(StoreError::QueueFull { .. })]));
+        assert_eq!(live_counts(&conn), (counted, counted));
+        assert!(
+            refused > 0 && moved > 0,
+            "the run reached the queue limit ({refused}) and moved rows ({moved})"
         );
     }
 
