@@ -541,7 +541,8 @@ pub fn rebuild(
         Some(parts) => parts,
         None => (
             stored.url.clone(),
-            url::Url::parse(&stored.url).map_err(|_| "stored URL is invalid".to_string())?,
+            crate::config::render::parse_stored(&route.downstream, &stored.url)
+                .map_err(|_| "stored URL is invalid".to_string())?,
             stored.body.clone(),
         ),
     };

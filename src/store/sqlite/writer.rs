@@ -159,9 +159,9 @@ pub(super) mod sql {
         last_error = CASE WHEN ?5 THEN ?6 ELSE last_error END, \
         lease_owner = NULL, leased_until = NULL, updated_at = ?7 \
         WHERE id = ?8 AND state = 'leased' AND lease_owner = ?9 AND lease_seq = ?10";
-    pub const ATTEMPTS: &str = "SELECT attempts FROM deliveries WHERE id = ?1";
     pub const RECORD_TRY: &str = "INSERT INTO attempts \
-        (delivery_id, number, at, status, latency_ms, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+        (delivery_id, number, at, status, latency_ms, error) \
+        SELECT id, attempts, ?2, ?3, ?4, ?5 FROM deliveries WHERE id = ?1";
     pub const LIVE: &str = "SELECT live FROM live_count";
     pub const ADD_LIVE: &str = "UPDATE live_count SET live = live + ?1";
     pub const KEY_HOLDER: &str = "SELECT id, created_at FROM deliveries \
@@ -175,7 +175,6 @@ pub(super) mod sql {
         LEASE,
         READ_CLAIMED,
         SETTLE,
-        ATTEMPTS,
         RECORD_TRY,
         LIVE,
         ADD_LIVE,
@@ -702,7 +701,7 @@ fn settle(
     let err = || StoreError::sqlite("settle a delivery");
     let plan = SettlePlan::of(outcome);
     // Without RETURNING (which buffers its rows in a temporary b-tree): the
-    // update, then the try count read by id.
+    // update, then the try recorded with the count it left.
     let n = conn
         .prepare_cached(sql::SETTLE)
         .and_then(|mut s| {
@@ -729,16 +728,12 @@ fn settle(
     if !plan.state.is_live() {
         live.delta -= 1; // leased -> delivered or dead
     }
-    let number: i64 = conn
-        .prepare_cached(sql::ATTEMPTS)
-        .and_then(|mut s| s.query_row(params![lease.id], |r| r.get(0)))
-        .map_err(err())?;
     if let Some(a) = plan.attempt {
+        // numbered with the try count just updated, read by the insert itself
         conn.prepare_cached(sql::RECORD_TRY)
             .and_then(|mut s| {
                 s.execute(params![
                     lease.id,
-                    number,
                     to_ms(a.at),
                     a.status.map(i64::from),
                     dur_ms(a.latency),
