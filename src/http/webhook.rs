@@ -419,7 +419,6 @@ async fn step7_settle(
     Ok(Response::from_parts(parts, Body::from(body)))
 }
 
-/// The stored form of a rendered request for `route` (the route's own, or an `also` target's).
 /// The payload a delivery stores: the body as received, which parsed as JSON
 /// (step 4) and so is UTF-8 text. Writing the parsed value out again instead
 /// cost as much as parsing it (~17k instructions per async webhook, callgrind);
@@ -428,6 +427,7 @@ fn stored_payload(body: &[u8]) -> String {
     String::from_utf8_lossy(body).into_owned()
 }
 
+/// The stored form of a rendered request for `route` (the route's own, or an `also` target's).
 fn new_delivery(
     bot: &str,
     route: &Route,

@@ -513,8 +513,10 @@ pub enum StoreError {
     SchemaTooNew { found: i64, supported: i64 },
     /// A migration found a table other than the one this gateway's earlier
     /// versions created (the file was changed by hand, or by another program).
-    #[error("the store's schema was not written by this gateway: {what}; nothing was changed")]
-    ForeignSchema { what: &'static str },
+    #[error(
+        "the store {path}: its schema was not written by this gateway: {what}; nothing was changed"
+    )]
+    ForeignSchema { path: String, what: &'static str },
     #[error("stored delivery {id} is unreadable: {what}")]
     Corrupt { id: String, what: &'static str },
     /// `--max-pending` deliveries are live: nothing was stored.

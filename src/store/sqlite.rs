@@ -255,7 +255,7 @@ impl SqliteStore {
         let mut conn = SqliteConnection::connect_with(&connect)
             .await
             .map_err(StoreError::db("open the SQLite file"))?;
-        migrate(&mut conn).await?;
+        migrate(&mut conn, &path).await?;
         let _ = conn.close().await;
         let writer_connect = writer::Connect {
             path: path.clone(),
@@ -313,7 +313,7 @@ impl SqliteStore {
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
+async fn migrate(conn: &mut SqliteConnection, path: &Path) -> Result<()> {
     // A current schema needs no write lock: a `deliveries` command opening the
     // file beside a busy `serve` then never waits for the writer.
     let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
@@ -366,6 +366,7 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
     if !table.contains(STATE_CHECK) {
         // (dropping `tx` rolls every migration back)
         return Err(StoreError::ForeignSchema {
+            path: path.display().to_string(),
             what: "the deliveries table's state CHECK is not the one migration 4 rewrites",
         });
     }

@@ -671,6 +671,49 @@ async fn sqlite_store_of_schema_v1_is_migrated_and_keeps_working() {
     assert!(bad.to_string().contains("CHECK constraint failed"), "{bad}");
 }
 
+/// A store whose `deliveries` table was changed by hand (its state CHECK is
+/// not the one migration 4 rewrites) is refused, naming the file and the
+/// table, and the migration rolls back: the file is as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edited_sqlite_schema_is_refused_and_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture_copy(dir.path(), "http://downstream.invalid").await;
+    let url = format!("sqlite://{}", path.display());
+    let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let mut conn = raw.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "PRAGMA writable_schema = ON; \
+         UPDATE sqlite_schema SET sql = replace(sql, '''dead'')', '''dead'', ''lost'')') \
+         WHERE type = 'table' AND name = 'deliveries'; \
+         PRAGMA writable_schema = RESET;",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let table = "SELECT sql FROM sqlite_schema WHERE name = 'deliveries'";
+    let edited: String = sqlx::query_scalar(table).fetch_one(&raw).await.unwrap();
+    assert!(edited.contains("'dead', 'lost')"), "{edited}");
+    raw.close().await;
+
+    let err = match cognigy_gateway::store::open_with(&url, StoreOptions::default()).await {
+        Ok(_) => panic!("a hand-edited schema is refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("deliveries table's state CHECK"), "{err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+
+    let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_version ORDER BY 1")
+        .fetch_all(&raw)
+        .await
+        .unwrap();
+    assert_eq!(versions, vec![1], "no migration stands");
+    let after: String = sqlx::query_scalar(table).fetch_one(&raw).await.unwrap();
+    assert_eq!(after, edited);
+}
+
 /// The schema version 1 of the PostgreSQL store, as that release created it.
 const PG_V1: &str = r#"
 CREATE TABLE schema_version (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL);
