@@ -173,14 +173,14 @@ pub fn run(args: ServeArgs) -> u8 {
             Ok(s) => s,
             Err(e) => return exit_code(e),
         };
-        let public = match tokio::net::TcpListener::bind(args.listen).await {
+        let public = match crate::http::listener::bind(args.listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("gateway serve: cannot listen on {}: {e}", args.listen);
                 return 2;
             }
         };
-        let admin = match tokio::net::TcpListener::bind(args.admin_listen).await {
+        let admin = match crate::http::listener::bind(args.admin_listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("gateway serve: cannot listen on {}: {e}", args.admin_listen);

@@ -115,27 +115,42 @@ async fn trickle_headers(listen: String, every: Duration, within: Duration) -> O
 }
 
 /// Sends complete headers (valid key, a 1000-byte body announced), then one
-/// body byte every `every`. The status it gets (408 expected) and when.
+/// body byte every `every`. The status it gets (408 expected) and when, or
+/// what happened instead (so a failure says which way it failed).
 async fn trickle_body(
     listen: String,
     every: Duration,
     within: Duration,
-) -> Option<(u16, Duration)> {
+) -> Result<(u16, Duration), String> {
     let start = Instant::now();
-    let mut s = TcpStream::connect(&listen).await.ok()?;
+    let mut s = TcpStream::connect(&listen)
+        .await
+        .map_err(|e| format!("connect failed after {:?}: {e}", start.elapsed()))?;
     s.write_all(b"POST /webhooks/b HTTP/1.1\r\nHost: x\r\nX-API-Key: k\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
         .await
-        .ok()?;
+        .map_err(|e| format!("writing the head failed after {:?}: {e}", start.elapsed()))?;
     let mut buf = vec![0u8; 4096];
     while start.elapsed() < within {
         let _ = s.write_all(b" ").await;
-        if let Ok(Ok(n)) = tokio::time::timeout(every, s.read(&mut buf)).await {
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let code = head.split_whitespace().nth(1)?.parse().ok()?;
-            return Some((code, start.elapsed()));
+        match tokio::time::timeout(every, s.read(&mut buf)).await {
+            Ok(Ok(0)) => {
+                return Err(format!(
+                    "closed without an answer after {:?}",
+                    start.elapsed()
+                ));
+            }
+            Ok(Ok(n)) => {
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+                return code.map(|c| (c, start.elapsed())).ok_or_else(|| {
+                    format!("not an HTTP answer after {:?}: {head:?}", start.elapsed())
+                });
+            }
+            Ok(Err(e)) => return Err(format!("read failed after {:?}: {e}", start.elapsed())),
+            Err(_) => {} // nothing yet: trickle on
         }
     }
-    None
+    Err(format!("no answer within {within:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +207,10 @@ async fn slow_headers_and_bodies_do_not_starve_ordinary_webhooks() {
     }
     let mut bodies = Vec::new();
     for h in slow_bodies {
-        let (code, after) = h.await.unwrap().expect("a body trickler gets an answer");
+        let (code, after) = h
+            .await
+            .unwrap()
+            .unwrap_or_else(|why| panic!("a body trickler gets an answer: {why}"));
         assert_eq!(code, 408, "a slow body is answered 408 body_timeout");
         bodies.push(after);
     }
