@@ -3,23 +3,17 @@
 //!
 //! Each operation is one transaction on a pooled connection, except
 //! accepts and settles: they are grouped (`group_loop`: whatever queued
-//! while the last group committed, up to 256) into one multi-row statement
-//! over `UNNEST(…)` arrays, so a burst of webhooks, or of deliveries ending,
-//! costs one round trip, one commit and one run of the live-count trigger
-//! instead of a transaction each. Four groups of each kind run at once, so
-//! one waiting for its commit never stops the next from gathering.
+//! while the last group committed, up to 256) into one transaction with one
+//! multi-row statement over `UNNEST(…)` arrays, so a burst of webhooks, or of
+//! deliveries ending, costs a few round trips, one commit and one run of the
+//! live-count trigger instead of a transaction each. Four groups of each kind
+//! run at once, so one waiting for its commit never stops the next from
+//! gathering.
 //!
-//! The hot operations (accept and settle groups, claims) run on a [`Lane`]:
-//! a connection of their own, outside the pool, because sqlx's pool pings a
-//! connection when it lends it and again when it takes it back, two round
-//! trips per operation besides the operation's own. A group with no
-//! `--max-pending` bound is one statement, so it needs no `BEGIN` and
-//! `COMMIT` round trips either: PostgreSQL commits the statement when it
-//! ends, before it answers (sqlx waits for that answer, `ReadyForQuery`,
-//! before it returns the rows).
-//!
-//! Claims take due rows with `SELECT … FOR UPDATE SKIP LOCKED` and mark them
-//! leased in the same statement: two instances claiming at once get
+//! Claims run on a connection of their own (a [`Lane`]: no pool pings) that
+//! plans each claim with its parameters ([`planned_each_run`]). They take
+//! due rows with `SELECT … FOR UPDATE SKIP LOCKED` and mark them leased in
+//! the same statement: two instances claiming at once get
 //! disjoint rows, and a row whose lease expired (its instance died) is due
 //! again. Inbound dedupe rests on the unique index over (bot, route, dedupe_key):
 //! of two transactions inserting the same fresh key, the second waits for
@@ -34,8 +28,9 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::api::{
-    Accept, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Hold, Lease, NewDelivery,
-    Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer, StoredRequest,
+    Accept, AttemptRecord, Begin, BoxFuture, Claimed, DeliveryDetail, DeliverySummary, Hold, Lease,
+    NewDelivery, Result, ScopedKey, Settle, State, Stats, Store, StoreError, StoredAnswer,
+    StoredRequest,
 };
 use super::rows::{
     STATS_SQL, SettlePlan, attempt_from_row, begin_from_row, claimed_from_row, cutoff_ms,
@@ -154,11 +149,26 @@ ALTER TABLE deliveries ADD COLUMN render_again BIGINT NOT NULL DEFAULT 0;
 "#,
 ];
 
-/// The statements of every async webhook (accept, claim, settle), as run
-/// on the lanes. The store's connections plan each run anew
-/// (`plan_cache_mode`, see [`PgStore::open`]); each is also written so that a
-/// generic plan, made without the parameters' values, reads only the rows it
-/// needs (`tests/it/store.rs` checks both on a table of 20,000 rows).
+/// The options of a connection whose statements are planned each time they
+/// run, with their parameters: the claims' lane.
+///
+/// By default PostgreSQL switches a prepared statement to a generic plan
+/// after five runs and keeps it until the table's statistics change. The
+/// claim's generic plan, made while the queue table was empty (a new store,
+/// before autovacuum first analyses it), scanned the whole table once it held
+/// 50,000 rows: 20–45 ms a claim, and the worker of `bench/load.sh` f fell
+/// behind by 25,000 deliveries. Planning the claim each time costs ~0.25 ms.
+/// (Written `id IN (SELECT …)`, as before, the claim had the same fault on
+/// pooled connections.)
+pub fn planned_each_run(connect: PgConnectOptions) -> PgConnectOptions {
+    connect.options([("plan_cache_mode", "force_custom_plan")])
+}
+
+/// The statements of every async webhook (accept, claim, settle). Each is
+/// written so that a generic plan, made without the parameters' values,
+/// reads no more than it must; the claim is also planned on each run
+/// ([`planned_each_run`]). `tests/it/store.rs` checks
+/// the plans on a table of 20,000 rows.
 pub mod sql {
     use crate::store::rows::delivery_columns;
 
@@ -190,29 +200,27 @@ pub mod sql {
     );
 
     /// A group of settles: each row still matched on its lease (id, owner,
-    /// claim sequence), and the try of each settled one inserted with the
-    /// number the update gave it (a data-modifying `WITH`: one statement, one
-    /// commit). The arrays are unnested once, in the update, whose `RETURNING`
-    /// carries each try on.
-    pub const SETTLE_GROUP: &str = "WITH settled AS (UPDATE deliveries AS d \
-         SET state = s.state, attempts = d.attempts + s.inc, \
+    /// claim sequence); returns the number of each settled one's try.
+    pub const SETTLE_GROUP: &str = "UPDATE deliveries AS d SET state = s.state, \
+         attempts = d.attempts + s.inc, \
          next_attempt_at = COALESCE(s.next_at, d.next_attempt_at), due_at = s.due_at, \
          last_error = CASE WHEN s.set_error THEN s.err ELSE d.last_error END, \
          lease_owner = NULL, leased_until = NULL, updated_at = s.now \
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], \
-         $6::bigint[], $7::bigint[], $8::bool[], $9::text[], $10::bigint[], $11::bool[], \
-         $12::bigint[], $13::bigint[], $14::bigint[], $15::text[]) \
-         AS s(id, owner, seq, state, inc, next_at, due_at, set_error, err, now, \
-         tried, at, status, latency, try_error) \
+         $6::bigint[], $7::bigint[], $8::bool[], $9::text[], $10::bigint[]) \
+         AS s(id, owner, seq, state, inc, next_at, due_at, set_error, err, now) \
          WHERE d.id = s.id AND d.state = 'leased' AND d.lease_owner = s.owner \
          AND d.lease_seq = s.seq \
-         RETURNING d.id, d.attempts, s.tried, s.at, s.status, s.latency, s.try_error), \
-         tries AS (INSERT INTO attempts (delivery_id, number, at, status, latency_ms, error) \
-         SELECT id, attempts, at, status, latency, try_error FROM settled WHERE tried) \
-         SELECT id FROM settled";
+         RETURNING d.id, d.attempts";
+
+    /// The tries of a settled group, numbered by [`SETTLE_GROUP`].
+    pub const RECORD_TRIES: &str = "INSERT INTO attempts (delivery_id, number, at, status, \
+         latency_ms, error) \
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], \
+         $5::bigint[], $6::text[])";
 
     /// Every statement above (tests explain each).
-    pub const ALL: &[&str] = &[ACCEPT_GROUP, CLAIM, SETTLE_GROUP];
+    pub const ALL: &[&str] = &[ACCEPT_GROUP, CLAIM, SETTLE_GROUP, RECORD_TRIES];
 }
 
 /// The schema version this binary writes.
@@ -229,8 +237,7 @@ const QUEUE_LOCK: i64 = 0x6367_772d_7175_6575;
 /// Tuning of the PostgreSQL store.
 #[derive(Debug, Clone)]
 pub struct PgOptions {
-    /// Connections in this instance's pool (the hot loops' [`Lane`]s, nine
-    /// at most, are besides it).
+    /// Connections in this instance's pool.
     pub max_connections: u32,
     /// How long an operation waits for a free connection before failing (transient).
     pub acquire_timeout: Duration,
@@ -241,7 +248,7 @@ pub struct PgOptions {
 impl Default for PgOptions {
     fn default() -> Self {
         PgOptions {
-            max_connections: 8,
+            max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
             max_pending: None,
         }
@@ -294,15 +301,15 @@ type GroupSender<I, O> = tokio::sync::mpsc::Sender<Grouped<I, O>>;
 
 /// What runs one group: every job's answer, in order.
 type GroupFn<I, O> =
-    for<'a> fn(&'a PgPool, &'a mut Lane, &'a [I], Option<Bound>) -> BoxFuture<'a, Vec<Result<O>>>;
+    for<'a> fn(&'a PgPool, &'a [I], Option<Bound>) -> BoxFuture<'a, Vec<Result<O>>>;
 
-/// A connection of its own for one hot loop (a group loop, or the claims),
-/// outside the pool: no ping when it is lent and again when it comes back
-/// (sqlx's pool does both, always on the way back). It is opened when first
+/// A connection of its own for one hot loop (the claims), outside the pool:
+/// no ping when it is lent and again when it comes back (sqlx's pool does
+/// both, always on the way back). It is opened when first
 /// needed and dropped after any error, since it may then be broken or in a
 /// failed transaction; the next operation opens a new one. So a connection
 /// that died (a server restart) costs the one operation that finds it dead,
-/// which then falls back to the pool like any failed group.
+/// whose error the caller sees, as with a pooled connection.
 pub(crate) struct Lane {
     connect: PgConnectOptions,
     timeout: Duration,
@@ -353,30 +360,10 @@ impl PgStore {
     /// connection's `search_path`, normally `public`).
     pub async fn open(url: &str, opts: PgOptions) -> Result<Self> {
         let connect = PgConnectOptions::from_str(url)
-            .map_err(|_| StoreError::Url("not a valid postgres:// URL"))?
-            // Every statement is planned with its parameters when it runs.
-            // By default PostgreSQL switches a prepared statement to a generic
-            // plan after five runs and keeps it: a plan made while the queue
-            // table was empty (a new store, a quiet start) scanned the whole
-            // table once it held 50,000 rows, 20–45 ms a claim, and the
-            // worker fell behind (`bench/load.sh` f). Planning each run costs
-            // ~0.3 ms at most for these statements.
-            .options([("plan_cache_mode", "force_custom_plan")]);
+            .map_err(|_| StoreError::Url("not a valid postgres:// URL"))?;
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .acquire_timeout(opts.acquire_timeout)
-            // A connection idle for a second is pinged before it is lent (a
-            // dead one is replaced); one in steady use is not (sqlx's example
-            // of this hook; PgBouncer's `server_check_delay` is the same rule).
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= Duration::from_secs(1) {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
             .connect_with(connect.clone())
             .await
             .map_err(StoreError::db("connect to PostgreSQL"))?;
@@ -387,15 +374,11 @@ impl PgStore {
             .map_err(StoreError::db("read max_connections"))?;
         let slack = slack.parse().unwrap_or(10_000);
         let bound = opts.max_pending.map(|limit| Bound { limit, slack });
-        let lane = || Lane::new(connect.clone(), opts.acquire_timeout);
+        let claims = Lane::new(planned_each_run(connect), opts.acquire_timeout);
         Ok(PgStore {
-            accepts: start_groups(&pool, lane, bound, |p, l, j, b| {
-                Box::pin(accept_group(p, l, j, b))
-            }),
-            settles: start_groups(&pool, lane, bound, |p, l, j, _| {
-                Box::pin(settle_group(p, l, j))
-            }),
-            claims: tokio::sync::Mutex::new(lane()),
+            claims: tokio::sync::Mutex::new(claims),
+            accepts: start_groups(&pool, bound, |p, j, b| Box::pin(accept_group(p, j, b))),
+            settles: start_groups(&pool, bound, |p, j, _| Box::pin(settle_group(p, j))),
             pool,
             max_pending: opts.max_pending,
             slack,
@@ -457,14 +440,13 @@ struct Bound {
 /// [`group_loop`]); the sender takes the jobs ([`submit`]).
 fn start_groups<I: Send + Sync + 'static, O: Send + 'static>(
     pool: &PgPool,
-    lane: impl Fn() -> Lane,
     bound: Option<Bound>,
     run: GroupFn<I, O>,
 ) -> GroupSender<I, O> {
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
     let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
     for _ in 0..GROUP_LOOPS {
-        tokio::spawn(group_loop(pool.clone(), lane(), rx.clone(), bound, run));
+        tokio::spawn(group_loop(pool.clone(), rx.clone(), bound, run));
     }
     tx
 }
@@ -475,7 +457,6 @@ fn start_groups<I: Send + Sync + 'static, O: Send + 'static>(
 /// is dropped.
 async fn group_loop<I, O>(
     pool: PgPool,
-    mut lane: Lane,
     rx: std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Grouped<I, O>>>>,
     bound: Option<Bound>,
     run: GroupFn<I, O>,
@@ -488,7 +469,7 @@ async fn group_loop<I, O>(
         }
         let (inputs, replies): (Vec<I>, Vec<_>) =
             jobs.drain(..).map(|j| (j.input, j.reply)).unzip();
-        let results = run(&pool, &mut lane, &inputs, bound).await;
+        let results = run(&pool, &inputs, bound).await;
         for (reply, result) in replies.into_iter().zip(results) {
             // the caller may have gone; what was committed stands
             let _ = reply.send(result);
@@ -528,28 +509,20 @@ async fn one_by_one<I, O>(
 }
 
 /// Stores a group of accepts: one `INSERT … SELECT FROM UNNEST(…) ON
-/// CONFLICT DO NOTHING RETURNING id` for all of them, on the group's lane;
+/// CONFLICT DO NOTHING RETURNING id` for all of them in one transaction;
 /// a delivery whose key conflicted (a duplicate, or a key past its window)
-/// then goes the one-by-one way of [`accept`]. Without a `--max-pending`
-/// bound the statement is its own transaction and each conflicted one is
-/// another: a group is one round trip when nothing conflicts. With a bound,
-/// the count and the insert share one transaction (see [`PgStore`]). Near
-/// the bound, or when the group fails, each is accepted alone on the pool,
-/// so the bound stays exact and a failure is its own.
+/// then goes the one-by-one way of [`accept`] in the same transaction. Near
+/// the `--max-pending` bound, or when the group's transaction fails, each is
+/// accepted alone, so the bound stays exact and a failure is its own.
 async fn accept_group(
     pool: &PgPool,
-    lane: &mut Lane,
     jobs: &[AcceptJob],
     bound: Option<Bound>,
 ) -> Vec<Result<Accept>> {
-    if jobs.len() > 1 {
-        let grouped = match lane.conn().await {
-            Ok(conn) => try_accept_group(conn, jobs, bound).await,
-            Err(e) => Err(e),
-        };
-        if let Ok(Some(results)) = lane.after(grouped) {
-            return results;
-        }
+    if jobs.len() > 1
+        && let Ok(Some(results)) = try_accept_group(pool, jobs, bound).await
+    {
+        return results;
     }
     one_by_one(pool, jobs, bound, |c, j, b| {
         Box::pin(accept(c, &j.delivery, j.cutoff, b, j.now))
@@ -557,44 +530,35 @@ async fn accept_group(
     .await
 }
 
-/// [`accept_group`]'s statement(s); `None` when near the bound.
+/// [`accept_group`]'s one transaction; `None` when near the bound.
 async fn try_accept_group(
-    conn: &mut PgConnection,
+    pool: &PgPool,
     jobs: &[AcceptJob],
     bound: Option<Bound>,
 ) -> Result<Option<Vec<Result<Accept>>>> {
     let err = || StoreError::db("accept deliveries");
-    let Some(Bound { limit, slack }) = bound else {
-        return accept_rows(conn, jobs).await.map(Some);
-    };
-    let mut tx = conn.begin().await.map_err(err())?;
-    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-        .bind(QUEUE_LOCK)
-        .execute(&mut *tx)
+    let mut conn = pool
+        .acquire()
         .await
-        .map_err(err())?;
-    let room = i64::try_from(limit).unwrap_or(i64::MAX);
-    let n = i64::try_from(jobs.len()).unwrap_or(i64::MAX);
-    if live_count(&mut tx)
-        .await?
-        .saturating_add(slack)
-        .saturating_add(n)
-        >= room
-    {
-        // Let go of the shared lock now: the lane's connection stays open,
-        // and the accepts one by one may need the lock alone.
-        tx.rollback().await.map_err(err())?;
-        return Ok(None);
+        .map_err(StoreError::db("get a connection"))?;
+    let mut tx = conn.begin().await.map_err(err())?;
+    if let Some(Bound { limit, slack }) = bound {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(QUEUE_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(err())?;
+        let room = i64::try_from(limit).unwrap_or(i64::MAX);
+        let n = i64::try_from(jobs.len()).unwrap_or(i64::MAX);
+        if live_count(&mut tx)
+            .await?
+            .saturating_add(slack)
+            .saturating_add(n)
+            >= room
+        {
+            return Ok(None);
+        }
     }
-    let results = accept_rows(&mut tx, jobs).await?;
-    tx.commit().await.map_err(err())?;
-    Ok(Some(results))
-}
-
-/// The group's multi-row insert, then [`accept`] for each one whose key was
-/// taken, on `conn` (a transaction of the caller's, or none: then the insert
-/// and each conflicted accept commit on their own).
-async fn accept_rows(conn: &mut PgConnection, jobs: &[AcceptJob]) -> Result<Vec<Result<Accept>>> {
     let ids: Vec<String> = jobs.iter().map(|_| new_id()).collect();
     let col = |f: fn(&AcceptJob) -> &str| jobs.iter().map(f).collect::<Vec<&str>>();
     let opt = |f: fn(&AcceptJob) -> Option<&str>| jobs.iter().map(f).collect::<Vec<Option<&str>>>();
@@ -603,8 +567,6 @@ async fn accept_rows(conn: &mut PgConnection, jobs: &[AcceptJob]) -> Result<Vec<
         .map(|j| headers_json(&j.delivery.request.headers))
         .collect();
     let nows: Vec<i64> = jobs.iter().map(|j| j.now).collect();
-    // fetch_all reads to the statement's end (`ReadyForQuery`): without a
-    // transaction of the caller's, the rows are committed when it returns.
     let inserted: Vec<String> = sqlx::query_scalar(sql::ACCEPT_GROUP)
         .bind(&ids)
         .bind(col(|j| &j.delivery.bot))
@@ -618,41 +580,37 @@ async fn accept_rows(conn: &mut PgConnection, jobs: &[AcceptJob]) -> Result<Vec<
         .bind(opt(|j| j.cutoff.and(j.delivery.idempotency_key.as_deref())))
         .bind(&nows)
         .bind(opt(|j| j.delivery.fingerprint.as_deref()))
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(StoreError::db("accept deliveries"))?;
+        .map_err(err())?;
     let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
     let mut results = Vec::with_capacity(jobs.len());
     for (j, id) in jobs.iter().zip(ids) {
         if inserted.contains(&id) {
             results.push(Ok(Accept::Accepted { id }));
         } else {
-            // its key was taken: a duplicate, or a holder past its window
+            // its key was taken: a duplicate, or a holder past its window (in a savepoint)
             results.push(Ok(
-                accept(&mut *conn, &j.delivery, j.cutoff, None, j.now).await?
+                accept(&mut tx, &j.delivery, j.cutoff, None, j.now).await?
             ));
         }
     }
-    Ok(results)
+    tx.commit().await.map_err(err())?;
+    Ok(Some(results))
 }
 
-/// Writes a group of settles in one statement on the group's lane: an
-/// `UPDATE … FROM UNNEST(…)` (each row still matched on its lease: id,
-/// owner and claim sequence) and, in a data-modifying `WITH`, the insert of
-/// the tries it settled, numbered by the update; one round trip, one commit.
-/// A settle whose lease no longer holds is refused as it would be alone. A
-/// group that fails, or names one delivery twice, is written one by one on
-/// the pool.
-async fn settle_group(pool: &PgPool, lane: &mut Lane, jobs: &[SettleJob]) -> Vec<Result<()>> {
+/// Writes a group of settles: one `UPDATE … FROM UNNEST(…)` (each row still
+/// matched on its lease: id, owner and claim sequence), one multi-row insert
+/// of the tries, one commit. A settle whose lease no longer holds is refused
+/// as it would be alone. A group that fails, or names one delivery twice, is
+/// written one by one.
+async fn settle_group(pool: &PgPool, jobs: &[SettleJob]) -> Vec<Result<()>> {
     let ids: std::collections::HashSet<&str> = jobs.iter().map(|j| j.lease.id.as_str()).collect();
-    if jobs.len() > 1 && ids.len() == jobs.len() {
-        let grouped = match lane.conn().await {
-            Ok(conn) => try_settle_group(conn, jobs).await,
-            Err(e) => Err(e),
-        };
-        if let Ok(results) = lane.after(grouped) {
-            return results;
-        }
+    if jobs.len() > 1
+        && ids.len() == jobs.len()
+        && let Ok(results) = try_settle_group(pool, jobs).await
+    {
+        return results;
     }
     one_by_one(pool, jobs, None, |c, j, _| {
         Box::pin(settle(c, &j.lease, &j.outcome, j.now))
@@ -660,13 +618,16 @@ async fn settle_group(pool: &PgPool, lane: &mut Lane, jobs: &[SettleJob]) -> Vec
     .await
 }
 
-/// [`settle_group`]'s statement, and the look-up of the refused ones.
-async fn try_settle_group(conn: &mut PgConnection, jobs: &[SettleJob]) -> Result<Vec<Result<()>>> {
+/// [`settle_group`]'s one transaction.
+async fn try_settle_group(pool: &PgPool, jobs: &[SettleJob]) -> Result<Vec<Result<()>>> {
     let err = || StoreError::db("settle deliveries");
     let plans: Vec<SettlePlan> = jobs.iter().map(|j| SettlePlan::of(&j.outcome)).collect();
-    let tries = || plans.iter().map(|p| p.attempt);
-    // Read to the end (fetch_all): the statement has committed when it returns.
-    let settled: Vec<String> = sqlx::query_scalar(sql::SETTLE_GROUP)
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(StoreError::db("get a connection"))?;
+    let mut tx = conn.begin().await.map_err(err())?;
+    let settled: Vec<(String, i64)> = sqlx::query_as(sql::SETTLE_GROUP)
         .bind(jobs.iter().map(|j| j.lease.id.as_str()).collect::<Vec<_>>())
         .bind(
             jobs.iter()
@@ -691,54 +652,58 @@ async fn try_settle_group(conn: &mut PgConnection, jobs: &[SettleJob]) -> Result
                 .collect::<Vec<_>>(),
         )
         .bind(jobs.iter().map(|j| j.now).collect::<Vec<_>>())
-        .bind(tries().map(|t| t.is_some()).collect::<Vec<_>>())
-        .bind(tries().map(|t| t.map(|t| to_ms(t.at))).collect::<Vec<_>>())
-        .bind(
-            tries()
-                .map(|t| t.and_then(|t| t.status.map(i64::from)))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            tries()
-                .map(|t| t.map(|t| dur_ms(t.latency)))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            tries()
-                .map(|t| t.and_then(|t| t.error.as_deref()))
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut *tx)
         .await
         .map_err(err())?;
-    let settled: std::collections::HashSet<String> = settled.into_iter().collect();
-    let refused: Vec<&str> = jobs
+    let numbers: std::collections::HashMap<String, i64> = settled.into_iter().collect();
+    // the tries of the settled ones
+    let tried: Vec<(&str, i64, &AttemptRecord)> = jobs
         .iter()
-        .map(|j| j.lease.id.as_str())
-        .filter(|id| !settled.contains(*id))
+        .zip(&plans)
+        .filter_map(|(j, p)| Some((j.lease.id.as_str(), *numbers.get(&j.lease.id)?, p.attempt?)))
         .collect();
-    // Only when a lease was lost: which of those deliveries still exist.
-    let existing: std::collections::HashSet<String> = if refused.is_empty() {
-        Default::default()
-    } else {
-        sqlx::query_scalar::<_, String>("SELECT id FROM deliveries WHERE id = ANY($1)")
-            .bind(&refused)
-            .fetch_all(&mut *conn)
+    if !tried.is_empty() {
+        sqlx::query(sql::RECORD_TRIES)
+            .bind(tried.iter().map(|t| t.0).collect::<Vec<_>>())
+            .bind(tried.iter().map(|t| t.1).collect::<Vec<_>>())
+            .bind(tried.iter().map(|t| to_ms(t.2.at)).collect::<Vec<_>>())
+            .bind(
+                tried
+                    .iter()
+                    .map(|t| t.2.status.map(i64::from))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                tried
+                    .iter()
+                    .map(|t| dur_ms(t.2.latency))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                tried
+                    .iter()
+                    .map(|t| t.2.error.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
             .await
-            .map_err(err())?
-            .into_iter()
-            .collect()
-    };
-    Ok(jobs
-        .iter()
-        .map(|j| {
-            if settled.contains(&j.lease.id) {
-                Ok(())
-            } else {
-                Err(lease_refusal(&j.lease, existing.contains(&j.lease.id)))
-            }
-        })
-        .collect())
+            .map_err(StoreError::db("record tries"))?;
+    }
+    let mut results = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        if numbers.contains_key(&j.lease.id) {
+            results.push(Ok(()));
+            continue;
+        }
+        let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM deliveries WHERE id = $1")
+            .bind(&j.lease.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err())?;
+        results.push(Err(lease_refusal(&j.lease, exists.is_some())));
+    }
+    tx.commit().await.map_err(err())?;
+    Ok(results)
 }
 
 async fn live_count(tx: &mut PgConnection) -> Result<i64> {
