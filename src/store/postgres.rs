@@ -303,13 +303,13 @@ type GroupSender<I, O> = tokio::sync::mpsc::Sender<Grouped<I, O>>;
 type GroupFn<I, O> =
     for<'a> fn(&'a PgPool, &'a [I], Option<Bound>) -> BoxFuture<'a, Vec<Result<O>>>;
 
-/// A connection of its own for one hot loop (the claims), outside the pool:
-/// no ping when it is lent and again when it comes back (sqlx's pool does
-/// both, always on the way back). It is opened when first
-/// needed and dropped after any error, since it may then be broken or in a
-/// failed transaction; the next operation opens a new one. So a connection
-/// that died (a server restart) costs the one operation that finds it dead,
-/// whose error the caller sees, as with a pooled connection.
+/// A connection of its own for one hot loop (today: the claims), outside
+/// the pool, so nothing pings it when it is lent or taken back (sqlx's pool
+/// pings on both). It is opened when first needed and dropped after any
+/// error, since it may then be broken or in a failed transaction; the next
+/// operation opens a new one. A connection that died (a server restart)
+/// costs the one operation that finds it dead, whose error the caller sees
+/// as it would from the pool.
 pub(crate) struct Lane {
     connect: PgConnectOptions,
     timeout: Duration,
