@@ -1211,6 +1211,47 @@ async fn sqlite_url_relative_to_the_working_directory_creates_parents() {
 
 // ---- PostgreSQL only ----
 
+/// Fills the queue table with 20,000 rows, 15,000 of them delivered.
+async fn fill_queue(conn: &mut sqlx::postgres::PgConnection) {
+    sqlx::raw_sql(
+        "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, state, \
+         attempts, next_attempt_at, due_at, created_at, updated_at) \
+         SELECT 'id-' || lpad(g::text, 8, '0'), 'b', 'r', repeat('x', 600), 'PUT', 'http://x/', \
+         '[]', '{}', CASE WHEN g <= 15000 THEN 'delivered' ELSE 'pending' END, 0, g, \
+         CASE WHEN g <= 15000 THEN NULL ELSE g END, g, g FROM generate_series(1, 20000) g",
+    )
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
+/// How many parameters (`$1`, `$2`, …) `statement` has.
+fn params_of(statement: &str) -> usize {
+    (1..=20)
+        .filter(|n| statement.contains(&format!("${n}")))
+        .count()
+}
+
+/// `EXPLAIN EXECUTE call` (a prepared statement and its arguments) has no
+/// sequential scan of `deliveries`.
+async fn assert_no_table_scan(
+    conn: &mut sqlx::postgres::PgConnection,
+    call: &str,
+    statement: &str,
+) {
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (COSTS OFF) EXECUTE {call}"
+    )))
+    .fetch_all(conn)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        !plan.contains("Seq Scan on deliveries"),
+        "{statement}\n{plan}"
+    );
+}
+
 /// The plan PostgreSQL keeps for each statement of every async webhook
 /// (a generic plan: a connection runs it again and again) reads only the rows
 /// it needs: no sequential scan of `deliveries` at 20,000 rows, most of them
@@ -1222,17 +1263,11 @@ async fn postgres_every_webhook_statement_keeps_an_index_plan() {
     let url = support::pg::url().await;
     let store = PgStore::open(&url, PgOptions::default()).await.unwrap();
     let mut conn = store.pool().acquire().await.unwrap();
-    sqlx::raw_sql(
-        "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, state, \
-         attempts, next_attempt_at, due_at, created_at, updated_at) \
-         SELECT 'id-' || lpad(g::text, 8, '0'), 'b', 'r', repeat('x', 600), 'PUT', 'http://x/', \
-         '[]', '{}', CASE WHEN g <= 15000 THEN 'delivered' ELSE 'pending' END, 0, g, \
-         CASE WHEN g <= 15000 THEN NULL ELSE g END, g, g FROM generate_series(1, 20000) g; \
-         ANALYZE deliveries; ANALYZE attempts; SET plan_cache_mode = force_generic_plan",
-    )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
+    fill_queue(&mut conn).await;
+    sqlx::raw_sql("ANALYZE deliveries; ANALYZE attempts; SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     for (i, statement) in sql::ALL.iter().enumerate() {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "PREPARE hot{i} AS {statement}"
@@ -1240,31 +1275,15 @@ async fn postgres_every_webhook_statement_keeps_an_index_plan() {
         .execute(&mut *conn)
         .await
         .unwrap();
-        let params = (1..=20)
-            .filter(|n| statement.contains(&format!("${n}")))
-            .count();
-        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN (COSTS OFF) EXECUTE hot{i}({})",
-            vec!["NULL"; params].join(", ")
-        )))
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
-        let plan = plan.join("\n");
-        assert!(
-            !plan.contains("Seq Scan on deliveries"),
-            "{statement}\n{plan}"
-        );
+        let nulls = vec!["NULL"; params_of(statement)].join(", ");
+        assert_no_table_scan(&mut conn, &format!("hot{i}({nulls})"), statement).await;
     }
 }
 
 /// Arguments for `EXECUTE` of one of `sql::ALL`: one-element arrays of the
 /// types the statement casts to; the claim's own four values otherwise.
 fn hot_args(statement: &str) -> String {
-    let params = (1..=20)
-        .filter(|n| statement.contains(&format!("${n}")))
-        .count();
-    (1..=params)
+    (1..=params_of(statement))
         .map(|n| {
             let cast = statement
                 .split(&format!("${n}::"))
@@ -1329,31 +1348,15 @@ async fn postgres_plans_made_on_an_empty_queue_do_not_scan_it_once_large() {
         }
     }
     // the queue grows (not analysed yet: autovacuum has not come by)
-    sqlx::raw_sql(
-        "INSERT INTO deliveries (id, bot, route, payload, method, url, headers, body, state, \
-         attempts, next_attempt_at, due_at, created_at, updated_at) \
-         SELECT 'id-' || lpad(g::text, 8, '0'), 'b', 'r', repeat('x', 600), 'PUT', 'http://x/', \
-         '[]', '{}', CASE WHEN g <= 15000 THEN 'delivered' ELSE 'pending' END, 0, g, \
-         CASE WHEN g <= 15000 THEN NULL ELSE g END, g, g FROM generate_series(1, 20000) g",
-    )
-    .execute(&mut *pooled)
-    .await
-    .unwrap();
+    fill_queue(&mut pooled).await;
     for (i, statement) in sql::ALL.iter().enumerate() {
         let conn: &mut sqlx::postgres::PgConnection = if *statement == sql::CLAIM {
             &mut claims
         } else {
             &mut pooled
         };
-        let plan: Vec<String> = sqlx::query_scalar(explain(i, statement))
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-        let plan = plan.join("\n");
-        assert!(
-            !plan.contains("Seq Scan on deliveries"),
-            "{statement}\n{plan}"
-        );
+        let call = format!("hot{i}({})", hot_args(statement));
+        assert_no_table_scan(conn, &call, statement).await;
     }
 }
 
