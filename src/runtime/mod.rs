@@ -196,6 +196,10 @@ fn client_builder(limits: &Limits) -> reqwest::ClientBuilder {
         // Predictable on servers: proxies from the environment are not used
         // (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY are all ignored).
         .no_proxy()
+        // reqwest's own retry layer (HTTP/2 and HTTP/3 refusals only) clones every
+        // request before sending it in case it is needed; our retry rule
+        // (`downstream::retry`) is the only one, and the clone is not made.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256);
