@@ -176,7 +176,9 @@ BEGIN
         SELECT shard INTO s FROM live_count WHERE shard = pg_backend_pid() % 64
             FOR UPDATE SKIP LOCKED;
         IF NOT FOUND THEN
-            SELECT shard INTO s FROM live_count ORDER BY (shard + pg_backend_pid()) % 64
+            -- the rows after its own first, so that backends spread out
+            SELECT shard INTO s FROM live_count
+                ORDER BY (shard - pg_backend_pid() % 64 + 64) % 64
                 LIMIT 1 FOR UPDATE SKIP LOCKED;
         END IF;
         IF NOT FOUND THEN
